@@ -1,0 +1,189 @@
+//! The gRPC server every Weir service runs on.
+//!
+//! [`GrpcServer`] adds, to the service's own routes:
+//! - gRPC health (`grpc.health.v1.Health`): SERVING for each hosted service and for the empty
+//!   name while running; NOT_SERVING as soon as shutdown starts, so load balancers stop sending.
+//! - gRPC reflection (v1 and v1alpha) advertising the hosted services, with the descriptors from
+//!   weir-proto, so grpcurl works without .proto files.
+//! - Graceful shutdown: when the [`CancellationToken`] is cancelled the server reports
+//!   NOT_SERVING, waits [`ServerConfig::drain_delay`] (time for load balancers to notice), stops
+//!   accepting, and lets in-flight calls finish for up to [`ServerConfig::shutdown_grace`]; calls
+//!   still running after that are dropped (their clients see the connection close).
+
+use std::{convert::Infallible, net::SocketAddr, time::Duration};
+
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::{
+    body::Body,
+    server::NamedService,
+    service::Routes,
+    transport::{Server, server::TcpIncoming},
+};
+use tonic_health::ServingStatus;
+use tower::Service;
+
+/// Default time in-flight calls get to finish after shutdown starts.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Default time between reporting NOT_SERVING and refusing new connections.
+pub const DEFAULT_DRAIN_DELAY: Duration = Duration::ZERO;
+
+/// Shutdown behaviour of a server (the `[<service>]` table's `shutdown_grace` and `drain_delay`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// How long in-flight calls may run after shutdown starts (default 10 s).
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// How long to keep accepting after reporting NOT_SERVING (default 0; set it to a few seconds
+    /// behind a load balancer that polls health).
+    #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            drain_delay: DEFAULT_DRAIN_DELAY,
+        }
+    }
+}
+
+/// Errors of a running server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The reflection service could not be built from the descriptor set (a build bug).
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The transport failed.
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The listener's address could not be read.
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Binds a TCP listener (port 0 picks a free port; read it back with `local_addr`).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// A gRPC server for one or more Weir services, with health, reflection and graceful shutdown.
+#[derive(Debug, Default)]
+pub struct GrpcServer {
+    routes: tonic::service::RoutesBuilder,
+    names: Vec<&'static str>,
+    config: ServerConfig,
+}
+
+impl GrpcServer {
+    /// An empty server with the given shutdown behaviour.
+    pub fn new(config: ServerConfig) -> Self {
+        Self {
+            routes: Routes::builder(),
+            names: Vec::new(),
+            config,
+        }
+    }
+
+    /// Sets the shutdown behaviour (the `[server]` table of `weir.toml`).
+    pub fn with_config(mut self, config: ServerConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The fully qualified names of the hosted services.
+    pub fn service_names(&self) -> &[&'static str] {
+        &self.names
+    }
+
+    /// Hosts a generated tonic service (`FooServiceServer::new(...)`).
+    pub fn add_service<S>(mut self, service: S) -> Self
+    where
+        S: Service<http::Request<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        self.names.push(S::NAME);
+        self.routes.add_service(service);
+        self
+    }
+
+    /// Serves on `listener` until `shutdown` is cancelled, then drains (see the module doc).
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), ServeError> {
+        let addr = listener.local_addr()?;
+        let (reporter, health) = tonic_health::server::health_reporter();
+        for name in self.names.iter().copied().chain([""]) {
+            reporter
+                .set_service_status(name, ServingStatus::Serving)
+                .await;
+        }
+        let mut reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(weir_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+        let mut reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(weir_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+        for name in self.names.iter().copied().chain(["grpc.health.v1.Health"]) {
+            reflection_v1 = reflection_v1.with_service_name(name);
+            reflection_v1alpha = reflection_v1alpha.with_service_name(name);
+        }
+
+        let routes = self
+            .routes
+            .routes()
+            .add_service(health)
+            .add_service(reflection_v1.build_v1()?)
+            .add_service(reflection_v1alpha.build_v1alpha()?);
+
+        let names = self.names.clone();
+        let config = self.config;
+        let drain_signal = {
+            let shutdown = shutdown.clone();
+            async move {
+                shutdown.cancelled().await;
+                for name in names.iter().copied().chain([""]) {
+                    reporter
+                        .set_service_status(name, ServingStatus::NotServing)
+                        .await;
+                }
+                tracing::info!(%addr, services = ?names, "draining: health is NOT_SERVING");
+                tokio::time::sleep(config.drain_delay).await;
+            }
+        };
+        tracing::info!(%addr, services = ?self.names, "serving gRPC");
+        let server = Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(TcpIncoming::from(listener), drain_signal);
+        tokio::pin!(server);
+        let deadline = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(config.drain_delay + config.shutdown_grace).await;
+        };
+        tokio::select! {
+            result = &mut server => {
+                tracing::info!(%addr, "stopped");
+                Ok(result?)
+            }
+            () = deadline => {
+                tracing::warn!(
+                    %addr,
+                    grace = ?config.shutdown_grace,
+                    "shutdown grace expired; dropping calls still in flight"
+                );
+                Ok(())
+            }
+        }
+    }
+}

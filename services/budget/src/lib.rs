@@ -1,0 +1,39 @@
+//! weir-budget: prices, reservations, limits and spend.
+//!
+//! The API is defined in `proto/weir/budget/v1/budget.proto`. This version of Weir serves the service
+//! with health and reflection, and answers every RPC with UNIMPLEMENTED; its behaviour lands with
+//! its own issue.
+#![warn(missing_docs)]
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use weir_mesh::server::GrpcServer;
+use weir_proto::budget::budget_service_server::{BudgetService, BudgetServiceServer};
+
+/// The `[budget]` table of `weir.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on (default `127.0.0.1:50054`; `WEIR_BUDGET__LISTEN`).
+    pub listen: SocketAddr,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50054)),
+        }
+    }
+}
+
+/// The gRPC implementation. Every RPC answers UNIMPLEMENTED until the service's behaviour lands.
+#[derive(Debug, Default, Clone)]
+pub struct BudgetApi;
+
+impl BudgetService for BudgetApi {}
+
+/// Builds the budget server, ready to `serve`.
+pub fn server(_config: &Config) -> GrpcServer {
+    GrpcServer::default().add_service(BudgetServiceServer::new(BudgetApi))
+}
