@@ -68,8 +68,7 @@ pub struct ModelSpec {
     pub family: Option<String>,
     /// Context window in tokens (default 8192).
     pub context_window: u32,
-    /// Largest `max_tokens` accepted (default 1024); also the output reserved when a request
-    /// leaves `max_tokens` unset.
+    /// Largest `max_tokens` accepted (default 1024).
     pub max_output_tokens: u32,
     /// Human-readable description.
     pub description: String,

@@ -25,9 +25,16 @@ pub enum ConfigError {
     /// The file named by `--config` or `WEIR_CONFIG` does not exist.
     #[error("config file {0} does not exist")]
     Missing(PathBuf),
-    /// A key has the wrong type or an unknown name (the message names it).
-    #[error("invalid configuration: {0}")]
-    Parse(Box<figment::Error>),
+    /// A key has the wrong type or an unknown name.
+    #[error("invalid configuration: `{key}`: {message} (in {source_name})")]
+    Parse {
+        /// The key path, e.g. `router.listen`.
+        key: String,
+        /// What is wrong.
+        message: String,
+        /// Where the value came from: the file, or the `WEIR_` environment.
+        source_name: String,
+    },
     /// A value is out of range or inconsistent with another.
     #[error("invalid configuration: `{key}`: {message}")]
     Invalid {
@@ -48,9 +55,35 @@ impl ConfigError {
     }
 }
 
-impl From<figment::Error> for ConfigError {
-    fn from(error: figment::Error) -> Self {
-        Self::Parse(Box::new(error))
+impl ConfigError {
+    /// Converts a figment error found while reading the table at `section`. (figment appends the
+    /// table name after the inner key, so the path is put back in order here.)
+    fn from_figment(section: &str, error: figment::Error) -> Self {
+        let mut path = error.path.clone();
+        if path.last().is_some_and(|last| last == section) {
+            path.pop();
+        }
+        if path.first().is_none_or(|first| first != section) {
+            path.insert(0, section.to_string());
+        }
+        let key = path
+            .iter()
+            .map(|part| part.to_ascii_lowercase())
+            .collect::<Vec<_>>()
+            .join(".");
+        let source_name = error
+            .metadata
+            .as_ref()
+            .map(|m| match &m.source {
+                Some(source) => format!("{} {source}", m.name),
+                None => m.name.to_string(),
+            })
+            .unwrap_or_else(|| "configuration".to_string());
+        Self::Parse {
+            key,
+            message: error.kind.to_string(),
+            source_name,
+        }
     }
 }
 
@@ -95,7 +128,9 @@ impl Source {
         if self.figment.find_value(key).is_err() {
             return Ok(T::default());
         }
-        Ok(self.figment.extract_inner(key)?)
+        self.figment
+            .extract_inner(key)
+            .map_err(|error| ConfigError::from_figment(key, error))
     }
 }
 
@@ -129,7 +164,20 @@ mod tests {
     fn unknown_key_is_named_in_the_error() {
         let source = Source::from_toml("[demo]\nlisten_addr = \"x\"\n");
         let error = source.section::<Demo>("demo").err().map(|e| e.to_string());
-        assert!(error.is_some_and(|e| e.contains("listen_addr")));
+        assert!(
+            error.as_deref().is_some_and(|e| e.contains("listen_addr")),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn bad_value_names_the_full_key_in_order() {
+        let source = Source::from_toml("[demo]\ngrace = \"soon\"\n");
+        let error = source.section::<Demo>("demo").err().map(|e| e.to_string());
+        assert!(
+            error.as_deref().is_some_and(|e| e.contains("`demo.grace`")),
+            "{error:?}"
+        );
     }
 
     #[test]

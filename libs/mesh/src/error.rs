@@ -27,8 +27,14 @@ pub const DOMAIN: &str = "weir.dev";
 
 /// A failure on its way to becoming a `tonic::Status`: the code, an UPPER_SNAKE reason, a message
 /// that tells the caller what to fix, and the details that apply.
+///
+/// It is one pointer wide (the fields live in a `Box`), so `Result<T, ApiError>` stays small on
+/// the success path.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiError {
+pub struct ApiError(Box<Inner>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Inner {
     code: Code,
     reason: String,
     message: String,
@@ -41,7 +47,7 @@ pub struct ApiError {
 impl ApiError {
     /// A failure with the given code, reason (UPPER_SNAKE) and message.
     pub fn new(code: Code, reason: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
+        Self(Box::new(Inner {
             code,
             reason: reason.into(),
             message: message.into(),
@@ -49,7 +55,7 @@ impl ApiError {
             retry_after: None,
             field_violations: Vec::new(),
             quota_violations: Vec::new(),
-        }
+        }))
     }
 
     /// INVALID_ARGUMENT, reason `INVALID_ARGUMENT`, with a BadRequest violation naming `field`
@@ -110,7 +116,8 @@ impl ApiError {
         field: impl Into<String>,
         description: impl Into<String>,
     ) -> Self {
-        self.field_violations
+        self.0
+            .field_violations
             .push((field.into(), description.into()));
         self
     }
@@ -121,56 +128,57 @@ impl ApiError {
         subject: impl Into<String>,
         description: impl Into<String>,
     ) -> Self {
-        self.quota_violations
+        self.0
+            .quota_violations
             .push((subject.into(), description.into()));
         self
     }
 
     /// Tells the caller to retry after `delay` (RetryInfo and `grpc-retry-pushback-ms`).
     pub fn with_retry_after(mut self, delay: Duration) -> Self {
-        self.retry_after = Some(delay);
+        self.0.retry_after = Some(delay);
         self
     }
 
     /// Adds an ErrorInfo metadata entry (e.g. the upstream HTTP status, the model).
     pub fn with_metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.metadata.insert(key.into(), value.into());
+        self.0.metadata.insert(key.into(), value.into());
         self
     }
 
     /// The gRPC code.
     pub fn code(&self) -> Code {
-        self.code
+        self.0.code
     }
 
     /// The ErrorInfo reason.
     pub fn reason(&self) -> &str {
-        &self.reason
+        &self.0.reason
     }
 
     /// The message.
     pub fn message(&self) -> &str {
-        &self.message
+        &self.0.message
     }
 
     /// The retry delay, if any.
     pub fn retry_after(&self) -> Option<Duration> {
-        self.retry_after
+        self.0.retry_after
     }
 
     /// The ErrorInfo metadata.
     pub fn metadata(&self) -> &HashMap<String, String> {
-        &self.metadata
+        &self.0.metadata
     }
 
     /// The BadRequest field violations, as (field, description).
     pub fn field_violations(&self) -> &[(String, String)] {
-        &self.field_violations
+        &self.0.field_violations
     }
 
     /// The QuotaFailure violations, as (subject, description).
     pub fn quota_violations(&self) -> &[(String, String)] {
-        &self.quota_violations
+        &self.0.quota_violations
     }
 
     /// Reads a `Status` back into an `ApiError`, keeping its details. A status without ErrorInfo
@@ -185,7 +193,7 @@ impl ApiError {
             .retry_info()
             .and_then(|info| info.retry_delay)
             .or_else(|| pushback(status));
-        Self {
+        Self(Box::new(Inner {
             code: status.code(),
             reason,
             message: status.message().to_string(),
@@ -209,7 +217,7 @@ impl ApiError {
                         .collect()
                 })
                 .unwrap_or_default(),
-        }
+        }))
     }
 }
 
@@ -218,9 +226,9 @@ impl fmt::Display for ApiError {
         write!(
             f,
             "{} ({}): {}",
-            code_name(self.code),
-            self.reason,
-            self.message
+            code_name(self.0.code),
+            self.0.reason,
+            self.0.message
         )
     }
 }
@@ -229,6 +237,7 @@ impl std::error::Error for ApiError {}
 
 impl From<ApiError> for Status {
     fn from(error: ApiError) -> Self {
+        let error = *error.0;
         let mut details = ErrorDetails::new();
         details.set_error_info(error.reason, DOMAIN, error.metadata);
         if let Some(delay) = error.retry_after {

@@ -1,0 +1,117 @@
+//! Connections to Redis, where every piece of Weir state that must outlive a process lives.
+//!
+//! Each stateful service has a `redis_url` setting: when set, its store is Redis; when unset (the
+//! `weir up` default) it uses an in-memory store behind the same trait, which loses everything on
+//! restart and is never what production or the integration tests run.
+//!
+//! Keys are `<prefix>:<tenant>:<service>:...`: [`KeySpace`] builds them, so every key carries the
+//! tenant and one tenant can never name another's data. The prefix (default [`DEFAULT_PREFIX`])
+//! lets several deployments, or several test runs, share one Redis.
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use crate::tenant::Tenant;
+
+/// Default key prefix.
+pub const DEFAULT_PREFIX: &str = "weir";
+
+/// Default time to establish a connection to Redis.
+pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Default time a single Redis command may take before the call fails with UNAVAILABLE.
+pub const DEFAULT_RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Why Redis could not be reached.
+#[derive(Debug, thiserror::Error)]
+#[error("redis at {url}: {source}")]
+pub struct ConnectError {
+    /// The URL, without its password.
+    pub url: String,
+    /// The client's error.
+    pub source: redis::RedisError,
+}
+
+/// Opens a self-reconnecting connection to `url` (`redis://host:port/db`). The first connection is
+/// made now, so a wrong URL fails at start-up; later outages make commands fail (the caller maps
+/// them to UNAVAILABLE) and the manager reconnects in the background.
+pub async fn connect(url: &str) -> Result<ConnectionManager, ConnectError> {
+    let redacted = redact(url);
+    let client = redis::Client::open(url).map_err(|source| ConnectError {
+        url: redacted.clone(),
+        source,
+    })?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(DEFAULT_CONNECT_TIMEOUT))
+        .set_response_timeout(Some(DEFAULT_RESPONSE_TIMEOUT));
+    ConnectionManager::new_with_config(client, config)
+        .await
+        .map_err(|source| ConnectError {
+            url: redacted,
+            source,
+        })
+}
+
+/// `url` with any password replaced by `***`, for logs and errors.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Builds the keys of one service for one tenant: `<prefix>:<tenant>:<service>:<parts...>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySpace {
+    base: String,
+}
+
+impl KeySpace {
+    /// The key space of `service` (e.g. `"session"`) for `tenant` under `prefix`.
+    pub fn new(prefix: &str, tenant: &Tenant, service: &str) -> Self {
+        Self {
+            base: format!("{prefix}:{tenant}:{service}"),
+        }
+    }
+
+    /// The key `<base>:<part>`.
+    pub fn key(&self, part: &str) -> String {
+        format!("{}:{part}", self.base)
+    }
+
+    /// The key `<base>:<a>:<b>`.
+    pub fn key2(&self, a: &str, b: &str) -> String {
+        format!("{}:{a}:{b}", self.base)
+    }
+
+    /// The common prefix of every key of this space (for SCAN patterns, escape it first).
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_carry_prefix_tenant_and_service() {
+        let tenant = Tenant::new("acme").unwrap_or_default();
+        let keys = KeySpace::new("weir", &tenant, "session");
+        assert_eq!(keys.key2("s1", "turns"), "weir:acme:session:s1:turns");
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("redis://user:secret@host:6379/0"),
+            "redis://user:***@host:6379/0"
+        );
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
+}
