@@ -1,1 +1,108 @@
-//! placeholder
+//! weir-router: Weir's front door.
+//!
+//! Clients call `weir.router.v1.RouterService` (see `proto/weir/router/v1/router.proto`). This
+//! version serves the synchronous (`Complete`) and streaming (`CompleteStream`) execution models:
+//!
+//! - the request's `model` names a catalog model or a route alias ([`route`]); a route is an
+//!   ordered list of candidate models whose first entry, the primary, serves the request;
+//! - the router checks what it alone can ([`request`]), calls the inference service
+//!   ([`inference`]) and answers with what happened: the served model, the requested name, the
+//!   route and `served_by`;
+//! - a streamed answer is relayed token by token as it arrives ([`relay`]): `start` when the first
+//!   upstream event arrives, deltas, `done`; a stream cut short ends with an explicit error, and a
+//!   client that goes away cancels the model call.
+//!
+//! Errors from the inference service reach the client with their code and `google.rpc` details
+//! (reason, RetryInfo, BadRequest) intact. Sessions, budgets, review, jobs and batches land with
+//! their own issues; until then a request with `session_id` is UNIMPLEMENTED
+//! (`SESSIONS_UNAVAILABLE`), and the job and batch RPCs answer UNIMPLEMENTED.
+//!
+//! [`server`] validates the `[router]` table ([`Config`]) against the model catalog and builds the
+//! server; the same library is served alone by `weir serve router` and together by `weir up`.
+#![warn(missing_docs)]
+
+mod api;
+pub mod config;
+pub mod inference;
+pub mod relay;
+pub mod request;
+pub mod route;
+
+use std::sync::Arc;
+
+use weir_mesh::{catalog::Catalog, config::ConfigError, server::GrpcServer};
+use weir_proto::router::router_service_server::RouterServiceServer;
+
+pub use api::RouterApi;
+pub use config::{Config, RouteSpec};
+pub use relay::CompleteStream;
+pub use route::{Plan, RouteTable};
+
+/// Validates `config` against `catalog` (naming the bad key, e.g. `router.routes.auto.models`)
+/// and builds the router server, ready to `serve(listener, shutdown)`.
+///
+/// The channel to the inference service connects on first use, so inference may start later;
+/// building it needs a Tokio runtime, so call this from within one.
+pub fn server(config: &Config, catalog: Arc<Catalog>) -> Result<GrpcServer, ConfigError> {
+    let api = router_api(config, catalog)?;
+    Ok(GrpcServer::default().add_service(RouterServiceServer::new(api)))
+}
+
+/// Validates `config` against `catalog` and builds the gRPC implementation, for callers that host
+/// it on a server of their own. Needs a Tokio runtime (see [`server`]).
+pub fn router_api(config: &Config, catalog: Arc<Catalog>) -> Result<RouterApi, ConfigError> {
+    config.validate_inference_url()?;
+    let routes = RouteTable::new(config, catalog)?;
+    let channel = weir_mesh::client::lazy_channel(config.inference_url.trim())
+        .map_err(|error| ConfigError::invalid("router.inference_url", error.to_string()))?;
+    Ok(RouterApi::new(routes, channel))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use weir_proto::service_names;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn defaults_build_a_server_hosting_the_router() {
+        let server = server(&Config::default(), Arc::new(Catalog::default())).unwrap();
+        assert_eq!(server.service_names(), [service_names::ROUTER]);
+    }
+
+    #[tokio::test]
+    async fn defaults_provide_the_auto_route() {
+        let api = router_api(&Config::default(), Arc::new(Catalog::default())).unwrap();
+        let auto = api.routes().get("auto").unwrap();
+        let models: Vec<&str> = auto.candidates().iter().map(|c| c.model()).collect();
+        assert_eq!(models, ["sim-large", "sim-small"]);
+    }
+
+    #[tokio::test]
+    async fn a_bad_config_fails_naming_its_key() {
+        let config = Config {
+            inference_url: "inference:50052".to_string(),
+            ..Config::default()
+        };
+        let error = server(&config, Arc::new(Catalog::default()))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("router.inference_url"), "{error}");
+
+        let mut config = Config::default();
+        config.routes.insert(
+            "auto".to_string(),
+            RouteSpec {
+                models: vec!["gpt-9".to_string()],
+                description: String::new(),
+            },
+        );
+        let error = server(&config, Arc::new(Catalog::default()))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("router.routes.auto.models"), "{error}");
+    }
+}

@@ -1,0 +1,427 @@
+//! Relaying an inference stream to the router's client.
+//!
+//! The router's stream is `start`, deltas, `done`, built from the inference stream (deltas, `done`)
+//! as events arrive:
+//!
+//! - `open` waits for the first upstream event before anything is sent, so a failure before the
+//!   first token fails the whole RPC with the upstream status. This is where a later fallback can
+//!   still try another model: the client has seen nothing yet.
+//! - Then `start` goes out, followed by each delta the moment it arrives: nothing is buffered.
+//! - The upstream `done` becomes the router's `done`, which ends the stream.
+//! - After `start`, an upstream error ends the stream with that status (its `google.rpc` details
+//!   intact), and an upstream stream that ends without `done` ends it with UNAVAILABLE, reason
+//!   [`STREAM_CUT`]: a partial answer is never passed off as a whole one.
+//!
+//! The returned stream owns the upstream stream. When the client goes away, tonic drops the
+//! router's stream, which drops the inference stream and so cancels the upstream call.
+//!
+//! Upstream messages with no event set (from a newer inference version) are skipped.
+
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt, stream};
+use tonic::Status;
+use weir_mesh::ApiError;
+use weir_proto::{
+    inference::{
+        GenerateStreamResponse, generate_stream_response::Done as UpstreamDone,
+        generate_stream_response::Event as UpstreamEvent,
+    },
+    router::{
+        CompleteStreamResponse, ReviewStatus,
+        complete_stream_response::{Delta, Done, Event, Start},
+    },
+};
+
+/// The router's outgoing answer stream.
+pub type CompleteStream =
+    Pin<Box<dyn Stream<Item = Result<CompleteStreamResponse, Status>> + Send + 'static>>;
+
+/// ErrorInfo reason of a stream that ended without its `done` event.
+pub const STREAM_CUT: &str = "STREAM_CUT";
+
+/// Waits for the first event of `upstream`, then returns the router's stream: `start`, then the
+/// upstream's events as they arrive (see the module documentation). Fails with the upstream status
+/// if the upstream fails before its first event, and with [`STREAM_CUT`] if it ends without one.
+pub(crate) async fn open<S>(start: Start, mut upstream: S) -> Result<CompleteStream, ApiError>
+where
+    S: Stream<Item = Result<GenerateStreamResponse, Status>> + Send + Unpin + 'static,
+{
+    let first = match next_event(&mut upstream).await {
+        Ok(Some(event)) => event,
+        Ok(None) => return Err(stream_cut(false)),
+        Err(status) => return Err(ApiError::from_status(&status)),
+    };
+    let state = State::Start {
+        start,
+        first,
+        upstream,
+    };
+    Ok(Box::pin(stream::unfold(state, step)))
+}
+
+/// Where the relay is.
+enum State<S> {
+    /// `start` is next, then the already received first event.
+    Start {
+        start: Start,
+        first: UpstreamEvent,
+        upstream: S,
+    },
+    /// The first upstream event is next.
+    First { first: UpstreamEvent, upstream: S },
+    /// Relaying: the next upstream event is next.
+    Relaying { upstream: S },
+    /// `done` or an error has been sent; the upstream is dropped.
+    Finished,
+}
+
+/// Produces the next outgoing item and the state after it.
+async fn step<S>(state: State<S>) -> Option<(Result<CompleteStreamResponse, Status>, State<S>)>
+where
+    S: Stream<Item = Result<GenerateStreamResponse, Status>> + Send + Unpin,
+{
+    match state {
+        State::Start {
+            start,
+            first,
+            upstream,
+        } => Some((
+            Ok(event(Event::Start(start))),
+            State::First { first, upstream },
+        )),
+        State::First { first, upstream } => Some(relay(first, upstream)),
+        State::Relaying { mut upstream } => Some(match next_event(&mut upstream).await {
+            Ok(Some(upstream_event)) => relay(upstream_event, upstream),
+            Ok(None) => (Err(Status::from(stream_cut(true))), State::Finished),
+            Err(status) => (
+                Err(Status::from(ApiError::from_status(&status))),
+                State::Finished,
+            ),
+        }),
+        State::Finished => None,
+    }
+}
+
+/// Translates one upstream event; `done` finishes the relay (and drops the upstream).
+fn relay<S>(
+    upstream_event: UpstreamEvent,
+    upstream: S,
+) -> (Result<CompleteStreamResponse, Status>, State<S>) {
+    match upstream_event {
+        UpstreamEvent::Delta(delta) => (
+            Ok(event(Event::Delta(Delta { text: delta.text }))),
+            State::Relaying { upstream },
+        ),
+        UpstreamEvent::Done(done) => (Ok(event(Event::Done(finish(done)))), State::Finished),
+    }
+}
+
+/// The router's `done` for the upstream's. Cost is zero and review not required until the budget
+/// and review steps land; they fill these fields.
+fn finish(done: UpstreamDone) -> Done {
+    Done {
+        finish_reason: done.finish_reason,
+        usage: done.usage,
+        cost_micros: 0,
+        review_status: ReviewStatus::NotRequired.into(),
+        review_id: String::new(),
+        notices: Vec::new(),
+    }
+}
+
+/// The next upstream event, skipping messages without one; `None` when the stream ended.
+async fn next_event<S>(upstream: &mut S) -> Result<Option<UpstreamEvent>, Status>
+where
+    S: Stream<Item = Result<GenerateStreamResponse, Status>> + Unpin,
+{
+    while let Some(message) = upstream.next().await {
+        if let Some(event) = message?.event {
+            return Ok(Some(event));
+        }
+    }
+    Ok(None)
+}
+
+fn stream_cut(started: bool) -> ApiError {
+    let when = if started {
+        "after the answer had started"
+    } else {
+        "before the first token"
+    };
+    ApiError::unavailable(
+        STREAM_CUT,
+        format!("the model's stream ended without finishing the answer ({when})"),
+    )
+}
+
+fn event(event: Event) -> CompleteStreamResponse {
+    CompleteStreamResponse { event: Some(event) }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::{
+        sync::{
+            Arc,
+            atomic::{AtomicBool, Ordering},
+        },
+        task::Poll,
+        time::Duration,
+    };
+
+    use futures::channel::mpsc;
+    use tonic::Code;
+    use tonic_types::StatusExt;
+    use weir_proto::{
+        common::{FinishReason, Usage},
+        inference::generate_stream_response::Delta as UpstreamDelta,
+        router::ServedBy,
+    };
+
+    use super::*;
+
+    type Item = Result<GenerateStreamResponse, Status>;
+
+    fn start() -> Start {
+        Start {
+            model: "sim-large".to_string(),
+            requested_model: "auto".to_string(),
+            route: "auto".to_string(),
+            served_by: ServedBy::Primary.into(),
+            trace_id: String::new(),
+        }
+    }
+
+    fn delta(text: &str) -> Item {
+        Ok(GenerateStreamResponse {
+            event: Some(UpstreamEvent::Delta(UpstreamDelta {
+                text: text.to_string(),
+                index: 0,
+            })),
+        })
+    }
+
+    fn done() -> Item {
+        Ok(GenerateStreamResponse {
+            event: Some(UpstreamEvent::Done(UpstreamDone {
+                finish_reason: FinishReason::Stop.into(),
+                usage: Some(Usage {
+                    input_tokens: 3,
+                    output_tokens: 2,
+                    cached_input_tokens: 0,
+                    total_tokens: 5,
+                }),
+                model: "sim-large".to_string(),
+                ..UpstreamDone::default()
+            })),
+        })
+    }
+
+    fn retryable() -> Status {
+        Status::from(
+            ApiError::unavailable("UPSTREAM_UNAVAILABLE", "backend down")
+                .with_retry_after(Duration::from_millis(250)),
+        )
+    }
+
+    async fn collect(items: Vec<Item>) -> Result<Vec<Result<Event, Status>>, ApiError> {
+        let stream = open(start(), stream::iter(items)).await?;
+        Ok(stream
+            .map(|item| item.map(|response| response.event.unwrap()))
+            .collect()
+            .await)
+    }
+
+    fn text(event: &Result<Event, Status>) -> &str {
+        match event {
+            Ok(Event::Delta(delta)) => &delta.text,
+            other => panic!("expected a delta, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn start_deltas_done_in_order() {
+        let events = collect(vec![delta("Hel"), delta("lo"), done()])
+            .await
+            .unwrap();
+        assert_eq!(events.len(), 4);
+        assert!(matches!(&events[0], Ok(Event::Start(s)) if *s == start()));
+        assert_eq!(text(&events[1]), "Hel");
+        assert_eq!(text(&events[2]), "lo");
+        let Ok(Event::Done(done)) = &events[3] else {
+            panic!("expected done, got {:?}", events[3]);
+        };
+        assert_eq!(done.finish_reason, i32::from(FinishReason::Stop));
+        assert_eq!(done.usage.map(|u| u.total_tokens), Some(5));
+        assert_eq!(done.cost_micros, 0);
+        assert_eq!(done.review_status, i32::from(ReviewStatus::NotRequired));
+    }
+
+    #[tokio::test]
+    async fn an_answer_with_no_delta_still_starts_and_finishes() {
+        let events = collect(vec![done()]).await.unwrap();
+        assert!(matches!(
+            &events[..],
+            [Ok(Event::Start(_)), Ok(Event::Done(_))]
+        ));
+    }
+
+    #[tokio::test]
+    async fn nothing_after_done_is_relayed() {
+        let events = collect(vec![delta("a"), done(), delta("late"), Err(retryable())])
+            .await
+            .unwrap();
+        assert_eq!(events.len(), 3);
+        assert!(matches!(events[2], Ok(Event::Done(_))));
+    }
+
+    #[tokio::test]
+    async fn an_error_before_the_first_event_fails_the_call_with_its_details() {
+        let error = collect(vec![Err(retryable())]).await.unwrap_err();
+        assert_eq!(error.code(), Code::Unavailable);
+        assert_eq!(error.reason(), "UPSTREAM_UNAVAILABLE");
+        assert_eq!(error.retry_after(), Some(Duration::from_millis(250)));
+    }
+
+    #[tokio::test]
+    async fn an_empty_upstream_is_a_cut_stream() {
+        let error = collect(vec![]).await.unwrap_err();
+        assert_eq!(error.code(), Code::Unavailable);
+        assert_eq!(error.reason(), STREAM_CUT);
+    }
+
+    #[tokio::test]
+    async fn an_error_after_start_ends_the_stream_with_its_details() {
+        let events = collect(vec![delta("a"), Err(retryable()), delta("never")])
+            .await
+            .unwrap();
+        assert_eq!(events.len(), 3);
+        assert_eq!(text(&events[1]), "a");
+        let status = events[2].as_ref().unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+        let details = status.get_error_details();
+        assert_eq!(
+            details.error_info().map(|i| i.reason.as_str()),
+            Some("UPSTREAM_UNAVAILABLE")
+        );
+        assert_eq!(
+            details.retry_info().and_then(|r| r.retry_delay),
+            Some(Duration::from_millis(250))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_ending_without_done_is_never_silently_cut() {
+        let events = collect(vec![delta("a"), delta("b")]).await.unwrap();
+        assert_eq!(events.len(), 4);
+        let status = events[3].as_ref().unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+        let reason = status
+            .get_error_details()
+            .error_info()
+            .map(|i| i.reason.clone());
+        assert_eq!(reason.as_deref(), Some(STREAM_CUT));
+    }
+
+    #[tokio::test]
+    async fn messages_without_an_event_are_skipped() {
+        let empty = Ok(GenerateStreamResponse { event: None });
+        let events = collect(vec![empty.clone(), delta("a"), empty, done()])
+            .await
+            .unwrap();
+        assert_eq!(events.len(), 3);
+        assert_eq!(text(&events[1]), "a");
+    }
+
+    #[tokio::test]
+    async fn each_delta_is_relayed_as_soon_as_it_arrives() {
+        let (tx, rx) = mpsc::unbounded::<Item>();
+        tx.unbounded_send(delta("first")).unwrap();
+        let mut stream = open(start(), rx).await.unwrap();
+        assert!(matches!(
+            stream.next().await,
+            Some(Ok(CompleteStreamResponse {
+                event: Some(Event::Start(_))
+            }))
+        ));
+        assert_eq!(
+            text(&stream.next().await.unwrap().map(|r| r.event.unwrap())),
+            "first"
+        );
+        // Nothing more has arrived, so nothing more is sent: the relay waits, it does not batch.
+        assert!(futures::poll!(stream.next()).is_pending());
+        tx.unbounded_send(delta("second")).unwrap();
+        assert_eq!(
+            text(&stream.next().await.unwrap().map(|r| r.event.unwrap())),
+            "second"
+        );
+        tx.unbounded_send(done()).unwrap();
+        assert!(matches!(
+            stream.next().await,
+            Some(Ok(CompleteStreamResponse {
+                event: Some(Event::Done(_))
+            }))
+        ));
+        assert!(stream.next().await.is_none());
+    }
+
+    /// An upstream that records when it is dropped (as dropping a tonic `Streaming` cancels the
+    /// call).
+    struct Upstream {
+        rx: mpsc::UnboundedReceiver<Item>,
+        dropped: Arc<AtomicBool>,
+    }
+
+    impl Stream for Upstream {
+        type Item = Item;
+        fn poll_next(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> Poll<Option<Item>> {
+            self.rx.poll_next_unpin(cx)
+        }
+    }
+
+    impl Drop for Upstream {
+        fn drop(&mut self) {
+            self.dropped.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn dropping_the_router_stream_drops_the_upstream() {
+        let (tx, rx) = mpsc::unbounded::<Item>();
+        let dropped = Arc::new(AtomicBool::new(false));
+        tx.unbounded_send(delta("a")).unwrap();
+        let upstream = Upstream {
+            rx,
+            dropped: Arc::clone(&dropped),
+        };
+        let mut stream = open(start(), upstream).await.unwrap();
+        stream.next().await.unwrap().unwrap();
+        stream.next().await.unwrap().unwrap();
+        // The client goes away mid-answer.
+        assert!(futures::poll!(stream.next()).is_pending());
+        assert!(!dropped.load(Ordering::SeqCst));
+        drop(stream);
+        assert!(dropped.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn done_releases_the_upstream_at_once() {
+        let (tx, rx) = mpsc::unbounded::<Item>();
+        let dropped = Arc::new(AtomicBool::new(false));
+        tx.unbounded_send(done()).unwrap();
+        let upstream = Upstream {
+            rx,
+            dropped: Arc::clone(&dropped),
+        };
+        let mut stream = open(start(), upstream).await.unwrap();
+        stream.next().await.unwrap().unwrap();
+        stream.next().await.unwrap().unwrap();
+        assert!(dropped.load(Ordering::SeqCst));
+        assert!(stream.next().await.is_none());
+    }
+}

@@ -1,0 +1,266 @@
+//! A completion request as the router's walk sees it, and the cheap checks the router makes.
+//!
+//! `CompleteRequest` and `CompleteStreamRequest` carry the same fields; both become a
+//! `Completion`, so the synchronous and streaming paths (and, later, jobs and batches) run one
+//! walk over one type.
+//!
+//! The router only checks what it must know before it can route, or what it alone owns:
+//!
+//! - `session_id` set: UNIMPLEMENTED, reason `SESSIONS_UNAVAILABLE` (sessions are not in this
+//!   version; checked first, because a session may legitimately come with no new messages);
+//! - `messages` empty: INVALID_ARGUMENT on field `messages`;
+//! - more than [`MAX_LABELS`] labels: INVALID_ARGUMENT on field `labels`;
+//! - `criticality` not a known value: INVALID_ARGUMENT on field `criticality`.
+//!
+//! Everything else (roles, generation parameters, prompt size against the model's context window,
+//! label key length) is checked by the inference service, whose INVALID_ARGUMENT and NOT_FOUND
+//! answers, with their BadRequest details, reach the client unchanged.
+
+use std::collections::HashMap;
+
+use tonic::Code;
+use weir_mesh::ApiError;
+use weir_proto::{
+    common::{Criticality, GenerationParams, Message},
+    inference::{GenerateRequest, GenerateStreamRequest},
+    router::{CompleteRequest, CompleteStreamRequest},
+};
+
+/// Most labels a request may carry (the inference service's limit too).
+pub const MAX_LABELS: usize = 16;
+
+/// The fields of a completion request, whichever RPC it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Completion {
+    /// A model name or a route alias.
+    pub model: String,
+    /// The new messages, oldest first.
+    pub messages: Vec<Message>,
+    /// Optional session.
+    pub session_id: String,
+    /// Generation parameters.
+    pub params: Option<GenerationParams>,
+    /// Optional idempotency key, also passed to inference for its logs.
+    pub request_id: String,
+    /// Criticality from the body (`CRITICALITY_UNSPECIFIED` when unset; the metadata then applies).
+    pub criticality: i32,
+    /// Free-form labels.
+    pub labels: HashMap<String, String>,
+}
+
+impl From<CompleteRequest> for Completion {
+    fn from(request: CompleteRequest) -> Self {
+        Self {
+            model: request.model,
+            messages: request.messages,
+            session_id: request.session_id,
+            params: request.params,
+            request_id: request.request_id,
+            criticality: request.criticality,
+            labels: request.labels,
+        }
+    }
+}
+
+impl From<CompleteStreamRequest> for Completion {
+    fn from(request: CompleteStreamRequest) -> Self {
+        Self {
+            model: request.model,
+            messages: request.messages,
+            session_id: request.session_id,
+            params: request.params,
+            request_id: request.request_id,
+            criticality: request.criticality,
+            labels: request.labels,
+        }
+    }
+}
+
+/// Why the router refuses a request before routing it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// `session_id` is set, and this version has no sessions.
+    #[error(
+        "sessions are not available in this version: leave session_id empty and send the whole \
+         conversation in messages"
+    )]
+    SessionsUnavailable,
+    /// `messages` is empty.
+    #[error("at least one message is required")]
+    NoMessages,
+    /// More than [`MAX_LABELS`] labels.
+    #[error("at most {MAX_LABELS} labels, got {0}")]
+    TooManyLabels(usize),
+    /// `criticality` is not a known value.
+    #[error("unknown value {0}")]
+    UnknownCriticality(i32),
+}
+
+impl From<RequestError> for ApiError {
+    fn from(error: RequestError) -> Self {
+        let description = error.to_string();
+        match error {
+            RequestError::SessionsUnavailable => {
+                ApiError::new(Code::Unimplemented, "SESSIONS_UNAVAILABLE", description)
+            }
+            RequestError::NoMessages => ApiError::invalid_argument("messages", description),
+            RequestError::TooManyLabels(_) => ApiError::invalid_argument("labels", description),
+            RequestError::UnknownCriticality(_) => {
+                ApiError::invalid_argument("criticality", description)
+            }
+        }
+    }
+}
+
+impl Completion {
+    /// The router's own checks (see the module documentation), in that order.
+    pub fn check(&self) -> Result<(), RequestError> {
+        if !self.session_id.is_empty() {
+            return Err(RequestError::SessionsUnavailable);
+        }
+        if self.messages.is_empty() {
+            return Err(RequestError::NoMessages);
+        }
+        if self.labels.len() > MAX_LABELS {
+            return Err(RequestError::TooManyLabels(self.labels.len()));
+        }
+        if Criticality::try_from(self.criticality).is_err() {
+            return Err(RequestError::UnknownCriticality(self.criticality));
+        }
+        Ok(())
+    }
+
+    /// The criticality set in the body, if any; it overrides the `weir-criticality` metadata.
+    pub fn criticality(&self) -> Option<Criticality> {
+        Criticality::try_from(self.criticality)
+            .ok()
+            .filter(|c| *c != Criticality::Unspecified)
+    }
+
+    /// The unary inference request for `model`.
+    pub fn generate_request(&self, model: &str) -> GenerateRequest {
+        GenerateRequest {
+            model: model.to_string(),
+            messages: self.messages.clone(),
+            params: self.params.clone(),
+            request_id: self.request_id.clone(),
+            labels: self.labels.clone(),
+        }
+    }
+
+    /// The streaming inference request for `model`.
+    pub fn generate_stream_request(&self, model: &str) -> GenerateStreamRequest {
+        GenerateStreamRequest {
+            model: model.to_string(),
+            messages: self.messages.clone(),
+            params: self.params.clone(),
+            request_id: self.request_id.clone(),
+            labels: self.labels.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use tonic::Status;
+    use tonic_types::StatusExt;
+    use weir_proto::common::Role;
+
+    use super::*;
+
+    fn valid() -> Completion {
+        Completion::from(CompleteRequest {
+            model: "auto".to_string(),
+            messages: vec![Message {
+                role: Role::User.into(),
+                content: "hi".to_string(),
+                ..Message::default()
+            }],
+            ..CompleteRequest::default()
+        })
+    }
+
+    fn bad_field(error: RequestError) -> (Code, Option<String>) {
+        let status = Status::from(ApiError::from(error));
+        let field = status
+            .get_error_details()
+            .bad_request()
+            .and_then(|b| b.field_violations.first().map(|v| v.field.clone()));
+        (status.code(), field)
+    }
+
+    #[test]
+    fn a_plain_request_passes() {
+        valid().check().unwrap();
+    }
+
+    #[test]
+    fn empty_messages_name_the_field() {
+        let mut request = valid();
+        request.messages.clear();
+        let error = request.check().unwrap_err();
+        assert_eq!(
+            bad_field(error),
+            (Code::InvalidArgument, Some("messages".to_string()))
+        );
+    }
+
+    #[test]
+    fn a_session_is_unimplemented_even_without_messages() {
+        let mut request = valid();
+        request.session_id = "s-1".to_string();
+        request.messages.clear();
+        let error = ApiError::from(request.check().unwrap_err());
+        assert_eq!(error.code(), Code::Unimplemented);
+        assert_eq!(error.reason(), "SESSIONS_UNAVAILABLE");
+        assert!(error.message().contains("not available in this version"));
+    }
+
+    #[test]
+    fn too_many_labels_name_the_field() {
+        let mut request = valid();
+        request.labels = (0..=MAX_LABELS)
+            .map(|i| (format!("k{i}"), "v".to_string()))
+            .collect();
+        let error = request.check().unwrap_err();
+        assert_eq!(
+            bad_field(error),
+            (Code::InvalidArgument, Some("labels".to_string()))
+        );
+        request.labels.remove("k0");
+        request.check().unwrap();
+    }
+
+    #[test]
+    fn unknown_criticality_names_the_field() {
+        let mut request = valid();
+        request.criticality = 99;
+        let error = request.check().unwrap_err();
+        assert_eq!(
+            bad_field(error),
+            (Code::InvalidArgument, Some("criticality".to_string()))
+        );
+    }
+
+    #[test]
+    fn body_criticality_is_only_reported_when_set() {
+        let mut request = valid();
+        assert_eq!(request.criticality(), None);
+        request.criticality = Criticality::Sheddable.into();
+        assert_eq!(request.criticality(), Some(Criticality::Sheddable));
+    }
+
+    #[test]
+    fn both_rpcs_carry_the_same_fields() {
+        let stream = Completion::from(CompleteStreamRequest {
+            model: "auto".to_string(),
+            messages: valid().messages,
+            ..CompleteStreamRequest::default()
+        });
+        assert_eq!(stream, valid());
+        let upstream = stream.generate_stream_request("sim-large");
+        assert_eq!(upstream.model, "sim-large");
+        assert_eq!(upstream.messages, valid().messages);
+    }
+}
