@@ -1,1 +1,137 @@
-//! harness
+//! The shared harness of Weir's end-to-end tests.
+//!
+//! [`Mesh`] starts real Weir services (the same launcher `weir up` uses) on `127.0.0.1:0` and
+//! hands out gRPC clients over real sockets; [`upstream::Upstream`] is a real HTTP server that
+//! speaks the OpenAI protocol. Nothing of Weir's own is mocked.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod upstream;
+
+use std::{
+    future::Future,
+    net::{IpAddr, Ipv4Addr},
+    time::Duration,
+};
+
+use tonic::transport::Channel;
+use weir::stack::{self, Running, Service, StackConfig};
+use weir_mesh::config::Source;
+use weir_proto::{
+    common::{Message, Role},
+    inference::inference_service_client::InferenceServiceClient,
+    router::{CompleteRequest, CompleteStreamRequest, router_service_client::RouterServiceClient},
+};
+
+/// A running set of Weir services on loopback ports. Dropping it shuts them down.
+#[derive(Debug)]
+pub struct Mesh {
+    running: Option<Running>,
+}
+
+impl Mesh {
+    /// Starts every service with the given `weir.toml` text (listen addresses are replaced by
+    /// `127.0.0.1:0`).
+    pub async fn start(toml: &str) -> Self {
+        Self::start_services(toml, &Service::ALL).await
+    }
+
+    /// Starts only `services`.
+    pub async fn start_services(toml: &str, services: &[Service]) -> Self {
+        let mut config =
+            StackConfig::from_source(&Source::from_toml(toml)).expect("test config is valid");
+        config.listen_on_any_port(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let running = stack::start(config, services, Default::default())
+            .await
+            .expect("services start");
+        Self {
+            running: Some(running),
+        }
+    }
+
+    fn running(&self) -> &Running {
+        self.running.as_ref().expect("mesh is running")
+    }
+
+    /// `http://127.0.0.1:<port>` of a started service.
+    pub fn url(&self, service: Service) -> String {
+        self.running()
+            .url(service)
+            .unwrap_or_else(|| panic!("{service} was not started"))
+    }
+
+    /// A channel to a started service.
+    pub fn channel(&self, service: Service) -> Channel {
+        weir_mesh::client::lazy_channel(&self.url(service)).expect("valid URL")
+    }
+
+    /// A router client.
+    pub fn router(&self) -> RouterServiceClient<Channel> {
+        RouterServiceClient::new(self.channel(Service::Router))
+    }
+
+    /// An inference client.
+    pub fn inference(&self) -> InferenceServiceClient<Channel> {
+        InferenceServiceClient::new(self.channel(Service::Inference))
+    }
+
+    /// Shuts every service down and waits until they have stopped.
+    pub async fn stop(mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop().await.expect("services stop cleanly");
+        }
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if let Some(running) = &self.running {
+            running.shutdown_token().cancel();
+        }
+    }
+}
+
+/// A user message.
+pub fn user(text: &str) -> Message {
+    Message {
+        role: Role::User as i32,
+        content: text.to_string(),
+        ..Message::default()
+    }
+}
+
+/// A `Complete` request for `model` with one user message.
+pub fn complete(model: &str, text: &str) -> CompleteRequest {
+    CompleteRequest {
+        model: model.to_string(),
+        messages: vec![user(text)],
+        ..CompleteRequest::default()
+    }
+}
+
+/// A `CompleteStream` request for `model` with one user message.
+pub fn complete_stream(model: &str, text: &str) -> CompleteStreamRequest {
+    CompleteStreamRequest {
+        model: model.to_string(),
+        messages: vec![user(text)],
+        ..CompleteStreamRequest::default()
+    }
+}
+
+/// Polls `check` until it returns true or `timeout` passes; returns whether it became true.
+/// Tests use this instead of sleeping a fixed time.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

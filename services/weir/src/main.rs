@@ -1,1 +1,164 @@
-fn main() {}
+//! `weir`: run the Weir mesh, or talk to it.
+//!
+//! - `weir up`: every service in one process, each on its own port, with the simulated model and
+//!   in-memory defaults: nothing to install, no config file needed.
+//! - `weir serve <service>`: one service, as deployed in production.
+//! - `weir chat "prompt"`: stream an answer from the router.
+//! - `weir models`: list the models the inference service can call.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use weir::{
+    chat::{self, ChatOptions},
+    stack::{self, Service, StackConfig},
+};
+use weir_mesh::telemetry::{LogFormat, init_logging};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "weir",
+    version,
+    about = "Weir: a gRPC service mesh that keeps LLM calls working under load, faults and budgets"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run every service in one process (router, inference, session, budget, review).
+    Up {
+        /// Config file (default: $WEIR_CONFIG, else built-in defaults).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Run one service.
+    Serve {
+        /// Which service.
+        service: Service,
+        /// Config file (default: $WEIR_CONFIG, else built-in defaults).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Send a prompt to the router and stream the answer.
+    Chat {
+        /// The prompt.
+        prompt: String,
+        /// Model name or route alias.
+        #[arg(long, short, default_value = "auto")]
+        model: String,
+        /// Wait for the whole answer instead of streaming tokens.
+        #[arg(long)]
+        no_stream: bool,
+        /// Optional system message.
+        #[arg(long)]
+        system: Option<String>,
+        /// Most tokens to generate.
+        #[arg(long)]
+        max_tokens: Option<i32>,
+        /// Router address.
+        #[arg(
+            long,
+            env = "WEIR_ROUTER_URL",
+            default_value = "http://127.0.0.1:50051"
+        )]
+        router: String,
+        /// API key, sent as `authorization: Bearer <key>`.
+        #[arg(long, env = "WEIR_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+    },
+    /// List the models the inference service can call.
+    Models {
+        /// Inference service address.
+        #[arg(
+            long,
+            env = "WEIR_INFERENCE_URL",
+            default_value = "http://127.0.0.1:50052"
+        )]
+        inference: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Up { config } => serve(config, &Service::ALL).await,
+        Command::Serve { service, config } => serve(config, &[service]).await,
+        Command::Chat {
+            prompt,
+            model,
+            no_stream,
+            system,
+            max_tokens,
+            router,
+            api_key,
+        } => {
+            let options = ChatOptions {
+                router,
+                model,
+                prompt,
+                system,
+                max_tokens,
+                api_key,
+                stream: !no_stream,
+            };
+            chat::run(options, &mut std::io::stdout().lock())
+                .await
+                .map_err(anyhow::Error::from)
+        }
+        Command::Models { inference } => list_models(&inference).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("weir: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Option<PathBuf>, services: &[Service]) -> anyhow::Result<()> {
+    init_logging(LogFormat::Auto);
+    let config = StackConfig::load(config.as_deref())?;
+    let shutdown = weir_mesh::shutdown::on_signal();
+    let running = stack::start(config, services, shutdown).await?;
+    for (service, addr) in running.addrs() {
+        println!("{service:<10} grpc://{addr}");
+    }
+    println!("Weir is up. Try: weir chat \"hello\"   (Ctrl-C to stop)");
+    running
+        .wait()
+        .await
+        .map_err(|(service, error)| anyhow::anyhow!("{service}: {error}"))
+}
+
+async fn list_models(url: &str) -> anyhow::Result<()> {
+    use weir_proto::inference::{
+        ListModelsRequest, inference_service_client::InferenceServiceClient,
+    };
+    let mut client = InferenceServiceClient::new(weir_mesh::client::lazy_channel(url)?);
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_models(ListModelsRequest {
+                page_size: 0,
+                page_token: page_token.clone(),
+            })
+            .await
+            .map_err(|status| weir_mesh::ApiError::from_status(&status))?
+            .into_inner();
+        for model in page.models {
+            println!(
+                "{:<24} {:<7} ctx {:>7}  {}",
+                model.name, model.backend, model.context_window, model.description
+            );
+        }
+        if page.next_page_token.is_empty() {
+            return Ok(());
+        }
+        page_token = page.next_page_token;
+    }
+}

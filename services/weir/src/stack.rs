@@ -1,0 +1,255 @@
+//! The whole Weir stack: its configuration and a launcher for any subset of its services.
+
+use std::{collections::BTreeMap, fmt, net::SocketAddr, path::Path, sync::Arc};
+
+use clap::ValueEnum;
+use tokio::{net::TcpListener, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+use weir_mesh::{
+    catalog::Catalog,
+    config::{ConfigError, Source},
+    server::{GrpcServer, ServeError, ServerConfig},
+};
+
+/// One of Weir's five services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum)]
+pub enum Service {
+    /// The front door (`weir.router.v1.RouterService`).
+    Router,
+    /// Model backends (`weir.inference.v1.InferenceService`).
+    Inference,
+    /// Conversation history (`weir.session.v1.SessionService`).
+    Session,
+    /// Prices and spend (`weir.budget.v1.BudgetService`).
+    Budget,
+    /// Human review (`weir.review.v1.ReviewService`).
+    Review,
+}
+
+impl Service {
+    /// All services, in the order `weir up` starts them (dependencies first).
+    pub const ALL: [Service; 5] = [
+        Service::Inference,
+        Service::Session,
+        Service::Budget,
+        Service::Review,
+        Service::Router,
+    ];
+
+    /// The service's name in config tables and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Service::Router => "router",
+            Service::Inference => "inference",
+            Service::Session => "session",
+            Service::Budget => "budget",
+            Service::Review => "review",
+        }
+    }
+}
+
+impl fmt::Display for Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Everything in `weir.toml`, each part defaulted.
+#[derive(Debug, Clone)]
+pub struct StackConfig {
+    /// `[models.<name>]`: the model catalog.
+    pub catalog: Arc<Catalog>,
+    /// `[server]`: shutdown behaviour shared by every service.
+    pub server: ServerConfig,
+    /// `[router]`.
+    pub router: weir_router::Config,
+    /// `[inference]`.
+    pub inference: weir_inference::Config,
+    /// `[session]`.
+    pub session: weir_session::Config,
+    /// `[budget]`.
+    pub budget: weir_budget::Config,
+    /// `[review]`.
+    pub review: weir_review::Config,
+}
+
+impl StackConfig {
+    /// Loads `path` (or `$WEIR_CONFIG`, or nothing) with `WEIR_*` overrides.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::from_source(&Source::load(path)?)
+    }
+
+    /// Reads every section from a source.
+    pub fn from_source(source: &Source) -> Result<Self, ConfigError> {
+        Ok(Self {
+            catalog: Arc::new(Catalog::from_source(source)?),
+            server: source.section("server")?,
+            router: source.section("router")?,
+            inference: source.section("inference")?,
+            session: source.section("session")?,
+            budget: source.section("budget")?,
+            review: source.section("review")?,
+        })
+    }
+
+    /// The configured listen address of a service.
+    pub fn listen(&self, service: Service) -> SocketAddr {
+        match service {
+            Service::Router => self.router.listen,
+            Service::Inference => self.inference.listen,
+            Service::Session => self.session.listen,
+            Service::Budget => self.budget.listen,
+            Service::Review => self.review.listen,
+        }
+    }
+
+    /// Sets every service's listen address to port 0 on `ip` (tests use 127.0.0.1).
+    pub fn listen_on_any_port(&mut self, ip: std::net::IpAddr) {
+        let any = SocketAddr::new(ip, 0);
+        self.router.listen = any;
+        self.inference.listen = any;
+        self.session.listen = any;
+        self.budget.listen = any;
+        self.review.listen = any;
+    }
+}
+
+/// Why the stack could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listen address could not be bound.
+    #[error(
+        "cannot listen on {addr} for the {service} service: {source} (set [{service}] listen in weir.toml or WEIR_{upper}__LISTEN)",
+        upper = service.name().to_ascii_uppercase()
+    )]
+    Bind {
+        /// The service.
+        service: Service,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The configuration is invalid for this service.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// A running set of services.
+#[derive(Debug)]
+pub struct Running {
+    addrs: BTreeMap<Service, SocketAddr>,
+    tasks: JoinSet<(Service, Result<(), ServeError>)>,
+    shutdown: CancellationToken,
+}
+
+impl Running {
+    /// Where `service` listens, if it was started.
+    pub fn addr(&self, service: Service) -> Option<SocketAddr> {
+        self.addrs.get(&service).copied()
+    }
+
+    /// `http://` URL of `service`, if it was started.
+    pub fn url(&self, service: Service) -> Option<String> {
+        self.addr(service).map(|addr| format!("http://{addr}"))
+    }
+
+    /// Started services and their addresses, in start order.
+    pub fn addrs(&self) -> impl Iterator<Item = (Service, SocketAddr)> + '_ {
+        Service::ALL
+            .into_iter()
+            .filter_map(|s| self.addr(s).map(|a| (s, a)))
+    }
+
+    /// The token that stops every service.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until every service has stopped. If one fails, the others are shut down too and the
+    /// first error is returned.
+    pub async fn wait(mut self) -> Result<(), (Service, ServeError)> {
+        let mut first_error = None;
+        while let Some(joined) = self.tasks.join_next().await {
+            match joined {
+                Ok((_, Ok(()))) => {}
+                Ok((service, Err(error))) => {
+                    tracing::error!(%service, %error, "service failed; stopping the others");
+                    self.shutdown.cancel();
+                    first_error.get_or_insert((service, error));
+                }
+                Err(join_error) => {
+                    tracing::error!(%join_error, "service task panicked; stopping the others");
+                    self.shutdown.cancel();
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Shuts every service down and waits for them.
+    pub async fn stop(self) -> Result<(), (Service, ServeError)> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+}
+
+/// Starts `services` from `config`, each on its own listener, stopping when `shutdown` is
+/// cancelled. All listeners are bound before any service starts, so a port conflict fails fast.
+///
+/// When the router and the inference service run in the same process, the router is pointed at
+/// that inference service's actual address (so port 0 works, and `weir up` is self-contained).
+pub async fn start(
+    mut config: StackConfig,
+    services: &[Service],
+    shutdown: CancellationToken,
+) -> Result<Running, StartError> {
+    let mut listeners = BTreeMap::new();
+    for &service in Service::ALL.iter().filter(|s| services.contains(s)) {
+        let addr = config.listen(service);
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                service,
+                addr,
+                source,
+            })?;
+        listeners.insert(service, listener);
+    }
+    let mut addrs = BTreeMap::new();
+    for (service, listener) in &listeners {
+        let addr = listener.local_addr().map_err(|source| StartError::Bind {
+            service: *service,
+            addr: config.listen(*service),
+            source,
+        })?;
+        addrs.insert(*service, addr);
+    }
+    if let Some(inference) = addrs.get(&Service::Inference) {
+        config.router.inference_url = format!("http://{inference}");
+    }
+
+    // Build every server before serving any, so a config error starts nothing.
+    let mut servers: Vec<(Service, GrpcServer, TcpListener)> = Vec::new();
+    for (service, listener) in listeners {
+        let server = match service {
+            Service::Router => weir_router::server(&config.router, config.catalog.clone())?,
+            Service::Inference => weir_inference::server(&config.inference, config.catalog.clone()),
+            Service::Session => weir_session::server(&config.session),
+            Service::Budget => weir_budget::server(&config.budget),
+            Service::Review => weir_review::server(&config.review),
+        };
+        servers.push((service, server.with_config(config.server), listener));
+    }
+
+    let mut tasks = JoinSet::new();
+    for (service, server, listener) in servers {
+        let token = shutdown.clone();
+        tasks.spawn(async move { (service, server.serve(listener, token).await) });
+    }
+    Ok(Running {
+        addrs,
+        tasks,
+        shutdown,
+    })
+}

@@ -1,0 +1,83 @@
+//! Latency of one `Complete` through router → inference (sim model, zero latency), against a
+//! direct `Generate` on the inference service, over real gRPC on loopback.
+//!
+//! Prints figures; asserts nothing (machines are shared and noisy).
+//!
+//! ```text
+//! cargo run --release -p weir-tests --example complete_latency -- [calls]
+//! ```
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use weir::stack::Service;
+use weir_proto::inference::GenerateRequest;
+use weir_tests::{Mesh, complete, user};
+
+const CONFIG: &str = r#"
+[models.sim-zero]
+sim = { output_tokens = 16 }
+"#;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index]
+}
+
+fn report(name: &str, mut samples: Vec<Duration>) {
+    samples.sort();
+    println!(
+        "{name:<32} n={:<6} p50={:>8.1?} p90={:>8.1?} p99={:>8.1?} max={:>8.1?}",
+        samples.len(),
+        percentile(&samples, 0.50),
+        percentile(&samples, 0.90),
+        percentile(&samples, 0.99),
+        samples[samples.len() - 1],
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    let calls: usize = std::env::args()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(2000);
+    let mesh = Mesh::start_services(CONFIG, &[Service::Inference, Service::Router]).await;
+    let mut router = mesh.router();
+    let mut inference = mesh.inference();
+
+    // Warm up connections and code paths.
+    for _ in 0..100 {
+        router
+            .complete(complete("sim-zero", "warm up"))
+            .await
+            .unwrap();
+    }
+
+    let mut direct = Vec::with_capacity(calls);
+    for i in 0..calls {
+        let request = GenerateRequest {
+            model: "sim-zero".into(),
+            messages: vec![user(&format!("direct {i}"))],
+            ..Default::default()
+        };
+        let start = Instant::now();
+        inference.generate(request).await.unwrap();
+        direct.push(start.elapsed());
+    }
+
+    let mut routed = Vec::with_capacity(calls);
+    for i in 0..calls {
+        let start = Instant::now();
+        router
+            .complete(complete("sim-zero", &format!("routed {i}")))
+            .await
+            .unwrap();
+        routed.push(start.elapsed());
+    }
+
+    println!("sequential calls over loopback gRPC, sim model with zero latency:");
+    report("inference.Generate (direct)", direct);
+    report("router.Complete (router→inference)", routed);
+    mesh.stop().await;
+}
