@@ -21,16 +21,20 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 use weir_mesh::ApiError;
-use weir_proto::router::{
-    CompleteRequest, CompleteResponse, CompleteStreamRequest, ReviewStatus, ServedBy,
-    complete_stream_response::Start, router_service_server::RouterService,
+use weir_proto::{
+    common::{FinishReason, Message, Role, Usage},
+    router::{
+        CompleteRequest, CompleteResponse, CompleteStreamRequest, Notice, ReviewStatus, ServedBy,
+        complete_stream_response::Start, router_service_server::RouterService,
+    },
 };
 
 use crate::{
+    fallback,
     inference::Inference,
     relay::{self, CompleteStream},
     request::{Completion, RequestError},
-    route::{Candidate, Plan, ResolveError, RouteTable},
+    route::{Plan, ResolveError, RouteTable},
 };
 
 /// The router's gRPC service. Cheap to clone: the route table is shared and the inference
@@ -59,7 +63,8 @@ impl RouterApi {
     /// serves it.
     fn walk(&self, completion: &Completion) -> Result<Plan, Refused> {
         completion.check()?;
-        let plan = self.routes.resolve(&completion.model)?;
+        let sticky = Some(completion.session_id.as_str()).filter(|s| !s.is_empty());
+        let plan = self.routes.resolve(&completion.model, sticky)?;
         // 3. Context: with a session, `session.GetContext` prepends its summary and recent turns
         //    to `completion.messages` here (until then, `check` refuses `session_id`).
         // 4. Budget: `budget.Reserve` the worst-case cost of the primary here; a tenant near its
@@ -77,49 +82,80 @@ impl RouterService for RouterApi {
         let (metadata, _, body) = request.into_parts();
         let completion = Completion::from(body);
         let plan = self.walk(&completion).map_err(refused)?;
-        // 5. Model call. The fallback chain walks the rest of `plan.candidates()` here when the
-        //    primary fails, and ends in the route's degraded answer.
-        let position = 0;
-        let candidate = plan.primary();
-        let answer = self
-            .inference
-            .generate(
-                completion.generate_request(candidate.model()),
-                &metadata,
-                completion.criticality(),
-            )
-            .await
-            .map_err(|error| upstream_failed(&plan, candidate.model(), error))?;
-        // 6. `budget.Commit` the usage and `session.AppendTurns` go here; 7. the review policy
-        //    may hold or sample the answer here.
-        let usage = answer.usage;
-        tracing::debug!(
-            requested = plan.requested_model(),
-            route = plan.route_alias(),
-            model = candidate.model(),
-            input_tokens = usage.map(|u| u.input_tokens),
-            output_tokens = usage.map(|u| u.output_tokens),
-            "completed"
-        );
-        // 8. Respond.
-        let model = if answer.model.is_empty() {
-            candidate.model().to_string()
-        } else {
-            answer.model
-        };
+        // 5. Model call: the candidates in order, each later one only after a fallback-worthy
+        //    failure of the one before (crate::fallback), then the route's degraded answer.
+        let mut notices = Vec::new();
+        let mut last_error = None;
+        for (position, candidate) in plan.candidates().iter().enumerate() {
+            let model = candidate.model();
+            let result = self
+                .inference
+                .generate(
+                    completion.generate_request(model),
+                    &metadata,
+                    completion.criticality(),
+                )
+                .await;
+            let answer = match result {
+                Ok(answer) => answer,
+                Err(error) => {
+                    let error = failed(&plan, model, error)?;
+                    notices.push(fallback_notice(model, &error));
+                    last_error = Some(error);
+                    continue;
+                }
+            };
+            // 6. `budget.Commit` the usage and `session.AppendTurns` go here; 7. the review
+            //    policy may hold or sample the answer here.
+            let usage = answer.usage;
+            tracing::debug!(
+                requested = plan.requested_model(),
+                route = plan.route_alias(),
+                model,
+                position,
+                input_tokens = usage.map(|u| u.input_tokens),
+                output_tokens = usage.map(|u| u.output_tokens),
+                "completed"
+            );
+            // 8. Respond.
+            let served_model = if answer.model.is_empty() {
+                model.to_string()
+            } else {
+                answer.model
+            };
+            return Ok(Response::new(CompleteResponse {
+                message: answer.message,
+                model: served_model,
+                requested_model: plan.requested_model().to_string(),
+                route: plan.route_alias().to_string(),
+                served_by: plan.served_by(position).into(),
+                finish_reason: answer.finish_reason,
+                usage,
+                cost_micros: 0,
+                review_status: ReviewStatus::NotRequired.into(),
+                review_id: String::new(),
+                trace_id: String::new(),
+                notices,
+            }));
+        }
+        let (text, notices) = degraded(&plan, &completion, last_error, notices)?;
         Ok(Response::new(CompleteResponse {
-            message: answer.message,
-            model,
+            message: Some(Message {
+                role: Role::Assistant.into(),
+                content: text,
+                ..Message::default()
+            }),
+            model: String::new(),
             requested_model: plan.requested_model().to_string(),
             route: plan.route_alias().to_string(),
-            served_by: plan.served_by(position).into(),
-            finish_reason: answer.finish_reason,
-            usage,
+            served_by: ServedBy::Degraded.into(),
+            finish_reason: FinishReason::Stop.into(),
+            usage: Some(Usage::default()),
             cost_micros: 0,
             review_status: ReviewStatus::NotRequired.into(),
             review_id: String::new(),
             trace_id: String::new(),
-            notices: Vec::new(),
+            notices,
         }))
     }
 
@@ -130,44 +166,70 @@ impl RouterService for RouterApi {
         let (metadata, _, body) = request.into_parts();
         let completion = Completion::from(body);
         let plan = self.walk(&completion).map_err(refused)?;
-        // 5. Model call. Until the first upstream event the client has seen nothing, so the
-        //    fallback chain can still try the next candidate here.
-        let position = 0;
-        let candidate = plan.primary();
-        let served_by = plan.served_by(position);
-        let stream = open_stream(
-            &self.inference,
-            &completion,
-            &plan,
-            candidate,
-            served_by,
-            &metadata,
-        )
-        .await
-        .map_err(|error| upstream_failed(&plan, candidate.model(), error))?;
-        // 6./7. Budget commit, session append and review of a streamed answer run when the relay
-        //    sees `done` (or the stream ends early, committing the partial usage).
-        tracing::debug!(
-            requested = plan.requested_model(),
-            route = plan.route_alias(),
-            model = candidate.model(),
-            "streaming"
-        );
-        Ok(Response::new(stream))
+        // 5. Model call. Until a candidate's first event the client has seen nothing, so a
+        //    failure before it moves on to the next candidate exactly as for `Complete`; after
+        //    it, the stream ends with the error (never a silent switch mid-answer).
+        let mut notices = Vec::new();
+        let mut last_error = None;
+        for (position, candidate) in plan.candidates().iter().enumerate() {
+            let model = candidate.model();
+            let start = start_event(&plan, model, plan.served_by(position));
+            let opened = open_stream(
+                &self.inference,
+                &completion,
+                model,
+                start,
+                notices.clone(),
+                &metadata,
+            )
+            .await;
+            match opened {
+                Ok(stream) => {
+                    // 6./7. Budget commit, session append and review of a streamed answer run
+                    //    when the relay sees `done` (or the stream ends early).
+                    tracing::debug!(
+                        requested = plan.requested_model(),
+                        route = plan.route_alias(),
+                        model,
+                        position,
+                        "streaming"
+                    );
+                    return Ok(Response::new(stream));
+                }
+                Err(error) => {
+                    let error = failed(&plan, model, error)?;
+                    notices.push(fallback_notice(model, &error));
+                    last_error = Some(error);
+                }
+            }
+        }
+        let (text, notices) = degraded(&plan, &completion, last_error, notices)?;
+        let start = start_event(&plan, "", ServedBy::Degraded);
+        Ok(Response::new(relay::degraded(start, text, notices)))
     }
 }
 
-/// Starts the stream of one candidate of `plan`: calls inference and waits for its first event
-/// (see [`relay::open`]).
+/// The `start` event of a stream served by `model`.
+fn start_event(plan: &Plan, model: &str, served_by: ServedBy) -> Start {
+    Start {
+        model: model.to_string(),
+        requested_model: plan.requested_model().to_string(),
+        route: plan.route_alias().to_string(),
+        served_by: served_by.into(),
+        trace_id: String::new(),
+    }
+}
+
+/// Starts the stream of one model: calls inference and waits for its first event (see
+/// [`relay::open`]).
 async fn open_stream(
     inference: &Inference,
     completion: &Completion,
-    plan: &Plan,
-    candidate: &Candidate,
-    served_by: ServedBy,
+    model: &str,
+    start: Start,
+    notices: Vec<Notice>,
     metadata: &MetadataMap,
 ) -> Result<CompleteStream, ApiError> {
-    let model = candidate.model();
     let upstream = inference
         .generate_stream(
             completion.generate_stream_request(model),
@@ -175,15 +237,70 @@ async fn open_stream(
             completion.criticality(),
         )
         .await?;
-    let start = Start {
-        model: model.to_string(),
-        requested_model: plan.requested_model().to_string(),
-        route: plan.route_alias().to_string(),
-        served_by: served_by.into(),
-        trace_id: String::new(),
-    };
-    relay::open(start, upstream).await
+    relay::open(start, notices, upstream).await
 }
+
+/// A failed model call: `Ok(error)` when the walk may try the next candidate, `Err(status)` when
+/// the failure ends the request (passed through with its details).
+fn failed(plan: &Plan, model: &str, error: ApiError) -> Result<ApiError, Status> {
+    tracing::debug!(
+        requested = plan.requested_model(),
+        route = plan.route_alias(),
+        model,
+        code = ?error.code(),
+        reason = error.reason(),
+        "model call failed"
+    );
+    if fallback::falls_back(&error) {
+        Ok(error)
+    } else {
+        Err(Status::from(error))
+    }
+}
+
+/// The notice recording that `model` failed and the walk moved on.
+fn fallback_notice(model: &str, error: &ApiError) -> Notice {
+    Notice {
+        reason: FALLBACK_USED.to_string(),
+        message: format!("{model} failed ({}); tried the next model", error.reason()),
+    }
+}
+
+/// Every candidate failed: the route's degraded answer with a notice, or the last error.
+fn degraded(
+    plan: &Plan,
+    completion: &Completion,
+    last_error: Option<ApiError>,
+    mut notices: Vec<Notice>,
+) -> Result<(String, Vec<Notice>), Status> {
+    let last_error =
+        last_error.unwrap_or_else(|| ApiError::internal("the route has no candidate to call"));
+    match plan.degraded() {
+        Some(degraded) => {
+            tracing::warn!(
+                requested = plan.requested_model(),
+                route = plan.route_alias(),
+                reason = last_error.reason(),
+                "every model failed; serving the degraded answer"
+            );
+            notices.push(Notice {
+                reason: DEGRADED.to_string(),
+                message: format!(
+                    "every model of route {} failed (last: {}); this is the route's degraded answer",
+                    plan.route_alias(),
+                    last_error.reason()
+                ),
+            });
+            Ok((degraded.text(&completion.messages), notices))
+        }
+        None => Err(Status::from(last_error)),
+    }
+}
+
+/// Notice reason: an earlier candidate failed and a later one served the answer.
+pub const FALLBACK_USED: &str = "FALLBACK_USED";
+/// Notice reason: every candidate failed and the route's degraded answer was served.
+pub const DEGRADED: &str = "DEGRADED";
 
 /// Why the walk refused a request before any model call.
 #[derive(Debug, thiserror::Error)]
@@ -209,19 +326,6 @@ impl From<Refused> for ApiError {
 fn refused(refused: Refused) -> Status {
     let error = ApiError::from(refused);
     tracing::debug!(code = ?error.code(), reason = error.reason(), "refused");
-    Status::from(error)
-}
-
-/// An inference failure, passed through with its details.
-fn upstream_failed(plan: &Plan, model: &str, error: ApiError) -> Status {
-    tracing::debug!(
-        requested = plan.requested_model(),
-        route = plan.route_alias(),
-        model,
-        code = ?error.code(),
-        reason = error.reason(),
-        "model call failed"
-    );
     Status::from(error)
 }
 

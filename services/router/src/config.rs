@@ -8,6 +8,8 @@
 //! [router.routes.auto]                     # a route alias clients name instead of a model
 //! models = ["sim-large", "sim-small"]      # candidates in order: the first is the primary
 //! description = "Strong model first, fast model as its fallback"
+//! degraded = { kind = "fixed", text = "We are busy; please try again shortly." }
+//! canary = { model = "sim-new", weight = 0.05 } # 5% of requests try sim-new first
 //! ```
 //!
 //! Every setting has a default, so the table may be left out. When it defines no route at all,
@@ -38,7 +40,7 @@ pub const DEFAULT_ROUTE: &str = "auto";
 pub const DEFAULT_ROUTE_MODELS: [&str; 2] = ["sim-large", "sim-small"];
 
 /// The `[router]` table of `weir.toml`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Address to listen on (default `127.0.0.1:50051`; `WEIR_ROUTER__LISTEN`).
@@ -63,14 +65,65 @@ impl Default for Config {
 }
 
 /// One route alias: `[router.routes.<alias>]`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RouteSpec {
     /// Catalog models in order of preference: the first is the primary, the rest are tried in
-    /// order when the ones before them fail. At least one; no model twice.
+    /// order when the ones before them fail (see [`crate::fallback`]). At least one; no model
+    /// twice.
     pub models: Vec<String>,
     /// Human-readable description.
     pub description: String,
+    /// The answer given when every model failed with a fallback-worthy error. Unset: the last
+    /// model's error is returned.
+    pub degraded: Option<DegradedSpec>,
+    /// A share of the route's traffic that tries a new model first.
+    pub canary: Option<CanarySpec>,
+}
+
+/// Text of the default refusal.
+pub const DEFAULT_REFUSAL: &str = "I can't help with that right now. Please try again later.";
+
+/// A route's degraded answer: `degraded = { kind = "fixed" | "echo" | "refusal", text = "..." }`.
+///
+/// Each suits a use case: a fixed apology for chat, the original input echoed back for
+/// translation or rewriting (the untranslated text beats an error), a refusal for moderation
+/// (default to safe).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum DegradedSpec {
+    /// A fixed text.
+    Fixed {
+        /// The text (required, non-empty).
+        text: String,
+    },
+    /// The content of the request's last user message, unchanged.
+    Echo,
+    /// A refusal (default text [`DEFAULT_REFUSAL`]).
+    Refusal {
+        /// The refusal text.
+        #[serde(default = "default_refusal")]
+        text: String,
+    },
+}
+
+fn default_refusal() -> String {
+    DEFAULT_REFUSAL.to_string()
+}
+
+/// A canary split: `canary = { model = "sim-new", weight = 0.05 }`.
+///
+/// A `weight` share of the route's requests (0 to 1) try `model` first; if it fails they fall
+/// back to the route's models in order, so a bad canary costs latency, not errors. Requests with
+/// a `session_id` are assigned by a hash of it (a conversation stays on one model); others by a
+/// counter, so exactly `weight` of them go to the canary.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CanarySpec {
+    /// The new model (a catalog model not among the route's `models`).
+    pub model: String,
+    /// Share of requests, 0 to 1.
+    pub weight: f64,
 }
 
 impl Config {

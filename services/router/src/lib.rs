@@ -23,6 +23,7 @@
 
 mod api;
 pub mod config;
+pub mod fallback;
 pub mod inference;
 pub mod relay;
 pub mod request;
@@ -96,7 +97,7 @@ mod tests {
             "auto".to_string(),
             RouteSpec {
                 models: vec!["gpt-9".to_string()],
-                description: String::new(),
+                ..RouteSpec::default()
             },
         );
         let error = server(&config, Arc::new(Catalog::default()))

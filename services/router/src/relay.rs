@@ -23,12 +23,13 @@ use futures::{Stream, StreamExt, stream};
 use tonic::Status;
 use weir_mesh::ApiError;
 use weir_proto::{
+    common::{FinishReason, Usage},
     inference::{
         GenerateStreamResponse, generate_stream_response::Done as UpstreamDone,
         generate_stream_response::Event as UpstreamEvent,
     },
     router::{
-        CompleteStreamResponse, ReviewStatus,
+        CompleteStreamResponse, Notice, ReviewStatus,
         complete_stream_response::{Delta, Done, Event, Start},
     },
 };
@@ -43,7 +44,13 @@ pub const STREAM_CUT: &str = "STREAM_CUT";
 /// Waits for the first event of `upstream`, then returns the router's stream: `start`, then the
 /// upstream's events as they arrive (see the module documentation). Fails with the upstream status
 /// if the upstream fails before its first event, and with [`STREAM_CUT`] if it ends without one.
-pub(crate) async fn open<S>(start: Start, mut upstream: S) -> Result<CompleteStream, ApiError>
+///
+/// `notices` (for example that a fallback served the answer) go out in the final `done`.
+pub(crate) async fn open<S>(
+    start: Start,
+    notices: Vec<Notice>,
+    mut upstream: S,
+) -> Result<CompleteStream, ApiError>
 where
     S: Stream<Item = Result<GenerateStreamResponse, Status>> + Send + Unpin + 'static,
 {
@@ -55,9 +62,35 @@ where
     let state = State::Start {
         start,
         first,
-        upstream,
+        upstream: Upstream {
+            stream: upstream,
+            notices,
+        },
     };
     Ok(Box::pin(stream::unfold(state, step)))
+}
+
+/// A route's degraded answer as a stream: `start`, the text as one delta, `done` with no usage.
+pub(crate) fn degraded(start: Start, text: String, notices: Vec<Notice>) -> CompleteStream {
+    let done = Done {
+        finish_reason: FinishReason::Stop.into(),
+        usage: Some(Usage::default()),
+        cost_micros: 0,
+        review_status: ReviewStatus::NotRequired.into(),
+        review_id: String::new(),
+        notices,
+    };
+    Box::pin(stream::iter([
+        Ok(event(Event::Start(start))),
+        Ok(event(Event::Delta(Delta { text }))),
+        Ok(event(Event::Done(done))),
+    ]))
+}
+
+/// The upstream stream and what the final `done` must carry.
+struct Upstream<S> {
+    stream: S,
+    notices: Vec<Notice>,
 }
 
 /// Where the relay is.
@@ -66,12 +99,15 @@ enum State<S> {
     Start {
         start: Start,
         first: UpstreamEvent,
-        upstream: S,
+        upstream: Upstream<S>,
     },
     /// The first upstream event is next.
-    First { first: UpstreamEvent, upstream: S },
+    First {
+        first: UpstreamEvent,
+        upstream: Upstream<S>,
+    },
     /// Relaying: the next upstream event is next.
-    Relaying { upstream: S },
+    Relaying { upstream: Upstream<S> },
     /// `done` or an error has been sent; the upstream is dropped.
     Finished,
 }
@@ -91,7 +127,7 @@ where
             State::First { first, upstream },
         )),
         State::First { first, upstream } => Some(relay(first, upstream)),
-        State::Relaying { mut upstream } => Some(match next_event(&mut upstream).await {
+        State::Relaying { mut upstream } => Some(match next_event(&mut upstream.stream).await {
             Ok(Some(upstream_event)) => relay(upstream_event, upstream),
             Ok(None) => (Err(Status::from(stream_cut(true))), State::Finished),
             Err(status) => (
@@ -106,27 +142,30 @@ where
 /// Translates one upstream event; `done` finishes the relay (and drops the upstream).
 fn relay<S>(
     upstream_event: UpstreamEvent,
-    upstream: S,
+    upstream: Upstream<S>,
 ) -> (Result<CompleteStreamResponse, Status>, State<S>) {
     match upstream_event {
         UpstreamEvent::Delta(delta) => (
             Ok(event(Event::Delta(Delta { text: delta.text }))),
             State::Relaying { upstream },
         ),
-        UpstreamEvent::Done(done) => (Ok(event(Event::Done(finish(done)))), State::Finished),
+        UpstreamEvent::Done(done) => (
+            Ok(event(Event::Done(finish(done, upstream.notices)))),
+            State::Finished,
+        ),
     }
 }
 
 /// The router's `done` for the upstream's. Cost is zero and review not required until the budget
 /// and review steps land; they fill these fields.
-fn finish(done: UpstreamDone) -> Done {
+fn finish(done: UpstreamDone, notices: Vec<Notice>) -> Done {
     Done {
         finish_reason: done.finish_reason,
         usage: done.usage,
         cost_micros: 0,
         review_status: ReviewStatus::NotRequired.into(),
         review_id: String::new(),
-        notices: Vec::new(),
+        notices,
     }
 }
 
@@ -227,7 +266,7 @@ mod tests {
     }
 
     async fn collect(items: Vec<Item>) -> Result<Vec<Result<Event, Status>>, ApiError> {
-        let stream = open(start(), stream::iter(items)).await?;
+        let stream = open(start(), Vec::new(), stream::iter(items)).await?;
         Ok(stream
             .map(|item| item.map(|response| response.event.unwrap()))
             .collect()
@@ -339,7 +378,7 @@ mod tests {
     async fn each_delta_is_relayed_as_soon_as_it_arrives() {
         let (tx, rx) = mpsc::unbounded::<Item>();
         tx.unbounded_send(delta("first")).unwrap();
-        let mut stream = open(start(), rx).await.unwrap();
+        let mut stream = open(start(), Vec::new(), rx).await.unwrap();
         assert!(matches!(
             stream.next().await,
             Some(Ok(CompleteStreamResponse {
@@ -399,7 +438,7 @@ mod tests {
             rx,
             dropped: Arc::clone(&dropped),
         };
-        let mut stream = open(start(), upstream).await.unwrap();
+        let mut stream = open(start(), Vec::new(), upstream).await.unwrap();
         stream.next().await.unwrap().unwrap();
         stream.next().await.unwrap().unwrap();
         // The client goes away mid-answer.
@@ -418,7 +457,7 @@ mod tests {
             rx,
             dropped: Arc::clone(&dropped),
         };
-        let mut stream = open(start(), upstream).await.unwrap();
+        let mut stream = open(start(), Vec::new(), upstream).await.unwrap();
         stream.next().await.unwrap().unwrap();
         stream.next().await.unwrap().unwrap();
         assert!(dropped.load(Ordering::SeqCst));

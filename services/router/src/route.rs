@@ -11,18 +11,30 @@
 //! Model names and aliases share one namespace, which start-up validation keeps unambiguous: an
 //! alias may not equal a model name.
 //!
-//! The result of resolution is a [`Plan`]: the requested name, the route (if any) and the ordered
-//! [`Candidate`]s. Today the primary serves every request. Candidates are a type of their own so
-//! that tiers, canary weights and per-candidate settings can join them, and a plan is a value the
-//! later steps (fallback, budget steering) can walk or reorder without touching the route table.
+//! The result of resolution is a [`Plan`]: the requested name, the route (if any), the ordered
+//! [`Candidate`]s and the route's degraded answer. The walk tries the candidates in order (see
+//! [`crate::fallback`]); a route's canary, when chosen for a request, goes first and the route's
+//! own models follow it as its fallbacks. A plan is a value the later steps (budget steering) can
+//! reorder without touching the route table.
 
-use std::{collections::BTreeMap, fmt, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use tonic::Code;
 use weir_mesh::{ApiError, catalog::Catalog, config::ConfigError};
 use weir_proto::router::ServedBy;
 
-use crate::config::{Config, DEFAULT_ROUTE, DEFAULT_ROUTE_MODELS, RouteSpec};
+use weir_proto::common::{Message, Role};
+
+use crate::config::{
+    CanarySpec, Config, DEFAULT_ROUTE, DEFAULT_ROUTE_MODELS, DegradedSpec, RouteSpec,
+};
 
 /// Longest route alias accepted in config (the same limit as model names).
 pub const MAX_ALIAS_LEN: usize = 128;
@@ -42,13 +54,73 @@ impl Candidate {
     }
 }
 
-/// A validated route alias: its name, description and candidates, primary first.
+/// A route's answer of last resort, when every candidate failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Degraded {
+    /// A fixed text (also used for refusals).
+    Text(String),
+    /// The request's last user message, echoed back.
+    Echo,
+}
+
+impl Degraded {
+    /// The degraded answer's text for a request with these messages.
+    pub fn text(&self, messages: &[Message]) -> String {
+        match self {
+            Degraded::Text(text) => text.clone(),
+            Degraded::Echo => messages
+                .iter()
+                .rev()
+                .find(|m| m.role == Role::User as i32)
+                .map(|m| m.content.clone())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// A validated canary split (see [`CanarySpec`]).
+#[derive(Debug)]
+struct Canary {
+    candidate: Candidate,
+    /// Share of requests in parts per million, so the choice is exact integer arithmetic.
+    weight_ppm: u64,
+    /// Requests without a session seen so far, for the exact-share counter.
+    counter: AtomicU64,
+}
+
+impl Canary {
+    /// Whether this request tries the canary: by a stable hash of `sticky` when given, else the
+    /// n-th request is chosen iff floor((n+1)·w) > floor(n·w), which sends exactly a share w.
+    fn chosen(&self, sticky: Option<&str>) -> bool {
+        match sticky {
+            Some(key) => fnv1a(key.as_bytes()) % 1_000_000 < self.weight_ppm,
+            None => {
+                let n = self.counter.fetch_add(1, Ordering::Relaxed);
+                let before = n.saturating_mul(self.weight_ppm) / 1_000_000;
+                let after = (n + 1).saturating_mul(self.weight_ppm) / 1_000_000;
+                after > before
+            }
+        }
+    }
+}
+
+/// 64-bit FNV-1a: stable across processes and versions, unlike std's hasher.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// A validated route alias: its name, description, candidates (primary first), canary and
+/// degraded answer.
+#[derive(Debug)]
 pub struct Route {
     alias: String,
     description: String,
     /// Never empty: [`RouteTable::new`] refuses an empty list.
     candidates: Vec<Candidate>,
+    canary: Option<Canary>,
+    degraded: Option<Degraded>,
 }
 
 impl Route {
@@ -66,21 +138,20 @@ impl Route {
     pub fn candidates(&self) -> &[Candidate] {
         &self.candidates
     }
+
+    /// The degraded answer, if configured.
+    pub fn degraded(&self) -> Option<&Degraded> {
+        self.degraded.as_ref()
+    }
 }
 
 /// How a request's `model` resolved: the ordered candidates that may serve it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Plan {
     requested_model: String,
-    target: Target,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Target {
-    /// A catalog model named directly.
-    Model(Candidate),
-    /// A route alias.
-    Route(Arc<Route>),
+    route: Option<Arc<Route>>,
+    /// Never empty.
+    candidates: Vec<Candidate>,
 }
 
 impl Plan {
@@ -91,10 +162,7 @@ impl Plan {
 
     /// The route that resolved the request, or `None` when a model was named directly.
     pub fn route(&self) -> Option<&Route> {
-        match &self.target {
-            Target::Model(_) => None,
-            Target::Route(route) => Some(route),
-        }
+        self.route.as_deref()
     }
 
     /// The route alias for responses: empty when a model was named directly.
@@ -102,21 +170,20 @@ impl Plan {
         self.route().map_or("", Route::alias)
     }
 
-    /// The candidates in order, primary first. Never empty.
+    /// The candidates in order, primary (or the chosen canary) first. Never empty.
     pub fn candidates(&self) -> &[Candidate] {
-        match &self.target {
-            Target::Model(candidate) => std::slice::from_ref(candidate),
-            Target::Route(route) => route.candidates(),
-        }
+        &self.candidates
     }
 
     /// The first choice.
     pub fn primary(&self) -> &Candidate {
-        match &self.target {
-            Target::Model(candidate) => candidate,
-            // Routes are never empty (checked at start-up), so the index is in bounds.
-            Target::Route(route) => &route.candidates[0],
-        }
+        // Plans are never empty: a model plan has one candidate, routes are checked at start-up.
+        &self.candidates[0]
+    }
+
+    /// The route's degraded answer, if it has one.
+    pub fn degraded(&self) -> Option<&Degraded> {
+        self.route().and_then(Route::degraded)
     }
 
     /// What the candidate at `position` in [`Plan::candidates`] is, for `served_by`.
@@ -208,17 +275,24 @@ impl RouteTable {
         &self.catalog
     }
 
-    /// Resolves a request's `model` (see the module documentation).
-    pub fn resolve(&self, name: &str) -> Result<Plan, ResolveError> {
+    /// Resolves a request's `model` (see the module documentation). `sticky` (the session id, if
+    /// any) keeps a conversation on one side of a canary split.
+    pub fn resolve(&self, name: &str, sticky: Option<&str>) -> Result<Plan, ResolveError> {
         if name.is_empty() {
             return Err(ResolveError::Missing);
         }
-        let target = if self.catalog.get(name).is_some() {
-            Target::Model(Candidate {
+        let (route, candidates) = if self.catalog.get(name).is_some() {
+            let candidate = Candidate {
                 model: name.to_string(),
-            })
+            };
+            (None, vec![candidate])
         } else if let Some(route) = self.routes.get(name) {
-            Target::Route(Arc::clone(route))
+            let mut candidates = Vec::with_capacity(route.candidates.len() + 1);
+            if let Some(canary) = route.canary.as_ref().filter(|c| c.chosen(sticky)) {
+                candidates.push(canary.candidate.clone());
+            }
+            candidates.extend(route.candidates.iter().cloned());
+            (Some(Arc::clone(route)), candidates)
         } else {
             return Err(ResolveError::Unknown {
                 name: shorten(name),
@@ -228,7 +302,8 @@ impl RouteTable {
         };
         Ok(Plan {
             requested_model: name.to_string(),
-            target,
+            route,
+            candidates,
         })
     }
 }
@@ -250,6 +325,7 @@ fn default_route(catalog: &Catalog) -> Option<(String, RouteSpec)> {
             models,
             description: "Default route: the strongest built-in model first, then the faster one"
                 .to_string(),
+            ..RouteSpec::default()
         },
     ))
 }
@@ -293,10 +369,67 @@ fn validate(catalog: &Catalog, alias: String, spec: RouteSpec) -> Result<Route, 
         }
         candidates.push(Candidate { model });
     }
+    let canary = match spec.canary {
+        None => None,
+        Some(canary) => Some(validate_canary(catalog, &alias, &candidates, canary)?),
+    };
+    let degraded = match spec.degraded {
+        None => None,
+        Some(DegradedSpec::Echo) => Some(Degraded::Echo),
+        Some(DegradedSpec::Fixed { text } | DegradedSpec::Refusal { text }) => {
+            if text.trim().is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("router.routes.{alias}.degraded.text"),
+                    "must not be empty",
+                ));
+            }
+            Some(Degraded::Text(text))
+        }
+    };
     Ok(Route {
         alias,
         description: spec.description,
         candidates,
+        canary,
+        degraded,
+    })
+}
+
+fn validate_canary(
+    catalog: &Catalog,
+    alias: &str,
+    candidates: &[Candidate],
+    canary: CanarySpec,
+) -> Result<Canary, ConfigError> {
+    let key = |field: &str| format!("router.routes.{alias}.canary.{field}");
+    if catalog.get(&canary.model).is_none() {
+        return Err(ConfigError::invalid(
+            key("model"),
+            format!("\"{}\" is not a model in the catalog", canary.model),
+        ));
+    }
+    if candidates.iter().any(|c| c.model == canary.model) {
+        return Err(ConfigError::invalid(
+            key("model"),
+            format!(
+                "\"{}\" is already one of the route's models; a canary is a new model",
+                canary.model
+            ),
+        ));
+    }
+    if !(0.0..=1.0).contains(&canary.weight) {
+        return Err(ConfigError::invalid(
+            key("weight"),
+            "must be between 0 and 1",
+        ));
+    }
+    Ok(Canary {
+        candidate: Candidate {
+            model: canary.model,
+        },
+        // In range 0..=1, so the product is within 0..=1e6 and the cast cannot truncate.
+        weight_ppm: (canary.weight * 1_000_000.0).round() as u64,
+        counter: AtomicU64::new(0),
     })
 }
 
@@ -354,7 +487,7 @@ mod tests {
                         alias.to_string(),
                         RouteSpec {
                             models: models.iter().map(|m| m.to_string()).collect(),
-                            description: String::new(),
+                            ..RouteSpec::default()
                         },
                     )
                 })
@@ -370,7 +503,7 @@ mod tests {
     #[test]
     fn default_route_is_auto_over_the_default_sim_models() {
         let table = RouteTable::new(&Config::default(), Arc::new(Catalog::default())).unwrap();
-        let plan = table.resolve("auto").unwrap();
+        let plan = table.resolve("auto", None).unwrap();
         assert_eq!(models(&plan), ["sim-large", "sim-small"]);
         assert_eq!(plan.route_alias(), "auto");
         assert_eq!(plan.requested_model(), "auto");
@@ -380,7 +513,7 @@ mod tests {
     #[test]
     fn default_route_keeps_only_catalog_models() {
         let table = RouteTable::new(&Config::default(), catalog(&["sim-small", "x"])).unwrap();
-        assert_eq!(models(&table.resolve("auto").unwrap()), ["sim-small"]);
+        assert_eq!(models(&table.resolve("auto", None).unwrap()), ["sim-small"]);
     }
 
     #[test]
@@ -388,7 +521,7 @@ mod tests {
         let table = RouteTable::new(&Config::default(), catalog(&["gpt"])).unwrap();
         assert_eq!(table.routes().count(), 0);
         assert!(matches!(
-            table.resolve("auto"),
+            table.resolve("auto", None),
             Err(ResolveError::Unknown { .. })
         ));
     }
@@ -397,8 +530,8 @@ mod tests {
     fn default_route_yields_to_a_model_named_auto() {
         let table = RouteTable::new(&Config::default(), catalog(&["auto", "sim-small"])).unwrap();
         assert_eq!(table.routes().count(), 0);
-        let plan = table.resolve("auto").unwrap();
-        assert_eq!(plan.route(), None);
+        let plan = table.resolve("auto", None).unwrap();
+        assert!(plan.route().is_none());
         assert_eq!(models(&plan), ["auto"]);
     }
 
@@ -407,7 +540,7 @@ mod tests {
         let config = config(&[("cheap", &["sim-small", "sim-large"])]);
         let table = RouteTable::new(&config, Arc::new(Catalog::default())).unwrap();
         assert!(table.get("auto").is_none());
-        let plan = table.resolve("cheap").unwrap();
+        let plan = table.resolve("cheap", None).unwrap();
         assert_eq!(models(&plan), ["sim-small", "sim-large"]);
         assert_eq!(plan.served_by(0), ServedBy::Primary);
         assert_eq!(plan.served_by(1), ServedBy::Fallback);
@@ -416,8 +549,8 @@ mod tests {
     #[test]
     fn a_model_name_is_served_directly() {
         let table = RouteTable::new(&Config::default(), Arc::new(Catalog::default())).unwrap();
-        let plan = table.resolve("sim-small").unwrap();
-        assert_eq!(plan.route(), None);
+        let plan = table.resolve("sim-small", None).unwrap();
+        assert!(plan.route().is_none());
         assert_eq!(plan.route_alias(), "");
         assert_eq!(plan.requested_model(), "sim-small");
         assert_eq!(models(&plan), ["sim-small"]);
@@ -427,7 +560,7 @@ mod tests {
     #[test]
     fn empty_model_is_invalid_argument_on_field_model() {
         let table = RouteTable::new(&Config::default(), Arc::new(Catalog::default())).unwrap();
-        let error = table.resolve("").unwrap_err();
+        let error = table.resolve("", None).unwrap_err();
         let status = Status::from(ApiError::from(error));
         assert_eq!(status.code(), Code::InvalidArgument);
         let details = status.get_error_details();
@@ -440,7 +573,7 @@ mod tests {
     #[test]
     fn unknown_model_is_not_found_and_lists_routes_and_models() {
         let table = RouteTable::new(&Config::default(), Arc::new(Catalog::default())).unwrap();
-        let status = Status::from(ApiError::from(table.resolve("gpt-9").unwrap_err()));
+        let status = Status::from(ApiError::from(table.resolve("gpt-9", None).unwrap_err()));
         assert_eq!(status.code(), Code::NotFound);
         let message = status.message();
         assert!(message.contains("\"gpt-9\""), "{message}");
@@ -462,7 +595,7 @@ mod tests {
     fn a_huge_unknown_name_is_cut_in_the_message() {
         let table = RouteTable::new(&Config::default(), Arc::new(Catalog::default())).unwrap();
         let name = "é".repeat(10_000);
-        let error = table.resolve(&name).unwrap_err();
+        let error = table.resolve(&name, None).unwrap_err();
         assert!(error.to_string().len() < 1_000);
     }
 
@@ -503,5 +636,128 @@ mod tests {
         .to_string();
         assert!(error.contains("\"gpt-9\" is not a model"), "{error}");
         assert!(error.contains("sim-large, sim-small"), "{error}");
+    }
+
+    fn with_extras(canary: Option<CanarySpec>, degraded: Option<DegradedSpec>) -> Config {
+        let mut config = config(&[("auto", &["a", "b"])]);
+        if let Some(spec) = config.routes.get_mut("auto") {
+            spec.canary = canary;
+            spec.degraded = degraded;
+        }
+        config
+    }
+
+    #[test]
+    fn a_canary_gets_exactly_its_share_and_falls_back_to_the_route() {
+        let canary = CanarySpec {
+            model: "c".to_string(),
+            weight: 0.25,
+        };
+        let table =
+            RouteTable::new(&with_extras(Some(canary), None), catalog(&["a", "b", "c"])).unwrap();
+        let mut chosen = 0;
+        for _ in 0..100 {
+            let plan = table.resolve("auto", None).unwrap();
+            if plan.primary().model() == "c" {
+                chosen += 1;
+                assert_eq!(models(&plan), ["c", "a", "b"]);
+            } else {
+                assert_eq!(models(&plan), ["a", "b"]);
+            }
+        }
+        assert_eq!(chosen, 25);
+    }
+
+    #[test]
+    fn a_session_stays_on_one_side_of_the_canary() {
+        let canary = CanarySpec {
+            model: "c".to_string(),
+            weight: 0.5,
+        };
+        let table =
+            RouteTable::new(&with_extras(Some(canary), None), catalog(&["a", "b", "c"])).unwrap();
+        let mut sides = std::collections::BTreeSet::new();
+        for session in 0..64 {
+            let key = format!("session-{session}");
+            let first = table
+                .resolve("auto", Some(&key))
+                .unwrap()
+                .primary()
+                .model()
+                .to_string();
+            for _ in 0..5 {
+                let again = table.resolve("auto", Some(&key)).unwrap();
+                assert_eq!(again.primary().model(), first);
+            }
+            sides.insert(first);
+        }
+        assert_eq!(sides.len(), 2, "both sides get sessions");
+    }
+
+    #[test]
+    fn bad_canaries_name_their_key() {
+        for (model, weight, key) in [
+            ("zzz", 0.1, "router.routes.auto.canary.model"),
+            ("a", 0.1, "router.routes.auto.canary.model"),
+            ("c", 1.5, "router.routes.auto.canary.weight"),
+            ("c", -0.1, "router.routes.auto.canary.weight"),
+        ] {
+            let canary = CanarySpec {
+                model: model.to_string(),
+                weight,
+            };
+            let error =
+                RouteTable::new(&with_extras(Some(canary), None), catalog(&["a", "b", "c"]))
+                    .unwrap_err()
+                    .to_string();
+            assert!(error.contains(key), "{model} {weight}: {error}");
+        }
+    }
+
+    #[test]
+    fn degraded_answers() {
+        let echo = RouteTable::new(
+            &with_extras(None, Some(DegradedSpec::Echo)),
+            catalog(&["a", "b"]),
+        )
+        .unwrap();
+        let messages = [
+            Message {
+                role: Role::User.into(),
+                content: "bonjour".to_string(),
+                ..Message::default()
+            },
+            Message {
+                role: Role::Assistant.into(),
+                content: "hello".to_string(),
+                ..Message::default()
+            },
+        ];
+        let plan = echo.resolve("auto", None).unwrap();
+        assert_eq!(plan.degraded().unwrap().text(&messages), "bonjour");
+
+        let empty = DegradedSpec::Fixed {
+            text: " ".to_string(),
+        };
+        let error = RouteTable::new(&with_extras(None, Some(empty)), catalog(&["a", "b"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("router.routes.auto.degraded.text"),
+            "{error}"
+        );
+
+        let parsed: Config = weir_mesh::config::Source::from_toml(
+            "[router.routes.auto]\nmodels = [\"a\"]\ndegraded = { kind = \"refusal\" }\n",
+        )
+        .section("router")
+        .unwrap();
+        let table = RouteTable::new(&parsed, catalog(&["a"])).unwrap();
+        let plan = table.resolve("auto", None).unwrap();
+        assert_eq!(
+            plan.degraded().unwrap().text(&[]),
+            crate::config::DEFAULT_REFUSAL
+        );
+        assert!(table.resolve("a", None).unwrap().degraded().is_none());
     }
 }
