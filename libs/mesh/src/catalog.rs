@@ -13,6 +13,24 @@
 //! openai = { base_url = "https://api.openai.com/v1", api_key_env = "OPENAI_API_KEY" }
 //! ```
 //!
+//! Prices live with the model, in micro-USD per million tokens (integers: money is never floating
+//! point). A model with no `price` table that is not marked `free` has an *unknown price*: the
+//! budget service refuses to price it (FAILED_PRECONDITION, `PRICE_UNKNOWN`) rather than count it
+//! as $0.
+//!
+//! ```toml
+//! [models.gpt-4o-mini.price]
+//! version = "2024-07"                     # free-form; reported with every estimate
+//! input_micros_per_mtok = 150000          # $0.15 per million prompt tokens
+//! output_micros_per_mtok = 600000         # $0.60 per million generated tokens
+//! cached_input_micros_per_mtok = 75000    # optional; defaults to the input price
+//! batch_input_micros_per_mtok = 75000     # optional; defaults to the input price
+//! batch_output_micros_per_mtok = 300000   # optional; defaults to the output price
+//!
+//! [models.local-llama]
+//! price = { free = true }                 # explicitly free: every price must be 0 or unset
+//! ```
+//!
 //! When the file defines no model, [`Catalog::default`] provides two simulated models,
 //! `sim-small` (fast) and `sim-large` (slower, longer answers), so `weir up` works with no file.
 
@@ -28,6 +46,11 @@ pub const DEFAULT_CONTEXT_WINDOW: u32 = 8192;
 pub const DEFAULT_MAX_OUTPUT_TOKENS: u32 = 1024;
 /// Default length of a simulated answer, in tokens (before `max_tokens` cuts it).
 pub const DEFAULT_SIM_OUTPUT_TOKENS: u32 = 32;
+/// Default `version` of a price table entry that names none.
+pub const DEFAULT_PRICE_VERSION: &str = "1";
+/// Largest price accepted, in micro-USD per million tokens ($1,000,000 per million tokens): far
+/// above any real price, and small enough that pricing a huge request cannot overflow.
+pub const MAX_PRICE_MICROS_PER_MTOK: i64 = 1_000_000_000_000;
 /// Default gRPC status of injected simulated faults.
 pub const DEFAULT_SIM_ERROR_CODE: &str = "UNAVAILABLE";
 /// Default per-request timeout for an OpenAI-compatible upstream.
@@ -76,6 +99,9 @@ pub struct ModelSpec {
     pub sim: SimSpec,
     /// Settings of the OpenAI-compatible backend (required when `backend = "openai"`).
     pub openai: Option<OpenAiSpec>,
+    /// The model's price; `None` means the price is unknown and the budget service refuses to
+    /// price the model (it is never counted as $0: mark a free model `free = true`).
+    pub price: Option<PriceSpec>,
 }
 
 impl Default for ModelSpec {
@@ -88,6 +114,7 @@ impl Default for ModelSpec {
             description: String::new(),
             sim: SimSpec::default(),
             openai: None,
+            price: None,
         }
     }
 }
@@ -101,6 +128,136 @@ impl ModelSpec {
             (None, BackendKind::Sim) => "sim",
             (None, BackendKind::Openai) => "o200k",
         }
+    }
+}
+
+/// One entry of the versioned price table, in integer micro-USD per million tokens.
+///
+/// Cached-input and batch prices are optional and default to the standard input and output
+/// prices, so forgetting one over-charges, never under-charges. A model marked `free` must have
+/// every price 0 or unset. Use the `effective_*` methods to read the prices that apply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PriceSpec {
+    /// Version of this entry (free-form, e.g. `"2024-07"`; default `"1"`).
+    pub version: String,
+    /// Prompt tokens not served from the cache, standard tier.
+    pub input_micros_per_mtok: i64,
+    /// Generated tokens, standard tier.
+    pub output_micros_per_mtok: i64,
+    /// Prompt tokens served from the backend's prompt cache (default: the input price).
+    pub cached_input_micros_per_mtok: Option<i64>,
+    /// Prompt tokens at the batch tier (default: the input price).
+    pub batch_input_micros_per_mtok: Option<i64>,
+    /// Generated tokens at the batch tier (default: the output price).
+    pub batch_output_micros_per_mtok: Option<i64>,
+    /// The model is explicitly free: every price is zero (default false).
+    pub free: bool,
+}
+
+impl Default for PriceSpec {
+    fn default() -> Self {
+        Self {
+            version: DEFAULT_PRICE_VERSION.to_string(),
+            input_micros_per_mtok: 0,
+            output_micros_per_mtok: 0,
+            cached_input_micros_per_mtok: None,
+            batch_input_micros_per_mtok: None,
+            batch_output_micros_per_mtok: None,
+            free: false,
+        }
+    }
+}
+
+impl PriceSpec {
+    /// A paid price: input and output per million tokens, cached input and batch prices derived
+    /// by the usual discounts (cached input 50 % of input, batch 50 % of standard).
+    pub fn per_mtok(version: &str, input: i64, output: i64) -> Self {
+        Self {
+            version: version.to_string(),
+            input_micros_per_mtok: input,
+            output_micros_per_mtok: output,
+            cached_input_micros_per_mtok: Some(input / 2),
+            batch_input_micros_per_mtok: Some(input / 2),
+            batch_output_micros_per_mtok: Some(output / 2),
+            free: false,
+        }
+    }
+
+    /// An explicitly free model.
+    pub fn free() -> Self {
+        Self {
+            free: true,
+            ..Self::default()
+        }
+    }
+
+    /// Cached-input price that applies (the input price when not set).
+    pub fn effective_cached_input(&self) -> i64 {
+        self.cached_input_micros_per_mtok
+            .unwrap_or(self.input_micros_per_mtok)
+    }
+
+    /// Batch input price that applies (the input price when not set).
+    pub fn effective_batch_input(&self) -> i64 {
+        self.batch_input_micros_per_mtok
+            .unwrap_or(self.input_micros_per_mtok)
+    }
+
+    /// Batch output price that applies (the output price when not set).
+    pub fn effective_batch_output(&self) -> i64 {
+        self.batch_output_micros_per_mtok
+            .unwrap_or(self.output_micros_per_mtok)
+    }
+
+    /// Checks the entry; `key` is the table's key path (e.g. `models.gpt.price`).
+    pub fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        if self.version.is_empty() || self.version.len() > 64 {
+            return Err(ConfigError::invalid(
+                format!("{key}.version"),
+                "must be 1 to 64 characters",
+            ));
+        }
+        let prices = [
+            ("input_micros_per_mtok", Some(self.input_micros_per_mtok)),
+            ("output_micros_per_mtok", Some(self.output_micros_per_mtok)),
+            (
+                "cached_input_micros_per_mtok",
+                self.cached_input_micros_per_mtok,
+            ),
+            (
+                "batch_input_micros_per_mtok",
+                self.batch_input_micros_per_mtok,
+            ),
+            (
+                "batch_output_micros_per_mtok",
+                self.batch_output_micros_per_mtok,
+            ),
+        ];
+        for (field, value) in prices {
+            let Some(value) = value else { continue };
+            if !(0..=MAX_PRICE_MICROS_PER_MTOK).contains(&value) {
+                return Err(ConfigError::invalid(
+                    format!("{key}.{field}"),
+                    format!(
+                        "must be 0 to {MAX_PRICE_MICROS_PER_MTOK} micro-USD per million tokens, got {value}"
+                    ),
+                ));
+            }
+            if self.free && value != 0 {
+                return Err(ConfigError::invalid(
+                    format!("{key}.{field}"),
+                    "a model marked free = true must have every price 0 or unset",
+                ));
+            }
+        }
+        if !self.free && self.input_micros_per_mtok == 0 && self.output_micros_per_mtok == 0 {
+            return Err(ConfigError::invalid(
+                format!("{key}.free"),
+                "input and output prices are both 0: set free = true if the model really is free",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -189,7 +346,9 @@ pub struct Catalog {
 
 impl Default for Catalog {
     /// Two simulated models, so Weir runs with no config file: `sim-small` (20 ms to first token,
-    /// 200 tokens/s, 24-token answers) and `sim-large` (80 ms, 60 tokens/s, 64-token answers).
+    /// 200 tokens/s, 24-token answers; priced $0.15 / $0.60 per million input / output tokens)
+    /// and `sim-large` (80 ms, 60 tokens/s, 64-token answers; $2.50 / $10.00). Both have cached
+    /// input and batch prices at half the standard price.
     fn default() -> Self {
         let mut models = BTreeMap::new();
         models.insert(
@@ -202,6 +361,7 @@ impl Default for Catalog {
                     output_tokens: 24,
                     ..SimSpec::default()
                 },
+                price: Some(PriceSpec::per_mtok("sim-2025-01", 150_000, 600_000)),
                 ..ModelSpec::default()
             },
         );
@@ -216,6 +376,7 @@ impl Default for Catalog {
                     output_tokens: 64,
                     ..SimSpec::default()
                 },
+                price: Some(PriceSpec::per_mtok("sim-2025-01", 2_500_000, 10_000_000)),
                 ..ModelSpec::default()
             },
         );
@@ -308,6 +469,9 @@ impl Catalog {
                     format!("{:?} is not a gRPC status name", sim.error_code),
                 ));
             }
+            if let Some(price) = &spec.price {
+                price.validate(&key("price"))?;
+            }
             if spec.backend == BackendKind::Openai {
                 let Some(openai) = &spec.openai else {
                     return Err(ConfigError::invalid(
@@ -384,10 +548,77 @@ mod tests {
                 "[models.a]\nmax_output_tokens = 0",
                 "models.a.max_output_tokens",
             ),
+            (
+                "[models.a]\nprice = { input_micros_per_mtok = -1, output_micros_per_mtok = 5 }",
+                "models.a.price.input_micros_per_mtok",
+            ),
+            (
+                "[models.a]\nprice = { free = true, output_micros_per_mtok = 5 }",
+                "models.a.price.output_micros_per_mtok",
+            ),
+            (
+                "[models.a]\nprice = { version = \"\" , input_micros_per_mtok = 1 }",
+                "models.a.price.version",
+            ),
+            (
+                "[models.a]\nprice = { version = \"2\" }",
+                "models.a.price.free",
+            ),
+            (
+                "[models.a]\nprice = { input_micros_per_mtok = 1, batch_output_micros_per_mtok = 1000000000000000 }",
+                "models.a.price.batch_output_micros_per_mtok",
+            ),
         ] {
             let error = Catalog::from_source(&Source::from_toml(toml)).err();
             let message = error.map(|e| e.to_string()).unwrap_or_default();
             assert!(message.contains(key), "{message} should name {key}");
         }
+    }
+
+    #[test]
+    fn prices_parse_and_optional_ones_default_to_standard() {
+        let toml = r#"
+            [models.paid]
+            price = { version = "2024-07", input_micros_per_mtok = 150000, output_micros_per_mtok = 600000, cached_input_micros_per_mtok = 75000 }
+            [models.local]
+            price = { free = true }
+            [models.unpriced]
+        "#;
+        let catalog = Catalog::from_source(&Source::from_toml(toml)).ok();
+        let price = |name: &str| {
+            catalog
+                .as_ref()
+                .and_then(|c| c.get(name))
+                .and_then(|m| m.price.clone())
+        };
+        let paid = price("paid").unwrap_or_default();
+        assert_eq!(paid.version, "2024-07");
+        assert_eq!(paid.effective_cached_input(), 75_000);
+        assert_eq!(paid.effective_batch_input(), 150_000);
+        assert_eq!(paid.effective_batch_output(), 600_000);
+        assert_eq!(price("local"), Some(PriceSpec::free()));
+        assert_eq!(price("unpriced"), None);
+    }
+
+    #[test]
+    fn default_models_are_priced() {
+        let catalog = Catalog::default();
+        assert!(catalog.validate().is_ok());
+        let small = catalog.get("sim-small").and_then(|m| m.price.clone());
+        assert_eq!(
+            small.as_ref().map(|p| p.input_micros_per_mtok),
+            Some(150_000)
+        );
+        assert_eq!(
+            small.as_ref().map(|p| p.output_micros_per_mtok),
+            Some(600_000)
+        );
+        assert_eq!(small.map(|p| p.effective_cached_input()), Some(75_000));
+        let large = catalog.get("sim-large").and_then(|m| m.price.clone());
+        assert_eq!(
+            large.as_ref().map(|p| p.input_micros_per_mtok),
+            Some(2_500_000)
+        );
+        assert_eq!(large.map(|p| p.effective_batch_output()), Some(5_000_000));
     }
 }

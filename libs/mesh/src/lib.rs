@@ -11,25 +11,47 @@
 //! - [`metadata`]: the gRPC metadata keys Weir uses between services.
 //! - [`tokens`]: token counting per tokenizer family (exact for the simulated model, estimated
 //!   otherwise), shared so every service agrees on prompt and answer sizes.
-//! - [`deadline`]: the caller's deadline from `grpc-timeout`.
+//! - [`deadline`]: the caller's deadline: parsed, capped and enforced on servers, propagated
+//!   (minus a margin) by clients.
 //! - [`tenant`]: the tenant of a request, from the `weir-tenant` metadata.
+//! - [`backend`]: the per-backend key that keyed layers (breaker, bulkhead) isolate by.
 //! - [`store`]: Redis connections and tenant-scoped key spaces.
+//! - [`outcome`]: how a client layer reads an attempt's result from its response headers.
+//! - [`breaker`]: circuit breaker per backend (closed / open / half-open), failing fast when open.
+//! - [`bulkhead`]: concurrency limit per backend, so one slow backend cannot take every slot.
+//! - [`timeout`]: per-attempt timeout, bounded by the call's remaining deadline.
+//! - [`retry`]: retries with full-jitter backoff, server pushback and a per-backend retry budget,
+//!   never after the response has started.
+//! - [`criticality`]: request criticality from `weir-criticality` (CRITICAL_PLUS .. SHEDDABLE).
+//! - [`admission`]: server concurrency limit (AIMD) that sheds the lowest criticality first.
+//! - [`auth`]: API keys mapped to tenants; the client never picks its own `weir-tenant`.
+//! - [`ratelimit`]: per-tenant GCRA rate limits, shared by replicas through Redis, local fallback.
 //!
 //! The resilience layers (deadline, retry, breaker, rate limit, bulkhead, admission) are added here
 //! as one module per concern, each a tower `Layer` + `Service`.
 #![warn(missing_docs)]
 
+pub mod admission;
+pub mod auth;
+pub mod backend;
+pub mod breaker;
+pub mod bulkhead;
 pub mod catalog;
 pub mod client;
 pub mod config;
+pub mod criticality;
 pub mod deadline;
 pub mod error;
 pub mod metadata;
+pub mod outcome;
+pub mod ratelimit;
+pub mod retry;
 pub mod server;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
 pub mod tenant;
+pub mod timeout;
 pub mod tokens;
 
 pub use error::ApiError;
