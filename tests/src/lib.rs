@@ -1,11 +1,11 @@
 //! The shared harness of Weir's end-to-end tests.
 //!
 //! [`Mesh`] starts real Weir services (the same launcher `weir up` uses) on `127.0.0.1:0` and
-//! hands out gRPC clients over real sockets; [`upstream::Upstream`] is a real HTTP server that
-//! speaks the OpenAI protocol. Nothing of Weir's own is mocked.
+//! hands out gRPC clients over real sockets; [`upstream::Upstream`] (the `weir-test-upstream`
+//! crate) is a real HTTP server that speaks the OpenAI protocol. Nothing of Weir's own is mocked.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-pub mod upstream;
+pub use weir_test_upstream as upstream;
 
 use std::{
     future::Future,

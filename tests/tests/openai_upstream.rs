@@ -99,6 +99,7 @@ async fn upstream_5xx_is_unavailable_with_details() {
     let upstream = Upstream::start(Reply::Error {
         status: 503,
         message: "overloaded".into(),
+        param: None,
         retry_after_secs: None,
     })
     .await
@@ -125,6 +126,7 @@ async fn upstream_429_is_resource_exhausted_with_retry_info() {
     let upstream = Upstream::start(Reply::Error {
         status: 429,
         message: "rate limited".into(),
+        param: None,
         retry_after_secs: Some(2),
     })
     .await
@@ -154,6 +156,7 @@ async fn upstream_400_is_invalid_argument_with_its_message() {
     let upstream = Upstream::start(Reply::Error {
         status: 400,
         message: "temperature is not supported by this model".into(),
+        param: None,
         retry_after_secs: None,
     })
     .await

@@ -3,25 +3,9 @@
 //! cancellation reaching the upstream.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{
-    net::SocketAddr,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-    },
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use axum::{
-    Json, Router,
-    body::Body,
-    extract::State,
-    http::{HeaderMap, StatusCode, header},
-    response::{IntoResponse, Response},
-    routing::post,
-};
-use bytes::Bytes;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, transport::Channel};
 use tonic_types::StatusExt;
@@ -37,30 +21,18 @@ use weir_proto::{
         inference_service_client::InferenceServiceClient,
     },
 };
+use weir_test_upstream::{Reply, Upstream, Usage, split_at};
 
 /// An environment variable every `cargo test` run has, standing in for an API key (tests cannot
 /// set variables: that is unsafe in edition 2024 and the workspace forbids unsafe code).
 const KEY_ENV: &str = "CARGO_PKG_NAME";
 
-/// What the fake upstream saw and did.
-#[derive(Default)]
-struct Upstream {
-    /// Bodies and `Authorization` headers of the requests received.
-    requests: Mutex<Vec<(Value, Option<String>)>>,
-    /// Set when an endless stream's body is dropped (the client went away).
-    endless_dropped: AtomicBool,
-    /// Endless streams started.
-    endless_started: AtomicUsize,
-}
-
-/// Drops with the response body of an endless stream.
-struct DropFlag(Arc<Upstream>);
-
-impl Drop for DropFlag {
-    fn drop(&mut self) {
-        self.0.endless_dropped.store(true, Ordering::SeqCst);
-    }
-}
+/// The usage the upstream reports when it reports any.
+const USAGE: Usage = Usage {
+    prompt_tokens: 9,
+    completion_tokens: 3,
+    cached_tokens: Some(2),
+};
 
 fn chunk(content: Option<&str>, finish: Option<&str>) -> String {
     let delta = match content {
@@ -75,146 +47,61 @@ fn chunk(content: Option<&str>, finish: Option<&str>) -> String {
     format!("data: {body}\r\n\r\n")
 }
 
-fn error_body(message: &str, param: Option<&str>) -> Value {
-    json!({ "error": { "message": message, "type": "invalid_request_error", "param": param, "code": null } })
+/// A unary "Hello world", with [`USAGE`] or without usage.
+fn hello(usage: bool) -> Reply {
+    Reply::Answer {
+        content: "Hello world".to_string(),
+        usage: usage.then_some(USAGE),
+    }
 }
 
-fn sse(chunks: Vec<String>) -> Response {
-    let stream = futures::stream::iter(
-        chunks
-            .into_iter()
-            .map(|c| Ok::<_, std::convert::Infallible>(Bytes::from(c))),
-    );
-    (
-        [(header::CONTENT_TYPE, "text/event-stream")],
-        Body::from_stream(stream),
-    )
-        .into_response()
-}
-
-async fn chat(
-    State(upstream): State<Arc<Upstream>>,
-    headers: HeaderMap,
-    Json(body): Json<Value>,
-) -> Response {
-    let auth = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    upstream.requests.lock().unwrap().push((body.clone(), auth));
-    let stream = body["stream"].as_bool().unwrap_or(false);
-    let usage = json!({
-        "prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12,
-        "prompt_tokens_details": { "cached_tokens": 2 }
-    });
-    match body["model"].as_str().unwrap_or("") {
-        "ok" | "no-usage" if !stream => {
-            let mut completion = json!({
-                "id": "chatcmpl-1",
-                "object": "chat.completion",
-                "choices": [{
-                    "index": 0,
-                    "message": { "role": "assistant", "content": "Hello world" },
-                    "finish_reason": "stop"
-                }],
-            });
-            if body["model"] == "ok" {
-                completion["usage"] = usage;
-            }
-            Json(completion).into_response()
-        }
-        model @ ("ok" | "no-usage") => {
-            let mut chunks = vec![
-                ": connected\n\n".to_string(),
-                chunk(None, None),
-                chunk(Some("Hel"), None),
-                chunk(Some("lo"), None),
-                chunk(Some(" world"), Some("stop")),
-            ];
-            if model == "ok" {
-                chunks.push(format!(
-                    "data: {}\n\n",
-                    json!({ "choices": [], "usage": usage })
-                ));
-            }
-            chunks.push("data: [DONE]\n\n".to_string());
-            // Split the body at awkward places: inside `data:`, inside JSON, between \r and \n.
-            let body: String = chunks.concat();
-            let bytes = body.into_bytes();
-            let pieces = [3, 17, 60, 61, 62, 140, 141]
-                .into_iter()
-                .filter(|&at| at < bytes.len())
-                .chain([bytes.len()])
-                .scan(0, |start, end| {
-                    let piece = String::from_utf8_lossy(&bytes[*start..end]).into_owned();
-                    *start = end;
-                    Some(piece)
-                })
-                .collect();
-            sse(pieces)
-        }
-        "cut" => sse(vec![chunk(Some("par"), None), chunk(Some("tial"), None)]),
-        "endless" => {
-            upstream.endless_started.fetch_add(1, Ordering::SeqCst);
-            let flag = DropFlag(upstream.clone());
-            let stream = futures::stream::unfold((0u64, flag), |(n, flag)| async move {
-                if n > 0 {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+/// A streamed "Hello world" ("Hel", "lo", " world"), with [`USAGE`] or without usage: a comment
+/// line, a role-only chunk, `\r\n` and `\n` line ends, and the body split at awkward places.
+fn hello_stream(usage: bool) -> Reply {
+    let mut chunks = vec![
+        ": connected\n\n".to_string(),
+        chunk(None, None),
+        chunk(Some("Hel"), None),
+        chunk(Some("lo"), None),
+        chunk(Some(" world"), Some("stop")),
+    ];
+    if usage {
+        chunks.push(format!(
+            "data: {}\n\n",
+            json!({
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12,
+                    "prompt_tokens_details": { "cached_tokens": 2 }
                 }
-                let piece = chunk(Some(&format!(" t{n}")), None);
-                Some((
-                    Ok::<_, std::convert::Infallible>(Bytes::from(piece)),
-                    (n + 1, flag),
-                ))
-            });
-            (
-                [(header::CONTENT_TYPE, "text/event-stream")],
-                Body::from_stream(stream),
-            )
-                .into_response()
-        }
-        "slow" => {
-            tokio::time::sleep(Duration::from_secs(30)).await;
-            StatusCode::OK.into_response()
-        }
-        "e500" => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            Json(error_body("the upstream fell over", None)),
-        )
-            .into_response(),
-        "e429" => (
-            StatusCode::TOO_MANY_REQUESTS,
-            [(header::RETRY_AFTER, "2")],
-            Json(error_body("Rate limit reached for requests", None)),
-        )
-            .into_response(),
-        "e400" => (
-            StatusCode::BAD_REQUEST,
-            Json(error_body(
-                "temperature is too high for this model",
-                Some("temperature"),
-            )),
-        )
-            .into_response(),
-        "e401" => (
-            StatusCode::UNAUTHORIZED,
-            Json(error_body("Incorrect API key provided", None)),
-        )
-            .into_response(),
-        other => (
-            StatusCode::NOT_FOUND,
-            Json(error_body(
-                &format!("The model `{other}` does not exist"),
-                None,
-            )),
-        )
-            .into_response(),
+            })
+        ));
+    }
+    chunks.push("data: [DONE]\n\n".to_string());
+    // Split the body at awkward places: inside `data:`, inside JSON, between \r and \n.
+    Reply::sse(split_at(chunks.concat(), &[3, 17, 60, 61, 62, 140, 141]))
+}
+
+/// An OpenAI-style error without `Retry-After`.
+fn error(status: u16, message: &str, param: Option<&str>) -> Reply {
+    Reply::Error {
+        status,
+        message: message.to_string(),
+        param: param.map(str::to_string),
+        retry_after_secs: None,
+    }
+}
+
+/// An endless stream: " t0", " t1", ... every 20 ms.
+fn endless() -> Reply {
+    Reply::EndlessStream {
+        interval: Duration::from_millis(20),
     }
 }
 
 struct Harness {
     client: InferenceServiceClient<Channel>,
-    upstream: Arc<Upstream>,
+    upstream: Upstream,
     shutdown: CancellationToken,
 }
 
@@ -238,28 +125,20 @@ fn openai_model(base_url: &str, upstream_model: &str, timeout: Duration) -> Mode
     }
 }
 
-async fn start() -> Harness {
+/// Starts the inference service with every model of the catalog pointing at one fake upstream
+/// (except `gpt-closed`), which answers `default` unless a test queues other replies.
+async fn start(default: Reply) -> Harness {
     let shutdown = CancellationToken::new();
-    let upstream = Arc::new(Upstream::default());
-    let app = Router::new()
-        .route("/v1/chat/completions", post(chat))
-        .with_state(upstream.clone());
-    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base_url = format!("http://{}/v1", http.local_addr().unwrap());
-    {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            axum::serve(http, app)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await
-        });
-    }
+    let upstream = Upstream::start(default).await.unwrap();
+    let base_url = upstream.base_url();
 
     // A port nothing listens on: bound, then released.
     let closed = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.local_addr().unwrap()
     };
+    // The upstream answers whatever the test queued, whichever model is asked for; the upstream
+    // model names only show that the configured name is the one sent.
     let mut models: Vec<(String, ModelSpec)> = [
         "ok", "no-usage", "cut", "endless", "e500", "e429", "e400", "e401", "missing",
     ]
@@ -380,7 +259,7 @@ fn reason(status: &tonic::Status) -> String {
 
 #[tokio::test]
 async fn unary_answers_carry_the_upstreams_usage() {
-    let mut h = start().await;
+    let mut h = start(hello(true)).await;
     let response = h
         .client
         .generate(unary("gpt-ok"))
@@ -406,8 +285,12 @@ async fn unary_answers_carry_the_upstreams_usage() {
         (9, 3, 2, 12)
     );
 
-    let requests = h.upstream.requests.lock().unwrap().clone();
-    let (body, auth) = &requests[0];
+    let body = &h.upstream.received()[0];
+    let headers = &h.upstream.received_headers()[0];
+    let auth = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     assert_eq!(body["model"], "ok");
     assert_eq!(body["max_tokens"], 50);
     assert_eq!(
@@ -422,7 +305,7 @@ async fn unary_answers_carry_the_upstreams_usage() {
 
 #[tokio::test]
 async fn streamed_answers_relay_each_delta_and_end_with_usage() {
-    let mut h = start().await;
+    let mut h = start(hello_stream(true)).await;
     let (deltas, done, error) = read_stream(&mut h.client, streamed("gpt-ok")).await;
     assert!(error.is_none(), "{error:?}");
     assert_eq!(deltas, ["Hel", "lo", " world"]);
@@ -438,14 +321,15 @@ async fn streamed_answers_relay_each_delta_and_end_with_usage() {
         ),
         (9, 3, 2)
     );
-    let requests = h.upstream.requests.lock().unwrap().clone();
-    assert_eq!(requests[0].0["stream"], true);
-    assert_eq!(requests[0].0["stream_options"]["include_usage"], true);
+    let requests = h.upstream.received();
+    assert_eq!(requests[0]["stream"], true);
+    assert_eq!(requests[0]["stream_options"]["include_usage"], true);
 }
 
 #[tokio::test]
 async fn missing_usage_is_estimated() {
-    let mut h = start().await;
+    let mut h = start(hello(false)).await;
+    h.upstream.push(hello_stream(false));
     let expected_input = i64::from(tokens::count_messages("o200k", &messages()));
     let expected_output = i64::from(tokens::count_text("o200k", "Hello world"));
 
@@ -473,7 +357,7 @@ async fn missing_usage_is_estimated() {
 
 #[tokio::test]
 async fn upstream_500_is_unavailable() {
-    let mut h = start().await;
+    let mut h = start(error(500, "the upstream fell over", None)).await;
     let status = h.client.generate(unary("gpt-e500")).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
     assert_eq!(reason(&status), "UPSTREAM_UNAVAILABLE");
@@ -490,7 +374,13 @@ async fn upstream_500_is_unavailable() {
 
 #[tokio::test]
 async fn upstream_429_is_resource_exhausted_with_its_retry_delay() {
-    let mut h = start().await;
+    let mut h = start(Reply::Error {
+        status: 429,
+        message: "Rate limit reached for requests".to_string(),
+        param: None,
+        retry_after_secs: Some(2),
+    })
+    .await;
     let status = h.client.generate(unary("gpt-e429")).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert_eq!(reason(&status), "UPSTREAM_RATE_LIMITED");
@@ -526,7 +416,12 @@ async fn upstream_429_is_resource_exhausted_with_its_retry_delay() {
 
 #[tokio::test]
 async fn upstream_400_is_invalid_argument_with_the_upstreams_message() {
-    let mut h = start().await;
+    let mut h = start(error(
+        400,
+        "temperature is too high for this model",
+        Some("temperature"),
+    ))
+    .await;
     let status = h.client.generate(unary("gpt-e400")).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert_eq!(reason(&status), "UPSTREAM_REJECTED");
@@ -548,7 +443,11 @@ async fn upstream_400_is_invalid_argument_with_the_upstreams_message() {
 
 #[tokio::test]
 async fn auth_and_model_errors_tell_the_operator() {
-    let mut h = start().await;
+    let mut h = start(hello(true)).await;
+    h.upstream
+        .push(error(401, "Incorrect API key provided", None));
+    h.upstream
+        .push(error(404, "The model `missing` does not exist", None));
     let status = h.client.generate(unary("gpt-e401")).await.unwrap_err();
     assert_eq!(
         (status.code(), reason(&status).as_str()),
@@ -569,11 +468,14 @@ async fn auth_and_model_errors_tell_the_operator() {
             .message()
             .contains("WEIR_TEST_VARIABLE_THAT_IS_NEVER_SET")
     );
+    // Both queued errors were used, and the request without a key never left.
+    assert_eq!(h.upstream.requests(), 2);
 }
 
 #[tokio::test]
 async fn unreachable_and_slow_upstreams_are_unavailable() {
-    let mut h = start().await;
+    // `gpt-closed` never reaches the upstream; `gpt-slow` answers after 30 s.
+    let mut h = start(hello(true).delayed(Duration::from_secs(30))).await;
     let status = h.client.generate(unary("gpt-closed")).await.unwrap_err();
     assert_eq!(
         (status.code(), reason(&status).as_str()),
@@ -592,7 +494,12 @@ async fn unreachable_and_slow_upstreams_are_unavailable() {
 
 #[tokio::test]
 async fn a_stream_cut_before_its_end_fails_after_its_deltas() {
-    let mut h = start().await;
+    // Two deltas, then the body ends: no finish reason, no `[DONE]`.
+    let mut h = start(Reply::sse([
+        chunk(Some("par"), None),
+        chunk(Some("tial"), None),
+    ]))
+    .await;
     let (deltas, done, error) = read_stream(&mut h.client, streamed("gpt-cut")).await;
     assert_eq!(deltas, ["par", "tial"]);
     assert!(done.is_none());
@@ -616,7 +523,7 @@ async fn eventually(condition: impl Fn() -> bool) -> bool {
 
 #[tokio::test]
 async fn cancelling_a_stream_closes_the_upstream_request() {
-    let mut h = start().await;
+    let mut h = start(endless()).await;
     let mut stream = h
         .client
         .generate_stream(streamed("gpt-endless"))
@@ -630,17 +537,17 @@ async fn cancelling_a_stream_closes_the_upstream_request() {
         };
         assert_eq!(delta.text, expected);
     }
-    assert!(!h.upstream.endless_dropped.load(Ordering::SeqCst));
+    assert_eq!(h.upstream.streams_dropped(), 0);
     drop(stream);
     assert!(
-        eventually(|| h.upstream.endless_dropped.load(Ordering::SeqCst)).await,
+        eventually(|| h.upstream.streams_dropped() == 1).await,
         "the upstream kept streaming after the caller cancelled"
     );
 }
 
 #[tokio::test]
 async fn the_callers_deadline_ends_a_stream_and_its_upstream_request() {
-    let mut h = start().await;
+    let mut h = start(endless()).await;
     let mut request = Request::new(streamed("gpt-endless"));
     request.set_timeout(Duration::from_millis(300));
     let started = std::time::Instant::now();
@@ -650,6 +557,6 @@ async fn the_callers_deadline_ends_a_stream_and_its_upstream_request() {
     let error = error.unwrap();
     assert_eq!(error.code(), Code::DeadlineExceeded, "{error:?}");
     assert!(started.elapsed() < Duration::from_secs(3));
-    assert_eq!(h.upstream.endless_started.load(Ordering::SeqCst), 1);
-    assert!(eventually(|| h.upstream.endless_dropped.load(Ordering::SeqCst)).await);
+    assert_eq!(h.upstream.streams_started(), 1);
+    assert!(eventually(|| h.upstream.streams_dropped() == 1).await);
 }
