@@ -6,19 +6,61 @@
 //! stream's first message). Errors are [`ApiError`]s and become statuses through
 //! `weir_mesh::error` only.
 //!
+//! # Circuit breaker and bulkhead, per model
+//!
+//! Every backend call, simulated or HTTP, goes through its model's circuit breaker
+//! ([`weir_mesh::breaker::Breaker`]) and bulkhead compartment
+//! ([`weir_mesh::bulkhead::Compartment`]), both keyed by the model name (`[inference.breaker]`,
+//! `[inference.bulkhead]`, see [`crate::Config`]):
+//!
+//! - Validation comes first: INVALID_ARGUMENT, NOT_FOUND and the context-window refusal never
+//!   touch the breaker or the bulkhead.
+//! - Then the breaker permit (open → UNAVAILABLE `CIRCUIT_OPEN` with RetryInfo, logged at debug,
+//!   the backend not called), then the bulkhead slot (full → UNAVAILABLE `BULKHEAD_FULL` at once;
+//!   the breaker permit is dropped unrecorded, since our own burst says nothing about the backend).
+//!   This is the order of the mesh's client stack (breaker above bulkhead).
+//! - `Generate` records its final code: OK with the answer's time to first token (a long answer
+//!   is not a slow model), an error with the time since the permit was taken.
+//! - `GenerateStream` records at the first event: OK at the first token (with the time to first
+//!   token, which is what "slow" means for a model; an answer without tokens counts at its end),
+//!   or the error code when the stream fails before its first token (including at the start, or
+//!   the caller's deadline). After the first token the outcome is recorded already, so a stream
+//!   cut later is not counted again. A caller that cancels before an outcome drops the permit
+//!   unrecorded: ignored.
+//! - The bulkhead slot is held for the whole call: for a stream it moves into the response stream
+//!   and is released when the stream ends, fails, or is dropped (cancelled).
+//!
+//! Metrics (state gauge, transitions, rejections, in-flight) come from the mesh cores, labelled
+//! `backend = <model>`; every catalog model's breaker and compartment are created at start-up, so
+//! their series exist before the first call.
+//!
 //! `ListModels` pages through the catalog in name order. `page_size` 0 means
 //! [`DEFAULT_PAGE_SIZE`], and sizes above [`MAX_PAGE_SIZE`] are treated as that; `page_token` is
 //! the opaque `next_page_token` of the previous page (it encodes the last name returned, so pages
 //! stay consistent when the catalog is reloaded between calls).
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
-use futures::{StreamExt, stream::BoxStream};
+use futures::{Stream, StreamExt, stream::BoxStream};
 use tokio::time::Instant;
 use tonic::{
-    Request, Response, Status, codec::CompressionEncoding, codegen::BoxStream as TonicBoxStream,
+    Code, Request, Response, Status, codec::CompressionEncoding,
+    codegen::BoxStream as TonicBoxStream,
 };
-use weir_mesh::{ApiError, catalog::Catalog, deadline};
+use weir_mesh::{
+    ApiError,
+    backend::BackendKey,
+    breaker::{Breaker, BreakerConfig, Breakers, Permit},
+    bulkhead::{BulkheadConfig, BulkheadPermit, Bulkheads, Compartment},
+    catalog::Catalog,
+    deadline,
+};
 use weir_proto::inference::{
     GenerateRequest, GenerateResponse, GenerateStreamRequest, GenerateStreamResponse,
     ListModelsRequest, ListModelsResponse, ModelInfo,
@@ -48,27 +90,136 @@ pub struct InferenceApi {
 #[derive(Debug)]
 struct Inner {
     catalog: Arc<Catalog>,
-    backends: BTreeMap<String, Backend>,
+    models: BTreeMap<String, Model>,
+    breakers: Breakers,
+    bulkheads: Bulkheads,
     sim_log: sim::SimLog,
 }
 
+/// One catalog model: its backend, and the breaker and bulkhead compartment guarding it.
+#[derive(Debug)]
+struct Model {
+    name: String,
+    backend: Backend,
+    breaker: Arc<Breaker>,
+    bulkhead: Arc<Compartment>,
+}
+
+/// What a call holds while its backend works: the breaker permit (until the outcome is recorded)
+/// and the bulkhead slot (until the call ends).
+#[derive(Debug)]
+struct Guard {
+    breaker: Option<Permit>,
+    _slot: BulkheadPermit,
+}
+
+impl Model {
+    /// Takes the breaker permit, then the bulkhead slot, or says why the call must fail fast.
+    fn admit(&self) -> Result<Guard, ApiError> {
+        let permit = self.breaker.try_acquire().map_err(|open| {
+            tracing::debug!(
+                model = self.name,
+                retry_after_ms = open.retry_after.as_millis(),
+                "circuit open: call refused without calling the backend"
+            );
+            ApiError::from(open)
+        })?;
+        let slot = self.bulkhead.try_acquire().map_err(|full| {
+            // `permit` is dropped unrecorded: a local rejection is no verdict on the backend.
+            tracing::debug!(
+                model = self.name,
+                limit = full.limit,
+                "bulkhead full: call refused"
+            );
+            ApiError::from(full)
+        })?;
+        Ok(Guard {
+            breaker: Some(permit),
+            _slot: slot,
+        })
+    }
+}
+
+impl Guard {
+    /// Records the outcome on the breaker with the call's time to first token (or to its error),
+    /// once; later calls do nothing.
+    fn record(&mut self, code: Code, elapsed: Duration) {
+        if let Some(permit) = self.breaker.take() {
+            permit.record_elapsed(code, elapsed);
+        }
+    }
+}
+
+/// Breaker and bulkhead settings that can be used: invalid ones (only possible for a `Config`
+/// built in code; deserialized ones are checked) are logged and replaced by the defaults.
+fn usable(config: &crate::Config) -> (BreakerConfig, BulkheadConfig) {
+    let breaker = match config.breaker.validate(crate::BREAKER_KEY) {
+        Ok(()) => config.breaker.clone(),
+        Err(error) => {
+            tracing::error!(%error, "using the default circuit breaker settings instead");
+            BreakerConfig::default()
+        }
+    };
+    let bulkhead = match config.bulkhead.validate(crate::BULKHEAD_KEY) {
+        Ok(()) => config.bulkhead.clone(),
+        Err(error) => {
+            tracing::error!(%error, "using the default bulkhead settings instead");
+            BulkheadConfig::default()
+        }
+    };
+    (breaker, bulkhead)
+}
+
 impl InferenceApi {
-    /// The service for the models of `catalog`. Models that cannot be called as configured (an
-    /// `openai` model without its table) are logged now and fail each request with
-    /// FAILED_PRECONDITION.
+    /// The service for the models of `catalog`, with the default breaker and bulkhead settings.
+    /// Models that cannot be called as configured (an `openai` model without its table) are
+    /// logged now and fail each request with FAILED_PRECONDITION.
     pub fn new(catalog: Arc<Catalog>) -> Self {
+        Self::with_config(catalog, &crate::Config::default())
+    }
+
+    /// The service for the models of `catalog`, with the breaker and bulkhead settings of
+    /// `config` (invalid ones, possible only for a `Config` built in code, are logged and replaced
+    /// by the defaults; check with [`crate::Config::validate`] first).
+    pub fn with_config(catalog: Arc<Catalog>, config: &crate::Config) -> Self {
+        let (breaker, bulkhead) = usable(config);
+        let breakers = Breakers::new(breaker);
+        let bulkheads = Bulkheads::new(bulkhead);
         let sim_log = sim::SimLog::default();
-        let backends = catalog
+        let models = catalog
             .iter()
-            .map(|(name, spec)| (name.to_string(), Backend::new(name, spec, &sim_log)))
+            .map(|(name, spec)| {
+                let key = BackendKey::new(name);
+                let model = Model {
+                    name: name.to_string(),
+                    backend: Backend::new(name, spec, &sim_log),
+                    breaker: breakers.get(&key),
+                    bulkhead: bulkheads.get(&key),
+                };
+                (name.to_string(), model)
+            })
             .collect();
         Self {
             inner: Arc::new(Inner {
                 catalog,
-                backends,
+                models,
+                breakers,
+                bulkheads,
                 sim_log,
             }),
         }
+    }
+
+    /// The circuit breakers, one per model (keyed by [`BackendKey`] = the model name), to read
+    /// their state.
+    pub fn breakers(&self) -> &Breakers {
+        &self.inner.breakers
+    }
+
+    /// The bulkhead compartments, one per model (keyed by [`BackendKey`] = the model name), to read
+    /// how many calls are in flight.
+    pub fn bulkheads(&self) -> &Bulkheads {
+        &self.inner.bulkheads
     }
 
     /// The catalog served.
@@ -95,20 +246,20 @@ impl InferenceApi {
         InferenceServiceServer::new(self).accept_compressed(CompressionEncoding::Gzip)
     }
 
-    /// Validates a request and prepares its call.
+    /// Validates a request and prepares its call. Nothing here touches the breaker.
     fn prepare(
         &self,
         input: Input,
         received: Instant,
         deadline: Option<Instant>,
-    ) -> Result<(&Backend, Call), ApiError> {
+    ) -> Result<(&Model, Call), ApiError> {
         let (_, checked) = validate(&self.inner.catalog, &input)?;
-        let backend =
-            self.inner.backends.get(&input.model).ok_or_else(|| {
+        let model =
+            self.inner.models.get(&input.model).ok_or_else(|| {
                 ApiError::internal(format!("model {} has no backend", input.model))
             })?;
         Ok((
-            backend,
+            model,
             Call {
                 input,
                 checked,
@@ -124,16 +275,24 @@ impl InferenceApi {
         received: Instant,
         deadline: Option<Instant>,
     ) -> Result<GenerateResponse, ApiError> {
-        let model = input.model.clone();
-        let (backend, call) = self.prepare(input, received, deadline)?;
-        let generation = within(deadline, received, backend.generate(call)).await?;
+        let (model, call) = self.prepare(input, received, deadline)?;
+        let mut guard = model.admit()?;
+        let started = Instant::now();
+        let result = within(deadline, received, model.backend.generate(call)).await;
+        match &result {
+            // "Slow" means a slow first token, not a long answer.
+            Ok(generation) => guard.record(Code::Ok, generation.finish.time_to_first_token),
+            Err(error) => guard.record(error.code(), started.elapsed()),
+        }
+        drop(guard);
+        let generation = result?;
         let finish = generation.finish;
         Ok(GenerateResponse {
             message: Some(generation.message),
-            model,
+            model: model.name.clone(),
             finish_reason: finish.finish_reason.into(),
             usage: Some(finish.usage),
-            backend: backend.kind().as_str().to_string(),
+            backend: model.backend.kind().as_str().to_string(),
             time_to_first_token: proto_duration(finish.time_to_first_token),
         })
     }
@@ -144,12 +303,26 @@ impl InferenceApi {
         received: Instant,
         deadline: Option<Instant>,
     ) -> Result<EventStream, ApiError> {
-        let (backend, call) = self.prepare(input, received, deadline)?;
-        let events = within(deadline, received, backend.stream(call)).await?;
-        Ok(match deadline {
+        let (model, call) = self.prepare(input, received, deadline)?;
+        let mut guard = model.admit()?;
+        let started = Instant::now();
+        let events = match within(deadline, received, model.backend.stream(call)).await {
+            Ok(events) => events,
+            Err(error) => {
+                guard.record(error.code(), started.elapsed());
+                return Err(error);
+            }
+        };
+        let events = match deadline {
             Some(at) => until_deadline(events, at, received),
             None => events,
-        })
+        };
+        Ok(Guarded {
+            events: Some(events),
+            guard: Some(guard),
+            started,
+        }
+        .boxed())
     }
 
     fn list(&self, request: &ListModelsRequest) -> Result<ListModelsResponse, ApiError> {
@@ -258,9 +431,9 @@ impl InferenceService for InferenceApi {
         };
         let backend = self
             .inner
-            .backends
+            .models
             .get(&model)
-            .map_or("", |b| b.kind().as_str());
+            .map_or("", |m| m.backend.kind().as_str());
         let mut log = StreamLog {
             model,
             request_id,
@@ -277,6 +450,46 @@ impl InferenceService for InferenceApi {
         request: Request<ListModelsRequest>,
     ) -> Result<Response<ListModelsResponse>, Status> {
         Ok(Response::new(self.list(request.get_ref())?))
+    }
+}
+
+/// A backend's event stream holding its call's [`Guard`]: it records the breaker outcome at the
+/// first event and gives the bulkhead slot back when the stream ends, fails, or is dropped.
+struct Guarded {
+    events: Option<EventStream>,
+    guard: Option<Guard>,
+    started: Instant,
+}
+
+impl Stream for Guarded {
+    type Item = Result<Event, ApiError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        let Some(events) = this.events.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let event = std::task::ready!(events.poll_next_unpin(cx));
+        if let Some(guard) = this.guard.as_mut() {
+            match &event {
+                // The first token (or an answer without any): time to first token.
+                Some(Ok(_)) => guard.record(Code::Ok, this.started.elapsed()),
+                Some(Err(error)) => guard.record(error.code(), this.started.elapsed()),
+                // Ended without a final event: the backend broke its contract.
+                None => guard.record(Code::Internal, this.started.elapsed()),
+            }
+        }
+        let last = match &event {
+            Some(Ok(Event::Delta { .. })) => false,
+            Some(Ok(Event::Done(_)) | Err(_)) | None => true,
+        };
+        if last {
+            // Nothing more will come: stop the backend's work and give the slot back now rather
+            // than when the transport drops the stream.
+            this.events = None;
+            this.guard = None;
+        }
+        Poll::Ready(event)
     }
 }
 
@@ -571,6 +784,152 @@ mod tests {
             Some(Code::DeadlineExceeded)
         );
         assert_eq!(received.elapsed(), Duration::from_millis(2500));
+    }
+
+    fn resilient_api(models: Vec<(&str, SimSpec)>, breaker: BreakerConfig) -> InferenceApi {
+        let catalog = Arc::new(Catalog::new(models.into_iter().map(|(name, sim)| {
+            (
+                name.to_string(),
+                ModelSpec {
+                    sim,
+                    ..ModelSpec::default()
+                },
+            )
+        })));
+        let config = crate::Config {
+            breaker,
+            ..crate::Config::default()
+        };
+        InferenceApi::with_config(catalog, &config)
+    }
+
+    fn small_breaker() -> BreakerConfig {
+        BreakerConfig {
+            window: 4,
+            minimum_calls: 4,
+            open_duration: Duration::from_secs(1),
+            jitter: 0.0,
+            ..BreakerConfig::default()
+        }
+    }
+
+    fn state(api: &InferenceApi, model: &str) -> weir_mesh::breaker::BreakerState {
+        api.breakers().state(&BackendKey::new(model))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_cancelled_before_its_first_token_is_ignored_and_frees_its_probe() {
+        use weir_mesh::breaker::BreakerState;
+        let api = resilient_api(
+            vec![(
+                "m",
+                SimSpec {
+                    time_to_first_token: Duration::from_secs(1),
+                    cut_after_tokens: Some(2),
+                    ..SimSpec::default()
+                },
+            )],
+            small_breaker(),
+        );
+        let short = || {
+            let mut input = request("m", "hi");
+            input.params.max_tokens = Some(2);
+            input
+        };
+        for _ in 0..4 {
+            let error = api
+                .generate_call(request("m", "hi"), Instant::now(), None)
+                .await
+                .err()
+                .unwrap();
+            assert_eq!(error.reason(), sim::CUT_REASON);
+        }
+        assert_eq!(state(&api, "m"), BreakerState::Open);
+        tokio::time::advance(Duration::from_secs(1)).await;
+
+        let mut probes = Vec::new();
+        for _ in 0..3 {
+            probes.push(
+                api.stream_call(short(), Instant::now(), None)
+                    .await
+                    .unwrap(),
+            );
+        }
+        let refused = api.stream_call(short(), Instant::now(), None).await;
+        assert_eq!(refused.err().unwrap().reason(), "CIRCUIT_OPEN");
+        // The caller of one probe goes away before its first token: nothing is recorded and its
+        // slot goes to the next call.
+        drop(probes.pop());
+        assert_eq!(state(&api, "m"), BreakerState::HalfOpen);
+        probes.push(
+            api.stream_call(short(), Instant::now(), None)
+                .await
+                .unwrap(),
+        );
+        assert_eq!(
+            api.bulkheads().get(&BackendKey::new("m")).in_flight(),
+            3,
+            "the cancelled call gave its slot back"
+        );
+        for probe in probes {
+            let events: Vec<_> = probe.collect().await;
+            assert!(events.iter().all(Result::is_ok));
+        }
+        assert_eq!(state(&api, "m"), BreakerState::Closed);
+        assert_eq!(api.bulkheads().get(&BackendKey::new("m")).in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_means_a_slow_first_token_not_a_long_answer() {
+        use weir_mesh::breaker::BreakerState;
+        let breaker = BreakerConfig {
+            slow_call_threshold: Duration::from_millis(500),
+            ..small_breaker()
+        };
+        let api = resilient_api(
+            vec![
+                (
+                    "slow-start",
+                    SimSpec {
+                        time_to_first_token: Duration::from_secs(1),
+                        ..SimSpec::default()
+                    },
+                ),
+                (
+                    "long-answer",
+                    SimSpec {
+                        tokens_per_second: 10.0,
+                        ..SimSpec::default()
+                    },
+                ),
+            ],
+            breaker,
+        );
+        for _ in 0..4 {
+            let started = Instant::now();
+            api.generate_call(request("long-answer", "hi"), started, None)
+                .await
+                .unwrap();
+            assert!(started.elapsed() > Duration::from_secs(3));
+            let events: Vec<_> = api
+                .stream_call(request("long-answer", "hi"), Instant::now(), None)
+                .await
+                .unwrap()
+                .collect()
+                .await;
+            assert!(events.iter().all(Result::is_ok));
+        }
+        assert_eq!(state(&api, "long-answer"), BreakerState::Closed);
+        for _ in 0..4 {
+            let events: Vec<_> = api
+                .stream_call(request("slow-start", "hi"), Instant::now(), None)
+                .await
+                .unwrap()
+                .collect()
+                .await;
+            assert!(events.iter().all(Result::is_ok));
+        }
+        assert_eq!(state(&api, "slow-start"), BreakerState::Open);
     }
 
     #[tokio::test]
