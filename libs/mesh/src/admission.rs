@@ -95,12 +95,14 @@ use crate::{
 
 /// Default: the limit adapts (AIMD).
 pub const DEFAULT_ALGORITHM: LimitAlgorithm = LimitAlgorithm::Aimd;
-/// Default starting limit (and the fixed limit of `algorithm = "static"`).
-pub const DEFAULT_INITIAL_LIMIT: u32 = 100;
+/// Default starting limit (and the fixed limit of `algorithm = "static"`). Model calls are
+/// long-lived (a streamed answer holds its slot for seconds), so a gateway needs a few thousand
+/// slots; a server that must protect a smaller resource sets its own.
+pub const DEFAULT_INITIAL_LIMIT: u32 = 2000;
 /// Default lowest adaptive limit.
 pub const DEFAULT_MIN_LIMIT: u32 = 10;
 /// Default highest adaptive limit.
-pub const DEFAULT_MAX_LIMIT: u32 = 1000;
+pub const DEFAULT_MAX_LIMIT: u32 = 10_000;
 /// Default multiplicative decrease on a congested sample.
 pub const DEFAULT_BACKOFF_RATIO: f64 = 0.9;
 /// Default: a sample more than twice the baseline latency means congestion.
@@ -159,11 +161,11 @@ pub struct AdmissionConfig {
     pub enabled: bool,
     /// `aimd` (default) or `static`.
     pub algorithm: LimitAlgorithm,
-    /// Starting limit, and the fixed limit when static (default 100).
+    /// Starting limit, and the fixed limit when static (default 2000).
     pub initial_limit: u32,
     /// Lowest adaptive limit (default 10).
     pub min_limit: u32,
-    /// Highest adaptive limit (default 1000).
+    /// Highest adaptive limit (default 10,000).
     pub max_limit: u32,
     /// Multiplicative decrease on congestion, in (0, 1) (default 0.9).
     pub backoff_ratio: f64,

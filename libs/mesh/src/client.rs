@@ -1,4 +1,8 @@
-//! Channels to other Weir services.
+//! Channels to other Weir services, and the client stack every call to them goes through.
+//!
+//! [`ClientStack`] assembles the client layers in the order of DESIGN.md section 5, so every
+//! service gets the same behaviour by construction: deadline propagation → retry (with a budget)
+//! → circuit breaker → bulkhead → per-attempt timeout → the channel.
 //!
 //! A [`Channel`] connects lazily and reconnects on its own, so a service can start before its
 //! dependencies and survive their restarts; calls made while a dependency is down fail with
@@ -6,7 +10,21 @@
 
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    Status,
+    body::Body,
+    transport::{Channel, Endpoint},
+};
+use tower::{ServiceBuilder, util::BoxCloneSyncService};
+
+use crate::{
+    breaker::{BreakerConfig, Breakers, CircuitBreakerLayer},
+    bulkhead::{BulkheadConfig, BulkheadLayer, Bulkheads},
+    config::ConfigError,
+    deadline::DeadlineLayer,
+    retry::{RetryBudget, RetryBudgetConfig, RetryLayer, RetryPolicy},
+    timeout::{AttemptTimeoutLayer, TimeoutConfig},
+};
 
 /// Default TCP connect timeout for calls between services.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -21,4 +39,112 @@ pub fn lazy_channel(url: &str) -> Result<Channel, tonic::transport::Error> {
         .keep_alive_while_idle(true)
         .tcp_nodelay(true)
         .connect_lazy())
+}
+
+/// The settings of a client stack: what a service does to every call it makes to another
+/// service (`[router.client]` for the router's calls to inference). Every part has its documented
+/// defaults (RESILIENCE.md).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientConfig {
+    /// Time kept back from the caller's remaining deadline when it is sent on (default 5 ms).
+    #[serde(with = "humantime_serde")]
+    pub deadline_margin: Duration,
+    /// Retry policy (`[...client.retry]`).
+    pub retry: RetryPolicy,
+    /// Retry budget, per backend (`[...client.retry_budget]`).
+    pub retry_budget: RetryBudgetConfig,
+    /// Circuit breaker, per backend (`[...client.breaker]`).
+    pub breaker: BreakerConfig,
+    /// Concurrency limit, per backend (`[...client.bulkhead]`).
+    pub bulkhead: BulkheadConfig,
+    /// Per-attempt timeout (`[...client.timeout]`).
+    pub timeout: TimeoutConfig,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            deadline_margin: crate::deadline::DEFAULT_MARGIN,
+            retry: RetryPolicy::default(),
+            retry_budget: RetryBudgetConfig::default(),
+            breaker: BreakerConfig::default(),
+            bulkhead: BulkheadConfig::default(),
+            timeout: TimeoutConfig::default(),
+        }
+    }
+}
+
+impl ClientConfig {
+    /// Checks every part, naming the bad key under `key_prefix` (e.g. `router.client`).
+    pub fn validate(&self, key_prefix: &str) -> Result<(), ConfigError> {
+        self.retry.validate(&format!("{key_prefix}.retry"))?;
+        self.retry_budget
+            .validate(&format!("{key_prefix}.retry_budget"))?;
+        self.breaker.validate(&format!("{key_prefix}.breaker"))?;
+        self.bulkhead.validate(&format!("{key_prefix}.bulkhead"))?;
+        self.timeout.validate(&format!("{key_prefix}.timeout"))
+    }
+}
+
+/// A type-erased client stack, usable as the transport of any generated tonic client.
+///
+/// Its error is a concrete `tonic::Status` rather than a boxed trait object: a `BoxError` here
+/// makes the futures of tonic clients over it fail the compiler's `Send` proof inside
+/// `async_trait` handlers (a higher-ranked lifetime limitation), and tonic turns every error into
+/// a `Status` anyway.
+pub type BoxedClient = BoxCloneSyncService<http::Request<Body>, http::Response<Body>, Status>;
+
+/// A client stack over one channel, with handles on its per-backend state.
+#[derive(Debug, Clone)]
+pub struct ClientStack {
+    service: BoxedClient,
+    breakers: Breakers,
+    bulkheads: Bulkheads,
+}
+
+impl ClientStack {
+    /// Builds the stack of DESIGN.md section 5 over `channel`, outermost first. Calls tagged with a
+    /// [`crate::backend::BackendKey`] get their own breaker, bulkhead and retry budget.
+    pub fn new(channel: Channel, config: &ClientConfig) -> Self {
+        let breakers = Breakers::new(config.breaker.clone());
+        let bulkheads = Bulkheads::new(config.bulkhead.clone());
+        let service = ServiceBuilder::new()
+            // The status of a refusal or failure, as tonic would surface it (see BoxedClient).
+            .map_err(Status::from_error)
+            // Send only the time we have left, so a slow hop cannot eat the caller's deadline.
+            .layer(DeadlineLayer::propagate(config.deadline_margin))
+            // Retries spend from a per-backend budget, so an outage is not multiplied by 3.
+            .layer(RetryLayer::new(
+                config.retry.clone(),
+                RetryBudget::new(&config.retry_budget),
+            ))
+            // Stop calling a failing backend and fail fast, so fallbacks answer quickly.
+            .layer(CircuitBreakerLayer::with_breakers(breakers.clone()))
+            // One slow backend cannot take every connection and slot from the others.
+            .layer(BulkheadLayer::with_bulkheads(bulkheads.clone()))
+            // No single attempt may hang past its own bound or the deadline.
+            .layer(AttemptTimeoutLayer::new(config.timeout.clone()))
+            .service(channel);
+        Self {
+            service: BoxCloneSyncService::new(service),
+            breakers,
+            bulkheads,
+        }
+    }
+
+    /// The stack, for `FooServiceClient::new(stack.service())`.
+    pub fn service(&self) -> BoxedClient {
+        self.service.clone()
+    }
+
+    /// The circuit breakers, by backend (for health reports, metrics and tests).
+    pub fn breakers(&self) -> &Breakers {
+        &self.breakers
+    }
+
+    /// The bulkheads, by backend.
+    pub fn bulkheads(&self) -> &Bulkheads {
+        &self.bulkheads
+    }
 }

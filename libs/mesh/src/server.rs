@@ -5,6 +5,12 @@
 //!   name while running; NOT_SERVING as soon as shutdown starts, so load balancers stop sending.
 //! - gRPC reflection (v1 and v1alpha) advertising the hosted services, with the descriptors from
 //!   weir-proto, so grpcurl works without .proto files.
+//! - The server-side resilience stack, outermost first (DESIGN.md section 5):
+//!   deadline ([`crate::deadline`]: parse `grpc-timeout`, cap it, answer DEADLINE_EXCEEDED) →
+//!   admission ([`crate::admission`]: criticality-aware load shedding under an adaptive
+//!   concurrency limit) → auth ([`crate::auth`], the router only) → rate limit
+//!   ([`crate::ratelimit`], the router only) → the service. Health and reflection are never shed,
+//!   authenticated or rate-limited.
 //! - Graceful shutdown: when the [`CancellationToken`] is cancelled the server reports
 //!   NOT_SERVING, waits [`ServerConfig::drain_delay`] (time for load balancers to notice), stops
 //!   accepting, and lets in-flight calls finish for up to [`ServerConfig::shutdown_grace`]; calls
@@ -22,15 +28,24 @@ use tonic::{
     transport::{Server, server::TcpIncoming},
 };
 use tonic_health::ServingStatus;
-use tower::Service;
+use tower::{Service, ServiceBuilder};
+
+use crate::{
+    admission::{AdmissionConfig, AdmissionController, AdmissionLayer},
+    auth::AuthLayer,
+    config::ConfigError,
+    deadline::{DeadlineConfig, DeadlineLayer},
+    ratelimit::RateLimitLayer,
+};
 
 /// Default time in-flight calls get to finish after shutdown starts.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Default time between reporting NOT_SERVING and refusing new connections.
 pub const DEFAULT_DRAIN_DELAY: Duration = Duration::ZERO;
 
-/// Shutdown behaviour of a server (the `[<service>]` table's `shutdown_grace` and `drain_delay`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// The `[server]` table: what every Weir server does the same way (shutdown, deadlines,
+/// admission). `[server.deadline]` and `[server.admission]` hold the layers' own settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
     /// How long in-flight calls may run after shutdown starts (default 10 s).
@@ -40,6 +55,10 @@ pub struct ServerConfig {
     /// behind a load balancer that polls health).
     #[serde(with = "humantime_serde")]
     pub drain_delay: Duration,
+    /// Deadline cap per method (`[server.deadline]`; default 60 s for every method).
+    pub deadline: DeadlineConfig,
+    /// Load shedding and the concurrency limit (`[server.admission]`; AIMD from 100).
+    pub admission: AdmissionConfig,
 }
 
 impl Default for ServerConfig {
@@ -47,7 +66,17 @@ impl Default for ServerConfig {
         Self {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             drain_delay: DEFAULT_DRAIN_DELAY,
+            deadline: DeadlineConfig::default(),
+            admission: AdmissionConfig::default(),
         }
+    }
+}
+
+impl ServerConfig {
+    /// Checks the layers' settings, naming the bad key under `server.`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.deadline.validate("server.deadline")?;
+        self.admission.validate("server.admission")
     }
 }
 
@@ -70,12 +99,17 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// A gRPC server for one or more Weir services, with health, reflection and graceful shutdown.
+/// A gRPC server for one or more Weir services, with health, reflection, the server-side
+/// resilience stack and graceful shutdown.
 #[derive(Debug, Default)]
 pub struct GrpcServer {
     routes: tonic::service::RoutesBuilder,
     names: Vec<&'static str>,
     config: ServerConfig,
+    /// Name for the admission controller's metrics (the service's config table name).
+    label: &'static str,
+    auth: Option<AuthLayer>,
+    rate_limit: Option<RateLimitLayer>,
 }
 
 impl GrpcServer {
@@ -85,7 +119,28 @@ impl GrpcServer {
             routes: Routes::builder(),
             names: Vec::new(),
             config,
+            label: "",
+            auth: None,
+            rate_limit: None,
         }
+    }
+
+    /// Names the server in metrics (e.g. `"router"`); the default is the first service's name.
+    pub fn with_label(mut self, label: &'static str) -> Self {
+        self.label = label;
+        self
+    }
+
+    /// Authenticates every call (the front door only; internal services trust `weir-tenant`).
+    pub fn with_auth(mut self, auth: AuthLayer) -> Self {
+        self.auth = Some(auth);
+        self
+    }
+
+    /// Rate-limits every call by tenant (the front door only).
+    pub fn with_rate_limit(mut self, rate_limit: RateLimitLayer) -> Self {
+        self.rate_limit = Some(rate_limit);
+        self
     }
 
     /// Sets the shutdown behaviour (the `[server]` table of `weir.toml`).
@@ -148,7 +203,23 @@ impl GrpcServer {
             .add_service(reflection_v1alpha.build_v1alpha()?);
 
         let names = self.names.clone();
-        let config = self.config;
+        let config = self.config.clone();
+        let label = if self.label.is_empty() {
+            self.names.first().copied().unwrap_or("grpc")
+        } else {
+            self.label
+        };
+        let layers = ServiceBuilder::new()
+            // Every call gets a bounded deadline, and handlers find it in their extensions.
+            .layer(DeadlineLayer::server(config.deadline.clone()))
+            // Shed the least critical calls first when the server is saturated.
+            .layer(AdmissionLayer::with_controller(AdmissionController::named(
+                &config.admission,
+                label,
+            )))
+            // Only the front door authenticates and rate-limits tenants.
+            .option_layer(self.auth)
+            .option_layer(self.rate_limit);
         let drain_signal = {
             let shutdown = shutdown.clone();
             async move {
@@ -164,8 +235,14 @@ impl GrpcServer {
         };
         tracing::info!(%addr, services = ?self.names, "serving gRPC");
         let server = Server::builder()
+            .layer(layers)
             .add_routes(routes)
-            .serve_with_incoming_shutdown(TcpIncoming::from(listener), drain_signal);
+            // No Nagle delay: a response larger than one segment would otherwise wait for the
+            // client's delayed ACK (~40 ms on Linux).
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                drain_signal,
+            );
         tokio::pin!(server);
         let deadline = async {
             shutdown.cancelled().await;

@@ -19,8 +19,8 @@
 
 use std::sync::Arc;
 
-use tonic::{Request, Response, Status, metadata::MetadataMap};
-use weir_mesh::ApiError;
+use tonic::{Request, Response, Status};
+use weir_mesh::{ApiError, client::ClientStack, deadline::Deadline};
 use weir_proto::{
     common::{FinishReason, Message, Role, Usage},
     router::{
@@ -31,7 +31,7 @@ use weir_proto::{
 
 use crate::{
     fallback,
-    inference::Inference,
+    inference::{Call, Inference},
     relay::{self, CompleteStream},
     request::{Completion, RequestError},
     route::{Plan, ResolveError, RouteTable},
@@ -46,12 +46,18 @@ pub struct RouterApi {
 }
 
 impl RouterApi {
-    /// A router over validated `routes`, calling inference over `channel`.
-    pub fn new(routes: RouteTable, channel: tonic::transport::Channel) -> Self {
+    /// A router over validated `routes`, calling inference through `client` (the mesh's client
+    /// stack over a channel to the inference service).
+    pub fn new(routes: RouteTable, client: ClientStack) -> Self {
         Self {
             routes: Arc::new(routes),
-            inference: Inference::new(channel),
+            inference: Inference::new(client),
         }
+    }
+
+    /// The client stack of the calls to inference: its circuit breakers and bulkheads by model.
+    pub fn inference_client(&self) -> &ClientStack {
+        self.inference.stack()
     }
 
     /// The route table requests are resolved against.
@@ -79,22 +85,23 @@ impl RouterService for RouterApi {
         &self,
         request: Request<CompleteRequest>,
     ) -> Result<Response<CompleteResponse>, Status> {
+        let deadline = Deadline::from_request(&request);
         let (metadata, _, body) = request.into_parts();
         let completion = Completion::from(body);
         let plan = self.walk(&completion).map_err(refused)?;
+        let call = Call::new(&metadata, deadline, completion.criticality());
         // 5. Model call: the candidates in order, each later one only after a fallback-worthy
         //    failure of the one before (crate::fallback), then the route's degraded answer.
         let mut notices = Vec::new();
         let mut last_error = None;
         for (position, candidate) in plan.candidates().iter().enumerate() {
             let model = candidate.model();
+            if position > 0 && out_of_time(&call) {
+                break;
+            }
             let result = self
                 .inference
-                .generate(
-                    completion.generate_request(model),
-                    &metadata,
-                    completion.criticality(),
-                )
+                .generate(&call, model, completion.generate_request(model))
                 .await;
             let answer = match result {
                 Ok(answer) => answer,
@@ -163,9 +170,11 @@ impl RouterService for RouterApi {
         &self,
         request: Request<CompleteStreamRequest>,
     ) -> Result<Response<CompleteStream>, Status> {
+        let deadline = Deadline::from_request(&request);
         let (metadata, _, body) = request.into_parts();
         let completion = Completion::from(body);
         let plan = self.walk(&completion).map_err(refused)?;
+        let call = Call::new(&metadata, deadline, completion.criticality());
         // 5. Model call. Until a candidate's first event the client has seen nothing, so a
         //    failure before it moves on to the next candidate exactly as for `Complete`; after
         //    it, the stream ends with the error (never a silent switch mid-answer).
@@ -173,14 +182,17 @@ impl RouterService for RouterApi {
         let mut last_error = None;
         for (position, candidate) in plan.candidates().iter().enumerate() {
             let model = candidate.model();
+            if position > 0 && out_of_time(&call) {
+                break;
+            }
             let start = start_event(&plan, model, plan.served_by(position));
             let opened = open_stream(
                 &self.inference,
+                &call,
                 &completion,
                 model,
                 start,
                 notices.clone(),
-                &metadata,
             )
             .await;
             match opened {
@@ -224,20 +236,22 @@ fn start_event(plan: &Plan, model: &str, served_by: ServedBy) -> Start {
 /// [`relay::open`]).
 async fn open_stream(
     inference: &Inference,
+    call: &Call,
     completion: &Completion,
     model: &str,
     start: Start,
     notices: Vec<Notice>,
-    metadata: &MetadataMap,
 ) -> Result<CompleteStream, ApiError> {
     let upstream = inference
-        .generate_stream(
-            completion.generate_stream_request(model),
-            metadata,
-            completion.criticality(),
-        )
+        .generate_stream(call, model, completion.generate_stream_request(model))
         .await?;
     relay::open(start, notices, upstream).await
+}
+
+/// Whether the caller's deadline has passed, so no further candidate is worth trying.
+fn out_of_time(call: &Call) -> bool {
+    call.deadline()
+        .is_some_and(|deadline| deadline.is_expired())
 }
 
 /// A failed model call: `Ok(error)` when the walk may try the next candidate, `Err(status)` when

@@ -17,6 +17,11 @@
 //! only the models present in the catalog (and no route when none is, or when a model is itself
 //! named `auto`). Defining any route replaces that default.
 //!
+//! The edge of the mesh is configured here too: `[router.auth]` (API keys → tenants),
+//! `[router.rate_limit]` (per-tenant GCRA, shared through Redis by replicas) and
+//! `[router.client]` (retry, breaker, bulkhead and timeouts of the calls to inference); each
+//! table's settings and defaults are documented on its type in weir-mesh.
+//!
 //! The configuration is checked once at start-up, against the model catalog, by
 //! [`crate::RouteTable::new`] and [`Config::validate_inference_url`]; a bad value fails with a
 //! [`ConfigError`] naming its key, such as `router.routes.auto.models`.
@@ -27,7 +32,9 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use weir_mesh::config::ConfigError;
+use weir_mesh::{
+    auth::AuthConfig, client::ClientConfig, config::ConfigError, ratelimit::RateLimitConfig,
+};
 
 /// Default address the router listens on.
 pub const DEFAULT_LISTEN: SocketAddr =
@@ -52,6 +59,15 @@ pub struct Config {
     /// Route aliases by name (`[router.routes.<alias>]`). Empty means the default `auto` route
     /// (see the module documentation).
     pub routes: BTreeMap<String, RouteSpec>,
+    /// Tenant authentication (`[router.auth]`, `[[router.auth.api_keys]]`). With no key
+    /// configured every caller is the default tenant.
+    pub auth: AuthConfig,
+    /// Per-tenant rate limits (`[router.rate_limit]`; 100 requests/s, burst 200 by default;
+    /// shared by replicas through Redis when `redis_url` is set).
+    pub rate_limit: RateLimitConfig,
+    /// The resilience of the router's calls to inference (`[router.client]`: retry, retry
+    /// budget, breaker, bulkhead and attempt timeout, per model).
+    pub client: ClientConfig,
 }
 
 impl Default for Config {
@@ -60,6 +76,9 @@ impl Default for Config {
             listen: DEFAULT_LISTEN,
             inference_url: DEFAULT_INFERENCE_URL.to_string(),
             routes: BTreeMap::new(),
+            auth: AuthConfig::default(),
+            rate_limit: RateLimitConfig::default(),
+            client: ClientConfig::default(),
         }
     }
 }

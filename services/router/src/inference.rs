@@ -1,16 +1,15 @@
 //! The model call: the router's client of the inference service.
 //!
-//! One channel ([`weir_mesh::client::lazy_channel`]) carries every call; it connects on first use
-//! and reconnects on its own, so a call made while inference is down fails with UNAVAILABLE rather
-//! than the router failing to start.
+//! Every call goes through the mesh's client stack ([`weir_mesh::client::ClientStack`]): deadline
+//! propagation → retry (with a per-model budget) → circuit breaker → bulkhead → per-attempt
+//! timeout → one channel to inference. Each call is tagged with the model as its
+//! [`BackendKey`], so a failing model opens its own breaker and spends its own retry budget
+//! without touching the others.
 //!
-//! Each call carries, from the caller's request, the metadata in [`FORWARDED_METADATA`]: the
-//! tenant, the criticality (the request body's `criticality` wins when set, as the API documents)
-//! and `grpc-timeout`, so the inference call is bounded by the caller's deadline. Forwarding the
-//! header unchanged gives inference the caller's whole budget, not what is left of it; the
-//! deadline layer of libs/mesh will send only the remaining time, and replaces
-//! `outgoing_request`. Until tenant authentication lands in the router, the `weir-tenant` a
-//! caller sends is passed on as is; the auth layer will set it from the API key instead.
+//! Each call carries, from the caller's request (a [`Call`]):
+//! - the tenant (`weir-tenant`, which the auth layer set from the API key) and the criticality
+//!   (the request body's `criticality` wins when set, as the API documents);
+//! - the caller's [`Deadline`]: the remaining time, not the caller's whole budget, is sent on.
 //!
 //! Errors are passed through with their `google.rpc` details: the client of the router sees the
 //! code, reason, RetryInfo and BadRequest that inference produced.
@@ -18,11 +17,13 @@
 use tonic::{
     Streaming,
     metadata::{MetadataMap, MetadataValue},
-    transport::Channel,
 };
 use weir_mesh::{
     ApiError,
-    metadata::{CRITICALITY, GRPC_TIMEOUT, TENANT},
+    backend::BackendKey,
+    client::{BoxedClient, ClientStack},
+    deadline::Deadline,
+    metadata::{CRITICALITY, TENANT},
 };
 use weir_proto::{
     common::Criticality,
@@ -33,71 +34,103 @@ use weir_proto::{
 };
 
 /// Metadata copied from the caller's request onto each inference call, when present.
-pub const FORWARDED_METADATA: [&str; 3] = [TENANT, CRITICALITY, GRPC_TIMEOUT];
+pub const FORWARDED_METADATA: [&str; 2] = [TENANT, CRITICALITY];
+
+/// What one client request passes on to every model call it makes.
+#[derive(Debug, Clone, Default)]
+pub struct Call {
+    metadata: MetadataMap,
+    deadline: Option<Deadline>,
+}
+
+impl Call {
+    /// The [`FORWARDED_METADATA`] of `incoming` (with the body's criticality, if set, in place of
+    /// the caller's `weir-criticality`) and the caller's deadline.
+    pub fn new(
+        incoming: &MetadataMap,
+        deadline: Option<Deadline>,
+        criticality: Option<Criticality>,
+    ) -> Self {
+        let mut metadata = MetadataMap::new();
+        for key in FORWARDED_METADATA {
+            if let Some(value) = incoming.get(key) {
+                metadata.insert(key, value.clone());
+            }
+        }
+        if let Some(name) = criticality.and_then(criticality_name) {
+            metadata.insert(CRITICALITY, MetadataValue::from_static(name));
+        }
+        Self { metadata, deadline }
+    }
+
+    /// The caller's deadline, if it set one (the server layer always caps it, so in a server there
+    /// always is one).
+    pub fn deadline(&self) -> Option<Deadline> {
+        self.deadline
+    }
+
+    /// Wraps `message` for a call to `model`: the forwarded metadata, the remaining deadline, and
+    /// the model as the call's backend key.
+    pub(crate) fn request<T>(&self, message: T, model: &str) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        *request.metadata_mut() = self.metadata.clone();
+        if let Some(deadline) = self.deadline {
+            deadline.apply_to(&mut request);
+        }
+        request.extensions_mut().insert(BackendKey::new(model));
+        request
+    }
+}
 
 /// A cheap-to-clone client of the inference service.
 #[derive(Debug, Clone)]
 pub(crate) struct Inference {
-    client: InferenceServiceClient<Channel>,
+    client: InferenceServiceClient<BoxedClient>,
+    stack: ClientStack,
 }
 
 impl Inference {
-    /// A client over `channel`.
-    pub fn new(channel: Channel) -> Self {
+    /// A client over `stack`.
+    pub fn new(stack: ClientStack) -> Self {
         Self {
-            client: InferenceServiceClient::new(channel),
+            client: InferenceServiceClient::new(stack.service()),
+            stack,
         }
     }
 
-    /// `Generate`: the whole answer.
+    /// The client stack (its breakers and bulkheads, by model).
+    pub fn stack(&self) -> &ClientStack {
+        &self.stack
+    }
+
+    /// `Generate`: the whole answer from `model`.
     pub async fn generate(
         &self,
-        request: GenerateRequest,
-        incoming: &MetadataMap,
-        criticality: Option<Criticality>,
+        call: &Call,
+        model: &str,
+        message: GenerateRequest,
     ) -> Result<GenerateResponse, ApiError> {
-        let request = outgoing_request(request, incoming, criticality);
         let mut client = self.client.clone();
-        match client.generate(request).await {
+        match client.generate(call.request(message, model)).await {
             Ok(response) => Ok(response.into_inner()),
             Err(status) => Err(ApiError::from_status(&status)),
         }
     }
 
-    /// `GenerateStream`: the answer's events. Dropping the returned stream cancels the call.
+    /// `GenerateStream`: the answer's events from `model`. Dropping the returned stream cancels
+    /// the call.
     pub async fn generate_stream(
         &self,
-        request: GenerateStreamRequest,
-        incoming: &MetadataMap,
-        criticality: Option<Criticality>,
+        call: &Call,
+        model: &str,
+        message: GenerateStreamRequest,
     ) -> Result<Streaming<GenerateStreamResponse>, ApiError> {
-        let request = outgoing_request(request, incoming, criticality);
         let mut client = self.client.clone();
-        match client.generate_stream(request).await {
+        match client.generate_stream(call.request(message, model)).await {
             Ok(response) => Ok(response.into_inner()),
             Err(status) => Err(ApiError::from_status(&status)),
         }
     }
-}
-
-/// Wraps `message` in a request carrying the [`FORWARDED_METADATA`] of `incoming`, with the body's
-/// criticality (if set) in place of the caller's `weir-criticality`.
-pub(crate) fn outgoing_request<T>(
-    message: T,
-    incoming: &MetadataMap,
-    criticality: Option<Criticality>,
-) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    let outgoing = request.metadata_mut();
-    for key in FORWARDED_METADATA {
-        if let Some(value) = incoming.get(key) {
-            outgoing.insert(key, value.clone());
-        }
-    }
-    if let Some(name) = criticality.and_then(criticality_name) {
-        outgoing.insert(CRITICALITY, MetadataValue::from_static(name));
-    }
-    request
 }
 
 /// The `weir-criticality` spelling of a criticality (`CRITICAL_PLUS`, ...); none for UNSPECIFIED.
@@ -126,35 +159,44 @@ mod tests {
     }
 
     #[test]
-    fn forwards_tenant_criticality_and_deadline_only() {
+    fn forwards_tenant_criticality_and_the_remaining_deadline_only() {
         let incoming = incoming(&[
             (TENANT, "acme"),
             (CRITICALITY, "SHEDDABLE"),
-            (GRPC_TIMEOUT, "1500m"),
+            ("grpc-timeout", "1500m"),
             ("authorization", "Bearer secret"),
             ("x-other", "1"),
         ]);
-        let request = outgoing_request((), &incoming, None);
+        let deadline = Deadline::after(std::time::Duration::from_millis(700));
+        let request = Call::new(&incoming, Some(deadline), None).request((), "m");
         assert_eq!(get(&request, TENANT), Some("acme"));
         assert_eq!(get(&request, CRITICALITY), Some("SHEDDABLE"));
-        assert_eq!(get(&request, GRPC_TIMEOUT), Some("1500m"));
+        let sent = weir_mesh::deadline::remaining(request.metadata()).unwrap();
+        assert!(sent <= std::time::Duration::from_millis(700), "{sent:?}");
         assert_eq!(get(&request, "authorization"), None);
         assert_eq!(get(&request, "x-other"), None);
+        assert_eq!(
+            request.extensions().get::<BackendKey>(),
+            Some(&BackendKey::new("m"))
+        );
     }
 
     #[test]
     fn absent_metadata_stays_absent() {
-        let request = outgoing_request((), &MetadataMap::new(), None);
+        let request = Call::new(&MetadataMap::new(), None, None).request((), "m");
         assert!(request.metadata().is_empty());
     }
 
     #[test]
     fn body_criticality_overrides_metadata() {
         let incoming = incoming(&[(CRITICALITY, "SHEDDABLE")]);
-        let request = outgoing_request((), &incoming, Some(Criticality::CriticalPlus));
-        assert_eq!(get(&request, CRITICALITY), Some("CRITICAL_PLUS"));
-        let request = outgoing_request((), &incoming, Some(Criticality::Unspecified));
-        assert_eq!(get(&request, CRITICALITY), Some("SHEDDABLE"));
+        let call = Call::new(&incoming, None, Some(Criticality::CriticalPlus));
+        assert_eq!(
+            get(&call.request((), "m"), CRITICALITY),
+            Some("CRITICAL_PLUS")
+        );
+        let call = Call::new(&incoming, None, Some(Criticality::Unspecified));
+        assert_eq!(get(&call.request((), "m"), CRITICALITY), Some("SHEDDABLE"));
     }
 
     #[test]

@@ -31,7 +31,14 @@ pub mod route;
 
 use std::sync::Arc;
 
-use weir_mesh::{catalog::Catalog, config::ConfigError, server::GrpcServer};
+use weir_mesh::{
+    auth::{AuthLayer, Authenticator},
+    catalog::Catalog,
+    client::ClientStack,
+    config::ConfigError,
+    ratelimit::{RateLimitLayer, TenantLimiter},
+    server::GrpcServer,
+};
 use weir_proto::router::router_service_server::RouterServiceServer;
 
 pub use api::RouterApi;
@@ -46,17 +53,26 @@ pub use route::{Plan, RouteTable};
 /// building it needs a Tokio runtime, so call this from within one.
 pub fn server(config: &Config, catalog: Arc<Catalog>) -> Result<GrpcServer, ConfigError> {
     let api = router_api(config, catalog)?;
-    Ok(GrpcServer::default().add_service(RouterServiceServer::new(api)))
+    let authenticator = Authenticator::from_config(&config.auth, "router.auth")?;
+    let limiter = TenantLimiter::from_config(&config.rate_limit, "router.rate_limit")?;
+    Ok(GrpcServer::default()
+        .add_service(RouterServiceServer::new(api))
+        .with_auth(AuthLayer::new(authenticator))
+        .with_rate_limit(RateLimitLayer::new(limiter)))
 }
 
 /// Validates `config` against `catalog` and builds the gRPC implementation, for callers that host
 /// it on a server of their own. Needs a Tokio runtime (see [`server`]).
 pub fn router_api(config: &Config, catalog: Arc<Catalog>) -> Result<RouterApi, ConfigError> {
     config.validate_inference_url()?;
+    config.client.validate("router.client")?;
     let routes = RouteTable::new(config, catalog)?;
     let channel = weir_mesh::client::lazy_channel(config.inference_url.trim())
         .map_err(|error| ConfigError::invalid("router.inference_url", error.to_string()))?;
-    Ok(RouterApi::new(routes, channel))
+    Ok(RouterApi::new(
+        routes,
+        ClientStack::new(channel, &config.client),
+    ))
 }
 
 #[cfg(test)]
