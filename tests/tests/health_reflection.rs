@@ -111,12 +111,12 @@ async fn reflection_serves_the_file_descriptors() {
 
 #[tokio::test]
 async fn services_not_yet_built_answer_unimplemented() {
-    use weir_proto::session::{GetSessionRequest, session_service_client::SessionServiceClient};
+    use weir_proto::review::{GetItemRequest, review_service_client::ReviewServiceClient};
     let mesh = Mesh::start("").await;
-    let mut session = SessionServiceClient::new(mesh.channel(Service::Session));
-    let status = session
-        .get_session(GetSessionRequest {
-            session_id: "s".into(),
+    let mut review = ReviewServiceClient::new(mesh.channel(Service::Review));
+    let status = review
+        .get_item(GetItemRequest {
+            item_id: "i".into(),
         })
         .await
         .unwrap_err();

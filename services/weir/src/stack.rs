@@ -81,9 +81,11 @@ impl StackConfig {
 
     /// Reads every section from a source.
     pub fn from_source(source: &Source) -> Result<Self, ConfigError> {
+        let server: ServerConfig = source.section("server")?;
+        server.validate()?;
         Ok(Self {
             catalog: Arc::new(Catalog::from_source(source)?),
-            server: source.section("server")?,
+            server,
             router: source.section("router")?,
             inference: source.section("inference")?,
             session: source.section("session")?,
@@ -133,6 +135,12 @@ pub enum StartError {
     /// The configuration is invalid for this service.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The session service could not start (its config or its Redis).
+    #[error("session service: {0}")]
+    Session(#[from] weir_session::StartError),
+    /// The budget service could not start (its config or its Redis).
+    #[error("budget service: {0}")]
+    Budget(#[from] weir_budget::StartError),
 }
 
 /// A running set of services.
@@ -197,8 +205,9 @@ impl Running {
 /// Starts `services` from `config`, each on its own listener, stopping when `shutdown` is
 /// cancelled. All listeners are bound before any service starts, so a port conflict fails fast.
 ///
-/// When the router and the inference service run in the same process, the router is pointed at
-/// that inference service's actual address (so port 0 works, and `weir up` is self-contained).
+/// When the inference service runs in the same process, the router and the session service (which
+/// summarizes through it) are pointed at its actual address (so port 0 works, and `weir up` is
+/// self-contained).
 pub async fn start(
     mut config: StackConfig,
     services: &[Service],
@@ -227,6 +236,7 @@ pub async fn start(
     }
     if let Some(inference) = addrs.get(&Service::Inference) {
         config.router.inference_url = format!("http://{inference}");
+        config.session.inference_url = format!("http://{inference}");
     }
 
     // Build every server before serving any, so a config error starts nothing.
@@ -234,12 +244,19 @@ pub async fn start(
     for (service, listener) in listeners {
         let server = match service {
             Service::Router => weir_router::server(&config.router, config.catalog.clone())?,
-            Service::Inference => weir_inference::server(&config.inference, config.catalog.clone()),
-            Service::Session => weir_session::server(&config.session),
-            Service::Budget => weir_budget::server(&config.budget),
+            Service::Inference => {
+                weir_inference::try_server(&config.inference, config.catalog.clone())?
+            }
+            Service::Session => {
+                weir_session::server(&config.session, config.catalog.clone()).await?
+            }
+            Service::Budget => weir_budget::server(&config.budget, config.catalog.clone()).await?,
             Service::Review => weir_review::server(&config.review),
         };
-        servers.push((service, server.with_config(config.server), listener));
+        let server = server
+            .with_config(config.server.clone())
+            .with_label(service.name());
+        servers.push((service, server, listener));
     }
 
     let mut tasks = JoinSet::new();

@@ -1,0 +1,166 @@
+//! Soft-limit events and the service's counters.
+//!
+//! Whether a commit crossed a scope's soft limit for the first time in its period is decided in
+//! the commit script (HSETNX on the period's counter), so the event is raised exactly once per
+//! period however many replicas commit at once. Raising it means: a `warn` log line, one more on
+//! [`Metrics::soft_limit_events`], and, when `soft_limit_webhook` is set, a JSON POST
+//! ([`SoftLimitEvent`]) sent in the background, once, with a 5 s timeout (a failed delivery is
+//! logged, not retried: the log and the counter are the record).
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use serde::Serialize;
+
+/// Timeout of one webhook delivery.
+pub const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Counters of the budget service, for metrics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    reservations: AtomicU64,
+    refused: AtomicU64,
+    commits: AtomicU64,
+    overruns: AtomicU64,
+    releases: AtomicU64,
+    expired: AtomicU64,
+    soft_limit_events: AtomicU64,
+    webhook_failures: AtomicU64,
+}
+
+/// A snapshot of [`Metrics`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MetricsSnapshot {
+    /// Reservations made (replays not counted).
+    pub reservations: u64,
+    /// Reservations refused with RESOURCE_EXHAUSTED.
+    pub refused: u64,
+    /// Commits that charged.
+    pub commits: u64,
+    /// Commits whose cost exceeded the hold.
+    pub overruns: u64,
+    /// Reservations released.
+    pub releases: u64,
+    /// Reservations expired by this process's sweeper.
+    pub expired: u64,
+    /// Soft-limit events raised by this process.
+    pub soft_limit_events: u64,
+    /// Webhook deliveries that failed.
+    pub webhook_failures: u64,
+}
+
+impl Metrics {
+    /// The current values.
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        MetricsSnapshot {
+            reservations: get(&self.reservations),
+            refused: get(&self.refused),
+            commits: get(&self.commits),
+            overruns: get(&self.overruns),
+            releases: get(&self.releases),
+            expired: get(&self.expired),
+            soft_limit_events: get(&self.soft_limit_events),
+            webhook_failures: get(&self.webhook_failures),
+        }
+    }
+
+    /// Number of soft-limit events raised by this process.
+    pub fn soft_limit_events(&self) -> u64 {
+        self.soft_limit_events.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn add_reservation(&self) {
+        self.reservations.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn add_refused(&self) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn add_commit(&self, overrun: bool) {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        if overrun {
+            self.overruns.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    pub(crate) fn add_release(&self) {
+        self.releases.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn add_expired(&self, n: u64) {
+        self.expired.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// The JSON body POSTed to `soft_limit_webhook`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SoftLimitEvent {
+    /// Always `budget.soft_limit_reached`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// Unique id of this event, for deduplication by the receiver.
+    pub id: String,
+    /// The tenant.
+    pub tenant: String,
+    /// The scope that crossed, as a QuotaFailure subject (`tenant:acme`, `user:u1`).
+    pub subject: String,
+    /// Spend in the period after the commit that crossed, micro-USD.
+    pub spent_micros: i64,
+    /// The soft limit, micro-USD.
+    pub soft_limit_micros: i64,
+    /// When, RFC 3339.
+    pub time: String,
+}
+
+/// Raises soft-limit events.
+#[derive(Debug, Clone)]
+pub(crate) struct Events {
+    pub(crate) metrics: Arc<Metrics>,
+    webhook: Option<(reqwest::Client, String)>,
+}
+
+impl Events {
+    pub(crate) fn new(metrics: Arc<Metrics>, webhook: Option<String>) -> Self {
+        let webhook = webhook.map(|url| {
+            let client = reqwest::Client::builder()
+                .timeout(WEBHOOK_TIMEOUT)
+                .build()
+                .unwrap_or_default();
+            (client, url)
+        });
+        Self { metrics, webhook }
+    }
+
+    pub(crate) fn soft_limit_reached(&self, event: SoftLimitEvent) {
+        self.metrics
+            .soft_limit_events
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            tenant = %event.tenant,
+            subject = %event.subject,
+            spent_micros = event.spent_micros,
+            soft_limit_micros = event.soft_limit_micros,
+            "budget soft limit reached"
+        );
+        if let Some((client, url)) = &self.webhook {
+            let client = client.clone();
+            let url = url.clone();
+            let metrics = self.metrics.clone();
+            tokio::spawn(async move {
+                let result = client
+                    .post(&url)
+                    .json(&event)
+                    .send()
+                    .await
+                    .and_then(reqwest::Response::error_for_status);
+                if let Err(error) = result {
+                    metrics.webhook_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%error, event_id = %event.id, "soft-limit webhook failed");
+                }
+            });
+        }
+    }
+}
