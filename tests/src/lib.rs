@@ -64,6 +64,13 @@ impl Mesh {
         weir_mesh::client::lazy_channel(&self.url(service)).expect("valid URL")
     }
 
+    /// The in-process inference service: what its simulated models received, its breakers.
+    pub fn inference_api(&self) -> &weir_inference::InferenceApi {
+        self.running()
+            .inference()
+            .expect("the inference service was started")
+    }
+
     /// A router client.
     pub fn router(&self) -> RouterServiceClient<Channel> {
         RouterServiceClient::new(self.channel(Service::Router))

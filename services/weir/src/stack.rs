@@ -147,6 +147,7 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct Running {
     addrs: BTreeMap<Service, SocketAddr>,
+    inference: Option<weir_inference::InferenceApi>,
     tasks: JoinSet<(Service, Result<(), ServeError>)>,
     shutdown: CancellationToken,
 }
@@ -167,6 +168,12 @@ impl Running {
         Service::ALL
             .into_iter()
             .filter_map(|s| self.addr(s).map(|a| (s, a)))
+    }
+
+    /// The running inference service's implementation, if it was started: what its simulated
+    /// models received, its breakers and bulkheads.
+    pub fn inference(&self) -> Option<&weir_inference::InferenceApi> {
+        self.inference.as_ref()
     }
 
     /// The token that stops every service.
@@ -241,11 +248,18 @@ pub async fn start(
 
     // Build every server before serving any, so a config error starts nothing.
     let mut servers: Vec<(Service, GrpcServer, TcpListener)> = Vec::new();
+    let mut inference = None;
     for (service, listener) in listeners {
         let server = match service {
             Service::Router => weir_router::server(&config.router, config.catalog.clone())?,
             Service::Inference => {
-                weir_inference::try_server(&config.inference, config.catalog.clone())?
+                config.inference.validate()?;
+                let api = weir_inference::InferenceApi::with_config(
+                    config.catalog.clone(),
+                    &config.inference,
+                );
+                inference = Some(api.clone());
+                weir_inference::server_with(&config.inference, api)
             }
             Service::Session => {
                 weir_session::server(&config.session, config.catalog.clone()).await?
@@ -266,6 +280,7 @@ pub async fn start(
     }
     Ok(Running {
         addrs,
+        inference,
         tasks,
         shutdown,
     })

@@ -80,6 +80,9 @@ pub struct SimRequest {
     pub request_id: String,
     /// True for `GenerateStream`, false for `Generate`.
     pub streamed: bool,
+    /// The time the caller's deadline left when the call arrived (`None`: no deadline), so tests
+    /// can see how much of a deadline reached this hop.
+    pub deadline_remaining: Option<std::time::Duration>,
 }
 
 /// The last [`SIM_LOG_CAPACITY`] requests received by the simulated models of one service,
@@ -140,6 +143,9 @@ impl SimModel {
             params: call.input.params.clone(),
             request_id: call.input.request_id.clone(),
             streamed,
+            deadline_remaining: call
+                .deadline
+                .map(|deadline| deadline.saturating_duration_since(call.received)),
         });
         let n = self.requests.fetch_add(1, Ordering::Relaxed);
         if !self.spec.added_latency.is_zero() {
