@@ -50,7 +50,8 @@ impl Service {
 
 impl fmt::Display for Service {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        // `pad`, not `write_str`, so `{:<10}` aligns the table `weir up` prints.
+        f.pad(self.name())
     }
 }
 
