@@ -34,3 +34,53 @@ impl fmt::Display for BackendKey {
         f.write_str(&self.0)
     }
 }
+
+/// Per-backend state created on first use: the one registry behind the keyed layers (breaker,
+/// bulkhead). Cheap to clone; clones share the map.
+#[derive(Debug)]
+pub struct PerBackend<T> {
+    default_key: BackendKey,
+    map: std::sync::RwLock<std::collections::HashMap<BackendKey, Arc<T>>>,
+}
+
+impl<T> PerBackend<T> {
+    /// An empty map whose untagged requests use `default_key`.
+    pub fn new(default_key: BackendKey) -> Self {
+        Self {
+            default_key,
+            map: std::sync::RwLock::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// The key of untagged requests.
+    pub fn default_key(&self) -> &BackendKey {
+        &self.default_key
+    }
+
+    /// The key of a request: its [`BackendKey`] extension, or the default key.
+    pub fn key_of<'a, B>(&'a self, request: &'a http::Request<B>) -> &'a BackendKey {
+        BackendKey::of(request.extensions()).unwrap_or(&self.default_key)
+    }
+
+    /// The state of `key`, if it has been created.
+    pub fn peek(&self, key: &BackendKey) -> Option<Arc<T>> {
+        self.map
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(key)
+            .cloned()
+    }
+
+    /// The state of `key`, created with `create` on first use.
+    pub fn get_or_create(&self, key: &BackendKey, create: impl FnOnce() -> T) -> Arc<T> {
+        if let Some(state) = self.peek(key) {
+            return state;
+        }
+        self.map
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(key.clone())
+            .or_insert_with(|| Arc::new(create()))
+            .clone()
+    }
+}

@@ -67,10 +67,9 @@
 //! Transitions are logged at INFO.
 
 use std::{
-    collections::HashMap,
     fmt,
     pin::Pin,
-    sync::{Arc, Mutex, PoisonError, RwLock},
+    sync::{Arc, Mutex, PoisonError},
     task::{Context, Poll},
     time::Duration,
 };
@@ -82,7 +81,13 @@ use tokio::time::Instant;
 use tonic::{Code, Status};
 use tower::{BoxError, Layer, Service};
 
-use crate::{ApiError, backend::BackendKey, config::ConfigError, error::parse_code, outcome};
+use crate::{
+    ApiError,
+    backend::{BackendKey, PerBackend},
+    config::ConfigError,
+    error::parse_code,
+    outcome,
+};
 
 /// Calls in the sliding window.
 pub const DEFAULT_WINDOW: usize = 20;
@@ -709,8 +714,7 @@ pub struct Breakers {
 #[derive(Debug)]
 struct Registry {
     config: BreakerConfig,
-    default_key: BackendKey,
-    map: RwLock<HashMap<BackendKey, Arc<Breaker>>>,
+    breakers: PerBackend<Breaker>,
 }
 
 impl Breakers {
@@ -724,52 +728,34 @@ impl Breakers {
         Self {
             inner: Arc::new(Registry {
                 config,
-                default_key,
-                map: RwLock::new(HashMap::new()),
+                breakers: PerBackend::new(default_key),
             }),
         }
     }
 
     /// The key of untagged requests.
     pub fn default_key(&self) -> &BackendKey {
-        &self.inner.default_key
+        self.inner.breakers.default_key()
     }
 
     /// The breaker of `key`, created closed on first use.
     pub fn get(&self, key: &BackendKey) -> Arc<Breaker> {
-        if let Some(breaker) = self
-            .inner
-            .map
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(key)
-        {
-            return breaker.clone();
-        }
         self.inner
-            .map
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(key.clone())
-            .or_insert_with(|| Arc::new(Breaker::new(key.clone(), self.inner.config.clone())))
-            .clone()
+            .breakers
+            .get_or_create(key, || Breaker::new(key.clone(), self.inner.config.clone()))
     }
 
     /// The breaker of a request: its [`BackendKey`] extension, or the default key.
     pub fn for_request<B>(&self, request: &http::Request<B>) -> Arc<Breaker> {
-        self.get(BackendKey::of(request.extensions()).unwrap_or(&self.inner.default_key))
+        self.get(self.inner.breakers.key_of(request))
     }
 
     /// The state of `key`'s breaker (CLOSED if it has not been used yet).
     pub fn state(&self, key: &BackendKey) -> BreakerState {
-        let breaker = self
-            .inner
-            .map
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(key)
-            .cloned();
-        breaker.map_or(BreakerState::Closed, |b| b.state())
+        self.inner
+            .breakers
+            .peek(key)
+            .map_or(BreakerState::Closed, |b| b.state())
     }
 }
 

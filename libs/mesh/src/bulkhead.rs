@@ -41,11 +41,11 @@
 //! registered when a backend's compartment is created (install the recorder before serving).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     future::Future,
     pin::Pin,
     sync::{
-        Arc, PoisonError, RwLock,
+        Arc,
         atomic::{AtomicUsize, Ordering},
     },
     task::{Context, Poll},
@@ -60,7 +60,7 @@ use tower::{BoxError, Layer, Service};
 
 use crate::{
     ApiError,
-    backend::BackendKey,
+    backend::{BackendKey, PerBackend},
     breaker::{DEFAULT_BACKEND, join_key},
     config::ConfigError,
     deadline::{Deadline, set_header_timeout},
@@ -303,8 +303,7 @@ pub struct Bulkheads {
 #[derive(Debug)]
 struct Registry {
     config: BulkheadConfig,
-    default_key: BackendKey,
-    map: RwLock<HashMap<BackendKey, Arc<Compartment>>>,
+    compartments: PerBackend<Compartment>,
 }
 
 impl Bulkheads {
@@ -318,15 +317,14 @@ impl Bulkheads {
         Self {
             inner: Arc::new(Registry {
                 config,
-                default_key,
-                map: RwLock::new(HashMap::new()),
+                compartments: PerBackend::new(default_key),
             }),
         }
     }
 
     /// The key of untagged requests.
     pub fn default_key(&self) -> &BackendKey {
-        &self.inner.default_key
+        self.inner.compartments.default_key()
     }
 
     /// Whether calls may wait in a queue (so the tower service must be able to call later).
@@ -336,35 +334,20 @@ impl Bulkheads {
 
     /// The compartment of `key`, created on first use.
     pub fn get(&self, key: &BackendKey) -> Arc<Compartment> {
-        if let Some(compartment) = self
-            .inner
-            .map
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(key)
-        {
-            return compartment.clone();
-        }
         let config = &self.inner.config;
-        self.inner
-            .map
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(key.clone())
-            .or_insert_with(|| {
-                Arc::new(Compartment::new(
-                    key.clone(),
-                    config.limit_of(key),
-                    config.max_queue,
-                    config.max_queue_wait,
-                ))
-            })
-            .clone()
+        self.inner.compartments.get_or_create(key, || {
+            Compartment::new(
+                key.clone(),
+                config.limit_of(key),
+                config.max_queue,
+                config.max_queue_wait,
+            )
+        })
     }
 
     /// The compartment of a request: its [`BackendKey`] extension, or the default key.
     pub fn for_request<B>(&self, request: &http::Request<B>) -> Arc<Compartment> {
-        self.get(BackendKey::of(request.extensions()).unwrap_or(&self.inner.default_key))
+        self.get(self.inner.compartments.key_of(request))
     }
 }
 
