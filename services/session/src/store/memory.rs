@@ -286,12 +286,7 @@ impl Store for MemoryStore {
             let to = before.saturating_sub(1).min(s.record.last_seq);
             let count = i64::try_from(limit).unwrap_or(i64::MAX);
             let from = first.max(to.saturating_sub(count) + 1);
-            let mut turns = slice(&s.turns, first, from, to);
-            super::fill_token_counts(&mut turns, &s.record.family);
-            Ok(TurnPage {
-                session: s.record.clone(),
-                turns,
-            })
+            Ok(page(s, first, from, to))
         })
     }
 
@@ -306,12 +301,7 @@ impl Store for MemoryStore {
             let from = first.max(after.saturating_add(1));
             let count = i64::try_from(limit).unwrap_or(i64::MAX);
             let to = s.record.last_seq.min(from.saturating_add(count) - 1);
-            let mut turns = slice(&s.turns, first, from, to);
-            super::fill_token_counts(&mut turns, &s.record.family);
-            Ok(TurnPage {
-                session: s.record.clone(),
-                turns,
-            })
+            Ok(page(s, first, from, to))
         })
     }
 
@@ -420,6 +410,17 @@ impl Store for MemoryStore {
 }
 
 /// Turns with `from <= seq <= to` of a deque whose first element has seq `first`.
+/// The turns `from..=to` of `s` (whose first stored turn is `first`) with their token counts, and
+/// the session record: what both directions of reading return.
+fn page(s: &Session, first: i64, from: i64, to: i64) -> TurnPage {
+    let mut turns = slice(&s.turns, first, from, to);
+    super::fill_token_counts(&mut turns, &s.record.family);
+    TurnPage {
+        session: s.record.clone(),
+        turns,
+    }
+}
+
 fn slice(turns: &VecDeque<Turn>, first: i64, from: i64, to: i64) -> Vec<Turn> {
     if from > to {
         return Vec::new();
