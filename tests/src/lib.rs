@@ -9,7 +9,8 @@ pub use weir_test_upstream as upstream;
 
 use std::{
     future::Future,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
@@ -17,9 +18,11 @@ use tonic::transport::Channel;
 use weir::stack::{self, Running, Service, StackConfig};
 use weir_mesh::config::Source;
 use weir_proto::{
+    budget::budget_service_client::BudgetServiceClient,
     common::{Message, Role},
     inference::inference_service_client::InferenceServiceClient,
     router::{CompleteRequest, CompleteStreamRequest, router_service_client::RouterServiceClient},
+    session::session_service_client::SessionServiceClient,
 };
 
 /// A running set of Weir services on loopback ports. Dropping it shuts them down.
@@ -37,9 +40,21 @@ impl Mesh {
 
     /// Starts only `services`.
     pub async fn start_services(toml: &str, services: &[Service]) -> Self {
+        Self::start_with(toml, services, |_| {}).await
+    }
+
+    /// Starts only `services`, after `adjust` has edited the parsed configuration (listen
+    /// addresses are already `127.0.0.1:0`): to point a router at services another `Mesh` runs,
+    /// or to restart a service on the address it had.
+    pub async fn start_with(
+        toml: &str,
+        services: &[Service],
+        adjust: impl FnOnce(&mut StackConfig),
+    ) -> Self {
         let mut config =
             StackConfig::from_source(&Source::from_toml(toml)).expect("test config is valid");
         config.listen_on_any_port(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        adjust(&mut config);
         let running = stack::start(config, services, Default::default())
             .await
             .expect("services start");
@@ -56,6 +71,13 @@ impl Mesh {
     pub fn url(&self, service: Service) -> String {
         self.running()
             .url(service)
+            .unwrap_or_else(|| panic!("{service} was not started"))
+    }
+
+    /// The address of a started service.
+    pub fn addr(&self, service: Service) -> SocketAddr {
+        self.running()
+            .addr(service)
             .unwrap_or_else(|| panic!("{service} was not started"))
     }
 
@@ -81,6 +103,17 @@ impl Mesh {
         InferenceServiceClient::new(self.channel(Service::Inference))
     }
 
+    /// A session service client (calls without `weir-tenant` are the default tenant's, like the
+    /// router's without API keys).
+    pub fn session(&self) -> SessionServiceClient<Channel> {
+        SessionServiceClient::new(self.channel(Service::Session))
+    }
+
+    /// A budget service client (the default tenant, as for [`Mesh::session`]).
+    pub fn budget(&self) -> BudgetServiceClient<Channel> {
+        BudgetServiceClient::new(self.channel(Service::Budget))
+    }
+
     /// Shuts every service down and waits until they have stopped.
     pub async fn stop(mut self) {
         if let Some(running) = self.running.take() {
@@ -95,6 +128,25 @@ impl Drop for Mesh {
             running.shutdown_token().cancel();
         }
     }
+}
+
+/// The Redis the tests use: `WEIR_TEST_REDIS_URL`, default `redis://127.0.0.1:6379`.
+pub fn redis_url() -> String {
+    std::env::var("WEIR_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string())
+}
+
+/// A Redis key prefix no other test (or test run) uses, so tests sharing one Redis never collide.
+pub fn unique_prefix() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "wtest-{}-{nanos}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A user message.

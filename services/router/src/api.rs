@@ -4,23 +4,36 @@
 //!
 //! 1. Server layers run before the handler (deadline, admission, auth, rate limit; libs/mesh).
 //! 2. Checks and route: [`crate::request`] refuses what the router alone can tell is wrong, and
-//!    [`crate::route`] turns `model` into a [`Plan`] of ordered candidates.
-//! 3. Context (session history), 4. budget reservation: not in this version; the comments in
-//!    `RouterApi::walk` say where they go.
-//! 5. Model call: [`crate::inference`] calls the plan's primary; [`crate::relay`] streams its
-//!    answer.
-//! 6. Budget commit and session append, 7. review policy: not in this version.
-//! 8. Respond with what happened: served model, requested name, route, served-by, usage.
+//!    [`crate::route`] turns `model` into a [`Plan`] of ordered candidates; a tenant above its
+//!    soft budget limit is steered to the route's economy tier ([`crate::spend`]).
+//! 3. Context: with a `session_id`, the session's summary and recent turns that fit the model
+//!    come before the new messages ([`crate::session`]).
+//! 4. Budget: the worst case of the call is reserved ([`crate::spend`]); refused →
+//!    RESOURCE_EXHAUSTED before any model runs.
+//! 5. Model call: [`crate::inference`] calls the candidates in order, each later one only after a
+//!    fallback-worthy failure of the one before ([`crate::fallback`]); [`crate::relay`] streams an
+//!    answer. Steps 3 and 4 run again for each candidate tried (its own context size and price);
+//!    a failed candidate's hold is released.
+//! 6. Settle: the usage is committed and the exchange appended to the session
+//!    ([`crate::settlement`]); for a stream when the relay sees `done`, or, if it never does, with
+//!    what was relayed (committed, not appended).
+//! 7. Review policy: not in this version.
+//! 8. Respond with what happened: served model, requested name, route, served-by, usage, the
+//!    committed cost, and notices for anything done differently (fallback, steering, a session or
+//!    budget service that could not answer).
 //!
-//! The answer's `cost_micros` is 0, `review_status` is NOT_REQUIRED, and `trace_id` and `notices`
-//! are empty until the budget, review and observability steps fill them.
+//! `review_status` is NOT_REQUIRED and `trace_id` empty until the review and observability steps
+//! fill them.
 //!
 //! Jobs and batches answer UNIMPLEMENTED (the generated defaults) until their issue lands.
 
 use std::sync::Arc;
 
-use tonic::{Request, Response, Status};
-use weir_mesh::{ApiError, client::ClientStack, deadline::Deadline};
+use tonic::{Request, Response, Status, metadata::MetadataMap};
+use weir_mesh::{
+    ApiError, auth::ApiKeyId, client::ClientStack, config::ConfigError, deadline::Deadline,
+    tenant::Tenant, tokens,
+};
 use weir_proto::{
     common::{FinishReason, Message, Role, Usage},
     router::{
@@ -30,29 +43,57 @@ use weir_proto::{
 };
 
 use crate::{
+    config::BudgetPolicy,
     fallback,
     inference::{Call, Inference},
     relay::{self, CompleteStream},
-    request::{Completion, RequestError},
-    route::{Plan, ResolveError, RouteTable},
+    request::Completion,
+    route::{Plan, RouteTable},
+    session::{History, Sessions},
+    settlement::Settlement,
+    spend::{BUDGET_STEERED, Payer, Spend},
 };
 
-/// The router's gRPC service. Cheap to clone: the route table is shared and the inference
-/// channel multiplexes every call.
+/// The router's gRPC service. Cheap to clone: the route table is shared and each channel (to
+/// inference, session and budget) multiplexes every call.
 #[derive(Debug, Clone)]
 pub struct RouterApi {
     routes: Arc<RouteTable>,
     inference: Inference,
+    sessions: Sessions,
+    spend: Spend,
 }
 
 impl RouterApi {
     /// A router over validated `routes`, calling inference through `client` (the mesh's client
-    /// stack over a channel to the inference service).
+    /// stack over a channel to the inference service). Sessions and budgets are off until
+    /// [`RouterApi::with_sessions`] and [`RouterApi::with_budget`] turn them on.
     pub fn new(routes: RouteTable, client: ClientStack) -> Self {
         Self {
             routes: Arc::new(routes),
             inference: Inference::new(client),
+            sessions: Sessions::off(),
+            spend: Spend::off(),
         }
+    }
+
+    /// Loads and appends session history through `client` (a client stack over a channel to the
+    /// session service).
+    pub fn with_sessions(mut self, client: ClientStack) -> Self {
+        self.sessions = Sessions::new(client);
+        self
+    }
+
+    /// Reserves and commits every request's cost through `client` (a client stack over a channel
+    /// to the budget service), with `policy` for when it cannot answer. Fails, naming
+    /// `models.<name>.price`, when a model of the catalog has no price.
+    pub fn with_budget(
+        mut self,
+        client: ClientStack,
+        policy: BudgetPolicy,
+    ) -> Result<Self, ConfigError> {
+        self.spend = Spend::new(client, self.routes.shared_catalog(), policy)?;
+        Ok(self)
     }
 
     /// The client stack of the calls to inference: its circuit breakers and bulkheads by model.
@@ -60,23 +101,126 @@ impl RouterApi {
         self.inference.stack()
     }
 
+    /// The client stack of the calls to the session service, when sessions are on.
+    pub fn session_client(&self) -> Option<&ClientStack> {
+        self.sessions.stack()
+    }
+
+    /// The client stack of the calls to the budget service, when budgets are on.
+    pub fn budget_client(&self) -> Option<&ClientStack> {
+        self.spend.stack()
+    }
+
     /// The route table requests are resolved against.
     pub fn routes(&self) -> &RouteTable {
         &self.routes
     }
 
-    /// Steps 2 to 4 of the walk, shared by every execution model: from a request to the plan that
-    /// serves it.
-    fn walk(&self, completion: &Completion) -> Result<Plan, Refused> {
+    /// Step 2 of the walk, shared by every execution model: checks, route, steering.
+    async fn begin(
+        &self,
+        metadata: &MetadataMap,
+        extensions: &http::Extensions,
+        deadline: Option<Deadline>,
+        completion: Completion,
+    ) -> Result<Walk, ApiError> {
         completion.check()?;
-        let sticky = Some(completion.session_id.as_str()).filter(|s| !s.is_empty());
-        let plan = self.routes.resolve(&completion.model, sticky)?;
-        // 3. Context: with a session, `session.GetContext` prepends its summary and recent turns
-        //    to `completion.messages` here (until then, `check` refuses `session_id`).
-        // 4. Budget: `budget.Reserve` the worst-case cost of the primary here; a tenant near its
-        //    soft limit may be steered to a cheaper candidate of the plan.
-        Ok(plan)
+        let plan = self
+            .routes
+            .resolve(&completion.model, completion.session())?;
+        let history = self.sessions.history(&completion)?;
+        let call = Call::new(metadata, deadline, completion.criticality());
+        let tenant = extensions
+            .get::<Tenant>()
+            .cloned()
+            .or_else(|| Tenant::from_metadata(metadata).ok())
+            .unwrap_or_default();
+        let payer = Payer::new(tenant, ApiKeyId::of(extensions));
+        let mut walk = Walk {
+            completion,
+            plan,
+            call,
+            payer,
+            history,
+            notices: Vec::new(),
+        };
+        self.steer(&mut walk).await;
+        Ok(walk)
     }
+
+    /// Moves a tenant above its soft budget limit to the route's economy tier, with a notice.
+    async fn steer(&self, walk: &mut Walk) {
+        if !self.spend.is_on() || !walk.plan.has_economy() {
+            return;
+        }
+        if !self.spend.soft_limit_reached(&walk.call, &walk.payer).await {
+            return;
+        }
+        if let Some(economy) = walk.plan.economy() {
+            tracing::debug!(
+                tenant = %walk.payer.tenant(), route = walk.plan.route_alias(),
+                "tenant above its soft limit; steered to the economy tier"
+            );
+            walk.notices.push(Notice {
+                reason: BUDGET_STEERED.to_string(),
+                message: format!(
+                    "tenant {} is above its soft budget limit; route {} served this request from \
+                     its economy tier",
+                    walk.payer.tenant(),
+                    walk.plan.route_alias()
+                ),
+            });
+            walk.plan = economy;
+        }
+    }
+
+    /// Steps 3 and 4 for one candidate: its prompt (the session's context for it, then the new
+    /// messages) and the hold on its worst-case cost.
+    async fn prepare(&self, walk: &mut Walk, model: &str) -> Result<Prepared, ApiError> {
+        let spec = self.routes.catalog().get(model).ok_or_else(|| {
+            ApiError::internal(format!("route candidate {model} left the catalog"))
+        })?;
+        let prompt = walk
+            .history
+            .prompt(&walk.call, &walk.completion, model, spec, &mut walk.notices)
+            .await?;
+        let prompt_tokens = tokens::count_messages(spec.family(), &prompt);
+        let room = spec.context_window.saturating_sub(prompt_tokens);
+        let max_output = walk.completion.max_output_tokens(spec).min(room);
+        let hold = self
+            .spend
+            .reserve(
+                &walk.call,
+                &walk.payer,
+                model,
+                prompt_tokens,
+                max_output,
+                &mut walk.notices,
+            )
+            .await?;
+        let append = walk.history.append(&walk.completion);
+        Ok(Prepared {
+            prompt,
+            settlement: Settlement::new(&walk.call, hold, append, spec.family()),
+        })
+    }
+}
+
+/// One request on its way through the walk: what steps 2 to 8 share.
+struct Walk {
+    completion: Completion,
+    plan: Plan,
+    call: Call,
+    payer: Payer,
+    history: History,
+    /// What the walk did differently, for the answer.
+    notices: Vec<Notice>,
+}
+
+/// A candidate ready to be called: its prompt and what it will owe.
+struct Prepared {
+    prompt: Vec<Message>,
+    settlement: Settlement,
 }
 
 #[tonic::async_trait]
@@ -86,35 +230,50 @@ impl RouterService for RouterApi {
         request: Request<CompleteRequest>,
     ) -> Result<Response<CompleteResponse>, Status> {
         let deadline = Deadline::from_request(&request);
-        let (metadata, _, body) = request.into_parts();
-        let completion = Completion::from(body);
-        let plan = self.walk(&completion).map_err(refused)?;
-        let call = Call::new(&metadata, deadline, completion.criticality());
+        let (metadata, extensions, body) = request.into_parts();
+        let mut walk = self
+            .begin(&metadata, &extensions, deadline, Completion::from(body))
+            .await
+            .map_err(refused)?;
+        let plan = walk.plan.clone();
         // 5. Model call: the candidates in order, each later one only after a fallback-worthy
         //    failure of the one before (crate::fallback), then the route's degraded answer.
-        let mut notices = Vec::new();
         let mut last_error = None;
         for (position, candidate) in plan.candidates().iter().enumerate() {
             let model = candidate.model();
-            if position > 0 && out_of_time(&call) {
+            if position > 0 && out_of_time(&walk.call) {
                 break;
             }
+            // 3., 4. Context and reservation for this candidate.
+            let Prepared { prompt, settlement } =
+                self.prepare(&mut walk, model).await.map_err(refused)?;
             let result = self
                 .inference
-                .generate(&call, model, completion.generate_request(model))
+                .generate(
+                    &walk.call,
+                    model,
+                    walk.completion.generate_request(model, prompt),
+                )
                 .await;
             let answer = match result {
                 Ok(answer) => answer,
                 Err(error) => {
+                    settlement.release();
                     let error = failed(&plan, model, error)?;
-                    notices.push(fallback_notice(model, &error));
+                    walk.notices.push(fallback_notice(model, &error));
                     last_error = Some(error);
                     continue;
                 }
             };
-            // 6. `budget.Commit` the usage and `session.AppendTurns` go here; 7. the review
-            //    policy may hold or sample the answer here.
+            // 6. Commit the usage and append the exchange; 7. the review policy may hold or
+            //    sample the answer here.
             let usage = answer.usage;
+            let message = answer.message.clone().unwrap_or_else(|| Message {
+                role: Role::Assistant.into(),
+                ..Message::default()
+            });
+            let settled = settlement.settle(usage, Some(message)).await;
+            walk.notices.extend(settled.notices);
             tracing::debug!(
                 requested = plan.requested_model(),
                 route = plan.route_alias(),
@@ -122,6 +281,7 @@ impl RouterService for RouterApi {
                 position,
                 input_tokens = usage.map(|u| u.input_tokens),
                 output_tokens = usage.map(|u| u.output_tokens),
+                cost_micros = settled.cost_micros,
                 "completed"
             );
             // 8. Respond.
@@ -138,14 +298,14 @@ impl RouterService for RouterApi {
                 served_by: plan.served_by(position).into(),
                 finish_reason: answer.finish_reason,
                 usage,
-                cost_micros: 0,
+                cost_micros: settled.cost_micros,
                 review_status: ReviewStatus::NotRequired.into(),
                 review_id: String::new(),
                 trace_id: String::new(),
-                notices,
+                notices: walk.notices,
             }));
         }
-        let (text, notices) = degraded(&plan, &completion, last_error, notices)?;
+        let (text, notices) = degraded(&plan, &walk.completion, last_error, walk.notices)?;
         Ok(Response::new(CompleteResponse {
             message: Some(Message {
                 role: Role::Assistant.into(),
@@ -171,28 +331,32 @@ impl RouterService for RouterApi {
         request: Request<CompleteStreamRequest>,
     ) -> Result<Response<CompleteStream>, Status> {
         let deadline = Deadline::from_request(&request);
-        let (metadata, _, body) = request.into_parts();
-        let completion = Completion::from(body);
-        let plan = self.walk(&completion).map_err(refused)?;
-        let call = Call::new(&metadata, deadline, completion.criticality());
+        let (metadata, extensions, body) = request.into_parts();
+        let mut walk = self
+            .begin(&metadata, &extensions, deadline, Completion::from(body))
+            .await
+            .map_err(refused)?;
+        let plan = walk.plan.clone();
         // 5. Model call. Until a candidate's first event the client has seen nothing, so a
         //    failure before it moves on to the next candidate exactly as for `Complete`; after
         //    it, the stream ends with the error (never a silent switch mid-answer).
-        let mut notices = Vec::new();
         let mut last_error = None;
         for (position, candidate) in plan.candidates().iter().enumerate() {
             let model = candidate.model();
-            if position > 0 && out_of_time(&call) {
+            if position > 0 && out_of_time(&walk.call) {
                 break;
             }
+            // 3., 4. Context and reservation for this candidate.
+            let prepared = self.prepare(&mut walk, model).await.map_err(refused)?;
             let start = start_event(&plan, model, plan.served_by(position));
             let opened = open_stream(
                 &self.inference,
-                &call,
-                &completion,
+                &walk.call,
+                &walk.completion,
                 model,
                 start,
-                notices.clone(),
+                walk.notices.clone(),
+                prepared,
             )
             .await;
             match opened {
@@ -210,12 +374,12 @@ impl RouterService for RouterApi {
                 }
                 Err(error) => {
                     let error = failed(&plan, model, error)?;
-                    notices.push(fallback_notice(model, &error));
+                    walk.notices.push(fallback_notice(model, &error));
                     last_error = Some(error);
                 }
             }
         }
-        let (text, notices) = degraded(&plan, &completion, last_error, notices)?;
+        let (text, notices) = degraded(&plan, &walk.completion, last_error, walk.notices)?;
         let start = start_event(&plan, "", ServedBy::Degraded);
         Ok(Response::new(relay::degraded(start, text, notices)))
     }
@@ -233,7 +397,7 @@ fn start_event(plan: &Plan, model: &str, served_by: ServedBy) -> Start {
 }
 
 /// Starts the stream of one model: calls inference and waits for its first event (see
-/// [`relay::open`]).
+/// [`relay::open`]). On a failure before that, the candidate's hold is released.
 async fn open_stream(
     inference: &Inference,
     call: &Call,
@@ -241,11 +405,24 @@ async fn open_stream(
     model: &str,
     start: Start,
     notices: Vec<Notice>,
+    prepared: Prepared,
 ) -> Result<CompleteStream, ApiError> {
-    let upstream = inference
-        .generate_stream(call, model, completion.generate_stream_request(model))
-        .await?;
-    relay::open(start, notices, upstream).await
+    let Prepared { prompt, settlement } = prepared;
+    let upstream = match inference
+        .generate_stream(
+            call,
+            model,
+            completion.generate_stream_request(model, prompt),
+        )
+        .await
+    {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            settlement.release();
+            return Err(error);
+        }
+    };
+    relay::open(start, notices, upstream, settlement).await
 }
 
 /// Whether the caller's deadline has passed, so no further candidate is worth trying.
@@ -316,29 +493,8 @@ pub const FALLBACK_USED: &str = "FALLBACK_USED";
 /// Notice reason: every candidate failed and the route's degraded answer was served.
 pub const DEGRADED: &str = "DEGRADED";
 
-/// Why the walk refused a request before any model call.
-#[derive(Debug, thiserror::Error)]
-enum Refused {
-    /// The request itself is wrong or asks for what this version lacks.
-    #[error(transparent)]
-    Request(#[from] RequestError),
-    /// `model` names no model or route.
-    #[error(transparent)]
-    Route(#[from] ResolveError),
-}
-
-impl From<Refused> for ApiError {
-    fn from(refused: Refused) -> Self {
-        match refused {
-            Refused::Request(error) => error.into(),
-            Refused::Route(error) => error.into(),
-        }
-    }
-}
-
-/// A request refused before any model call.
-fn refused(refused: Refused) -> Status {
-    let error = ApiError::from(refused);
+/// A request refused before (or between) model calls, with its details.
+fn refused(error: ApiError) -> Status {
     tracing::debug!(code = ?error.code(), reason = error.reason(), "refused");
     Status::from(error)
 }
@@ -346,8 +502,8 @@ fn refused(refused: Refused) -> Status {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
-    //! The handlers' own refusals, and an unreachable inference service. Answers from a running
-    //! inference service are covered end to end in tests/.
+    //! The handlers' own refusals, and unreachable inference, session and budget services. Answers
+    //! from running services are covered end to end in tests/ (router_sessions, router_budget).
 
     use tonic::Code;
     use tonic_types::StatusExt;
@@ -357,12 +513,26 @@ mod tests {
     use super::*;
     use crate::Config;
 
-    /// A router whose inference service is a closed port.
+    /// A router whose inference service is a closed port, without sessions or budgets.
     fn api() -> RouterApi {
-        let config = Config {
+        api_with(Config {
+            session_url: String::new(),
+            budget_url: String::new(),
+            ..closed_ports()
+        })
+    }
+
+    /// Every service the router calls is a closed port.
+    fn closed_ports() -> Config {
+        Config {
             inference_url: "http://127.0.0.1:1".to_string(),
+            session_url: "http://127.0.0.1:1".to_string(),
+            budget_url: "http://127.0.0.1:1".to_string(),
             ..Config::default()
-        };
+        }
+    }
+
+    fn api_with(config: Config) -> RouterApi {
         crate::router_api(&config, Arc::new(Catalog::default())).unwrap()
     }
 
@@ -402,11 +572,12 @@ mod tests {
         let status = api.complete(Request::new(no_messages)).await.unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument);
 
+        // A session with no session service configured is refused, not answered without it.
         let mut session = request("auto");
         session.session_id = "s-1".to_string();
         let status = api.complete(Request::new(session)).await.unwrap_err();
-        assert_eq!(status.code(), Code::Unimplemented);
-        assert_eq!(reason(&status).as_deref(), Some("SESSIONS_UNAVAILABLE"));
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(reason(&status).as_deref(), Some("SESSIONS_DISABLED"));
 
         let status = api.complete(Request::new(request(""))).await.unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument);
@@ -442,5 +613,51 @@ mod tests {
             .err()
             .unwrap();
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_budget_service_fails_closed_before_any_model_call() {
+        let api = api_with(closed_ports());
+        let status = api
+            .complete(Request::new(request("auto")))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert_eq!(reason(&status).as_deref(), Some("BUDGET_UNAVAILABLE"));
+        assert!(status.message().contains("router.budget.fail_open"));
+        assert!(
+            status.get_error_details().retry_info().is_some(),
+            "the client is told when to retry"
+        );
+        let status = api
+            .complete_stream(Request::new(stream_request("sim-small")))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(reason(&status).as_deref(), Some("BUDGET_UNAVAILABLE"));
+    }
+
+    #[tokio::test]
+    async fn a_fail_open_tenant_goes_on_to_the_model() {
+        let mut config = closed_ports();
+        config.budget.fail_open = true;
+        let api = api_with(config);
+        // The budget check is skipped; the (unreachable) model answers for itself.
+        let status = api
+            .complete(Request::new(request("sim-small")))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert_ne!(reason(&status).as_deref(), Some("BUDGET_UNAVAILABLE"));
+    }
+
+    #[tokio::test]
+    async fn clients_exist_only_for_configured_services() {
+        let api = api();
+        assert!(api.session_client().is_none());
+        assert!(api.budget_client().is_none());
+        let api = api_with(closed_ports());
+        assert!(api.session_client().is_some());
+        assert!(api.budget_client().is_some());
     }
 }

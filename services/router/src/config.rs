@@ -4,9 +4,17 @@
 //! [router]
 //! listen = "127.0.0.1:50051"               # WEIR_ROUTER__LISTEN
 //! inference_url = "http://127.0.0.1:50052" # WEIR_ROUTER__INFERENCE_URL
+//! session_url = "http://127.0.0.1:50053"   # WEIR_ROUTER__SESSION_URL; "" turns sessions off
+//! budget_url = ""                          # WEIR_ROUTER__BUDGET_URL; "" (default) = no budgets
+//!
+//! [router.budget]                          # only read when budget_url is set
+//! fail_open = false                        # WEIR_ROUTER__BUDGET__FAIL_OPEN
+//! [router.budget.tenants.internal-tools]
+//! fail_open = true                         # this tenant is served when budgets cannot be checked
 //!
 //! [router.routes.auto]                     # a route alias clients name instead of a model
 //! models = ["sim-large", "sim-small"]      # candidates in order: the first is the primary
+//! economy = ["sim-small"]                  # cheaper tier for tenants above their soft limit
 //! description = "Strong model first, fast model as its fallback"
 //! degraded = { kind = "fixed", text = "We are busy; please try again shortly." }
 //! canary = { model = "sim-new", weight = 0.05 } # 5% of requests try sim-new first
@@ -17,14 +25,36 @@
 //! only the models present in the catalog (and no route when none is, or when a model is itself
 //! named `auto`). Defining any route replaces that default.
 //!
+//! # Sessions and budgets
+//!
+//! - `session_url` (default [`DEFAULT_SESSION_URL`]) is the session service that requests with a
+//!   `session_id` load their history from and append their exchange to (see [`crate::session`]).
+//!   Requests without a `session_id` never call it. Empty turns sessions off: a request with a
+//!   `session_id` is then refused with FAILED_PRECONDITION, reason `SESSIONS_DISABLED`.
+//! - `budget_url` (default empty: off) is the budget service every request reserves its
+//!   worst-case cost with and commits its actual cost to (see [`crate::spend`]). It is off by
+//!   default because it makes every request depend on the budget service and needs a price for
+//!   every model of the catalog (checked at start-up, naming `models.<name>.price`).
+//! - `[router.budget]` ([`BudgetPolicy`]) says what happens when the budget service cannot answer
+//!   (unreachable, its Redis down, its circuit open): **fail closed** by default (UNAVAILABLE,
+//!   reason `BUDGET_UNAVAILABLE`), or, for tenants marked `fail_open`, serve the request unmetered
+//!   with a `BUDGET_UNAVAILABLE` notice.
+//! - A route's `economy` tier serves tenants whose spend is above their soft limit (see
+//!   [`crate::route`]).
+//!
+//! `weir up` (and `weir::stack::start`) points `inference_url`, and `session_url` and `budget_url`
+//! when set, at the services it runs in the same process.
+//!
 //! The edge of the mesh is configured here too: `[router.auth]` (API keys → tenants),
 //! `[router.rate_limit]` (per-tenant GCRA, shared through Redis by replicas) and
-//! `[router.client]` (retry, breaker, bulkhead and timeouts of the calls to inference); each
+//! `[router.client]` (retry, breaker, bulkhead and timeouts of the calls to inference, session and
+//! budget; each service gets its own stack built from it, and per-backend overrides such as
+//! `bulkhead.backends.budget` apply to the session (`session`) and budget (`budget`) calls); each
 //! table's settings and defaults are documented on its type in weir-mesh.
 //!
 //! The configuration is checked once at start-up, against the model catalog, by
-//! [`crate::RouteTable::new`] and [`Config::validate_inference_url`]; a bad value fails with a
-//! [`ConfigError`] naming its key, such as `router.routes.auto.models`.
+//! [`crate::RouteTable::new`] and [`Config::validate`]; a bad value fails with a [`ConfigError`]
+//! naming its key, such as `router.routes.auto.models`.
 
 use std::{
     collections::BTreeMap,
@@ -41,6 +71,13 @@ pub const DEFAULT_LISTEN: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 50051));
 /// Default address of the inference service.
 pub const DEFAULT_INFERENCE_URL: &str = "http://127.0.0.1:50052";
+/// Default address of the session service (sessions are on by default; they only matter to
+/// requests that name a `session_id`).
+pub const DEFAULT_SESSION_URL: &str = "http://127.0.0.1:50053";
+/// Default address of the budget service: none, budgets are off until `budget_url` is set.
+pub const DEFAULT_BUDGET_URL: &str = "";
+/// Default of `[router.budget] fail_open`: refuse requests when the budget cannot be checked.
+pub const DEFAULT_BUDGET_FAIL_OPEN: bool = false;
 /// Alias of the route provided when the configuration defines none.
 pub const DEFAULT_ROUTE: &str = "auto";
 /// Candidates of the default route, primary first; models missing from the catalog are left out.
@@ -56,6 +93,16 @@ pub struct Config {
     /// `WEIR_ROUTER__INFERENCE_URL`). Plain `http://host:port`: the channel connects on first use
     /// and reconnects on its own, so the router may start before the inference service.
     pub inference_url: String,
+    /// URL of the session service (default `http://127.0.0.1:50053`; `WEIR_ROUTER__SESSION_URL`),
+    /// called for requests with a `session_id`. Empty turns sessions off (see the module doc).
+    pub session_url: String,
+    /// URL of the budget service (default empty: budgets off; `WEIR_ROUTER__BUDGET_URL`). When
+    /// set, every request reserves its worst-case cost before the model call and commits its
+    /// actual cost after it (see the module doc).
+    pub budget_url: String,
+    /// What the router does when the budget service cannot answer (`[router.budget]`; fail
+    /// closed by default).
+    pub budget: BudgetPolicy,
     /// Route aliases by name (`[router.routes.<alias>]`). Empty means the default `auto` route
     /// (see the module documentation).
     pub routes: BTreeMap<String, RouteSpec>,
@@ -75,6 +122,9 @@ impl Default for Config {
         Self {
             listen: DEFAULT_LISTEN,
             inference_url: DEFAULT_INFERENCE_URL.to_string(),
+            session_url: DEFAULT_SESSION_URL.to_string(),
+            budget_url: DEFAULT_BUDGET_URL.to_string(),
+            budget: BudgetPolicy::default(),
             routes: BTreeMap::new(),
             auth: AuthConfig::default(),
             rate_limit: RateLimitConfig::default(),
@@ -98,6 +148,75 @@ pub struct RouteSpec {
     pub degraded: Option<DegradedSpec>,
     /// A share of the route's traffic that tries a new model first.
     pub canary: Option<CanarySpec>,
+    /// The route's cheaper tier: catalog models in order of preference (primary first, then its
+    /// fallbacks) that serve tenants whose spend is above their soft budget limit, instead of
+    /// `models` (and the canary). Empty (the default): the route is never steered. Only used when
+    /// `router.budget_url` is set.
+    pub economy: Vec<String>,
+}
+
+/// `[router.budget]`: how the router behaves when the budget service cannot answer.
+///
+/// "Cannot answer" means UNAVAILABLE (the service or its Redis is down, its circuit breaker in the
+/// router is open, its bulkhead is full) or DEADLINE_EXCEEDED. Answers from a working budget
+/// service (RESOURCE_EXHAUSTED when the budget is spent, FAILED_PRECONDITION for a model without a
+/// price) always apply.
+///
+/// - **Fail closed** (the default): the request is refused with UNAVAILABLE, reason
+///   `BUDGET_UNAVAILABLE`, before any model runs. Spend can then never pass a limit unseen.
+/// - **Fail open** (`fail_open = true`, globally or per tenant): the request is served without a
+///   reservation, its spend is not recorded (`cost_micros` 0), and the answer carries a
+///   `BUDGET_UNAVAILABLE` notice. For tenants whose availability matters more than an exact
+///   spend figure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BudgetPolicy {
+    /// Serve tenants without their own setting when the budget service cannot answer (default
+    /// false: refuse them; `WEIR_ROUTER__BUDGET__FAIL_OPEN`).
+    pub fail_open: bool,
+    /// Per-tenant overrides (`[router.budget.tenants.<tenant>]`), by tenant id.
+    pub tenants: BTreeMap<String, TenantBudgetPolicy>,
+}
+
+/// `[router.budget.tenants.<tenant>]`: one tenant's override of [`BudgetPolicy`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantBudgetPolicy {
+    /// Whether this tenant is served when the budget service cannot answer; unset means the
+    /// table's `fail_open`.
+    pub fail_open: Option<bool>,
+}
+
+impl Default for BudgetPolicy {
+    fn default() -> Self {
+        Self {
+            fail_open: DEFAULT_BUDGET_FAIL_OPEN,
+            tenants: BTreeMap::new(),
+        }
+    }
+}
+
+impl BudgetPolicy {
+    /// Whether `tenant` is served unmetered when the budget service cannot answer.
+    pub fn fail_open_for(&self, tenant: &str) -> bool {
+        self.tenants
+            .get(tenant)
+            .and_then(|t| t.fail_open)
+            .unwrap_or(self.fail_open)
+    }
+
+    /// Checks the tenant ids, naming the bad key (`router.budget.tenants.<id>`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for tenant in self.tenants.keys() {
+            if weir_mesh::tenant::Tenant::new(tenant).is_err() {
+                return Err(ConfigError::invalid(
+                    format!("router.budget.tenants.{tenant}"),
+                    "tenant ids are 1 to 64 letters, digits, '-', '_' or '.'",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Text of the default refusal.
@@ -146,49 +265,72 @@ pub struct CanarySpec {
 }
 
 impl Config {
-    /// Checks `inference_url`: an `http://host[:port]` URL with no path, since gRPC replaces the
-    /// path with the method's. `https://` is refused because this build has no TLS client; a
-    /// channel to it would fail on every call instead of at start-up.
-    pub fn validate_inference_url(&self) -> Result<(), ConfigError> {
-        const KEY: &str = "router.inference_url";
-        let url = self.inference_url.trim();
-        let uri: http::Uri = url
-            .parse()
-            .map_err(|error| ConfigError::invalid(KEY, format!("{url:?} is not a URL: {error}")))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
-                return Err(ConfigError::invalid(
-                    KEY,
-                    format!(
-                        "{url:?}: https is not supported by this build (no TLS client); use \
-                         http:// (for example through a TLS-terminating sidecar)"
-                    ),
-                ));
-            }
-            _ => {
-                return Err(ConfigError::invalid(
-                    KEY,
-                    format!("{url:?} must be an http:// URL, such as {DEFAULT_INFERENCE_URL}"),
-                ));
+    /// Checks the service URLs and the budget policy, naming the bad key: `inference_url` must be
+    /// a usable URL (see [`validate_service_url`]); `session_url` and `budget_url` too, unless
+    /// empty (the feature is off).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_service_url("router.inference_url", &self.inference_url)?;
+        for (key, url) in [
+            ("router.session_url", &self.session_url),
+            ("router.budget_url", &self.budget_url),
+        ] {
+            if !url.trim().is_empty() {
+                validate_service_url(key, url)?;
             }
         }
-        if uri.host().is_none_or(str::is_empty) {
+        self.budget.validate()
+    }
+
+    /// The session service URL, or `None` when sessions are off.
+    pub fn session_url(&self) -> Option<&str> {
+        Some(self.session_url.trim()).filter(|url| !url.is_empty())
+    }
+
+    /// The budget service URL, or `None` when budgets are off.
+    pub fn budget_url(&self) -> Option<&str> {
+        Some(self.budget_url.trim()).filter(|url| !url.is_empty())
+    }
+}
+
+/// Checks the URL of a service the router calls, configured at `key`: an `http://host[:port]`
+/// URL with no path, since gRPC replaces the path with the method's. `https://` is refused because
+/// this build has no TLS client; a channel to it would fail on every call instead of at start-up.
+pub fn validate_service_url(key: &str, url: &str) -> Result<(), ConfigError> {
+    let url = url.trim();
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|error| ConfigError::invalid(key, format!("{url:?} is not a URL: {error}")))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
             return Err(ConfigError::invalid(
-                KEY,
-                format!("{url:?} has no host; expected http://host:port"),
-            ));
-        }
-        if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
-            return Err(ConfigError::invalid(
-                KEY,
+                key,
                 format!(
-                    "{url:?} has a path or query, which gRPC would ignore; use http://host:port"
+                    "{url:?}: https is not supported by this build (no TLS client); use http:// \
+                     (for example through a TLS-terminating sidecar)"
                 ),
             ));
         }
-        Ok(())
+        _ => {
+            return Err(ConfigError::invalid(
+                key,
+                format!("{url:?} must be an http:// URL, such as {DEFAULT_INFERENCE_URL}"),
+            ));
+        }
     }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(ConfigError::invalid(
+            key,
+            format!("{url:?} has no host; expected http://host:port"),
+        ));
+    }
+    if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+        return Err(ConfigError::invalid(
+            key,
+            format!("{url:?} has a path or query, which gRPC would ignore; use http://host:port"),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -209,7 +351,10 @@ mod tests {
         assert_eq!(config.listen.to_string(), "127.0.0.1:50051");
         assert_eq!(config.inference_url, "http://127.0.0.1:50052");
         assert!(config.routes.is_empty());
-        config.validate_inference_url().unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.session_url(), Some(DEFAULT_SESSION_URL));
+        assert_eq!(config.budget_url(), None);
+        assert!(!config.budget.fail_open_for("anyone"));
     }
 
     #[test]
@@ -255,9 +400,66 @@ mod tests {
                 inference_url: url.to_string(),
                 ..Config::default()
             };
-            let error = config.validate_inference_url().expect_err(url).to_string();
+            let error = config.validate().expect_err(url).to_string();
             assert!(error.contains("router.inference_url"), "{url}: {error}");
         }
+    }
+
+    #[test]
+    fn session_and_budget_urls_are_optional_but_checked_when_set() {
+        let config =
+            parse("[router]\nsession_url = \"\"\nbudget_url = \"http://budget:50054\"\n").unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.session_url(), None);
+        assert_eq!(config.budget_url(), Some("http://budget:50054"));
+        for (key, toml) in [
+            ("router.session_url", "session_url = \"session:50053\""),
+            ("router.budget_url", "budget_url = \"https://budget:443\""),
+            (
+                "router.budget_url",
+                "budget_url = \"http://budget:50054/v1\"",
+            ),
+        ] {
+            let config = parse(&format!("[router]\n{toml}\n")).unwrap();
+            let error = config.validate().expect_err(toml).to_string();
+            assert!(error.contains(key), "{toml}: {error}");
+        }
+    }
+
+    #[test]
+    fn fail_open_is_per_tenant_with_a_global_default() {
+        let config = parse(
+            r#"
+            [router.budget]
+            fail_open = false
+            [router.budget.tenants.tools]
+            fail_open = true
+            [router.budget.tenants.vip]
+            "#,
+        )
+        .unwrap();
+        config.validate().unwrap();
+        assert!(config.budget.fail_open_for("tools"));
+        assert!(!config.budget.fail_open_for("vip"));
+        assert!(!config.budget.fail_open_for("other"));
+
+        let open = parse(
+            "[router.budget]\nfail_open = true\n[router.budget.tenants.strict]\nfail_open = false\n",
+        )
+        .unwrap();
+        assert!(open.budget.fail_open_for("other"));
+        assert!(!open.budget.fail_open_for("strict"));
+
+        let bad = parse("[router.budget.tenants.\"a b\"]\nfail_open = true\n").unwrap();
+        let error = bad.validate().unwrap_err().to_string();
+        assert!(error.contains("router.budget.tenants.a b"), "{error}");
+        assert!(parse("[router.budget]\nfailopen = true\n").is_err());
+    }
+
+    #[test]
+    fn economy_tiers_parse() {
+        let config = parse("[router.routes.auto]\nmodels = [\"a\"]\neconomy = [\"b\"]\n").unwrap();
+        assert_eq!(config.routes["auto"].economy, ["b"]);
     }
 
     #[test]
@@ -271,7 +473,7 @@ mod tests {
                 inference_url: url.to_string(),
                 ..Config::default()
             };
-            config.validate_inference_url().expect(url);
+            config.validate().expect(url);
         }
     }
 }

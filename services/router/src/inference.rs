@@ -69,15 +69,25 @@ impl Call {
         self.deadline
     }
 
-    /// Wraps `message` for a call to `model`: the forwarded metadata, the remaining deadline, and
-    /// the model as the call's backend key.
-    pub(crate) fn request<T>(&self, message: T, model: &str) -> tonic::Request<T> {
+    /// The same forwarded metadata with another deadline: for the bookkeeping after an answer
+    /// (budget commit, session append), which must finish even when the caller has gone.
+    pub fn with_deadline(&self, deadline: Deadline) -> Self {
+        Self {
+            metadata: self.metadata.clone(),
+            deadline: Some(deadline),
+        }
+    }
+
+    /// Wraps `message` for a call to `backend` (a model for inference calls; `session` or
+    /// `budget` for those services): the forwarded metadata, the remaining deadline, and the
+    /// backend as the call's [`BackendKey`].
+    pub(crate) fn request<T>(&self, message: T, backend: &str) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         *request.metadata_mut() = self.metadata.clone();
         if let Some(deadline) = self.deadline {
             deadline.apply_to(&mut request);
         }
-        request.extensions_mut().insert(BackendKey::new(model));
+        request.extensions_mut().insert(BackendKey::new(backend));
         request
     }
 }

@@ -12,10 +12,15 @@
 //!   upstream event arrives, deltas, `done`; a stream cut short ends with an explicit error, and a
 //!   client that goes away cancels the model call.
 //!
-//! Errors from the inference service reach the client with their code and `google.rpc` details
-//! (reason, RetryInfo, BadRequest) intact. Sessions, budgets, review, jobs and batches land with
-//! their own issues; until then a request with `session_id` is UNIMPLEMENTED
-//! (`SESSIONS_UNAVAILABLE`), and the job and batch RPCs answer UNIMPLEMENTED.
+//! - a request with a `session_id` is answered with the session's history before its new messages,
+//!   and the exchange is appended to it afterwards ([`session`]);
+//! - with budgets on, each request reserves its worst-case cost before the model call and commits
+//!   its actual cost after it; a tenant above its soft limit is steered to the route's economy
+//!   tier ([`spend`]); both are settled when the answer ends ([`settlement`]).
+//!
+//! Errors from the inference, session and budget services reach the client with their code and
+//! `google.rpc` details (reason, RetryInfo, BadRequest, QuotaFailure) intact. Review, jobs and
+//! batches land with their own issues; until then the job and batch RPCs answer UNIMPLEMENTED.
 //!
 //! [`server`] validates the `[router]` table ([`Config`]) against the model catalog and builds the
 //! server; the same library is served alone by `weir serve router` and together by `weir up`.
@@ -28,6 +33,9 @@ pub mod inference;
 pub mod relay;
 pub mod request;
 pub mod route;
+pub mod session;
+pub mod settlement;
+pub mod spend;
 
 use std::sync::Arc;
 
@@ -42,15 +50,15 @@ use weir_mesh::{
 use weir_proto::router::router_service_server::RouterServiceServer;
 
 pub use api::RouterApi;
-pub use config::{Config, RouteSpec};
+pub use config::{BudgetPolicy, Config, RouteSpec, TenantBudgetPolicy};
 pub use relay::CompleteStream;
 pub use route::{Plan, RouteTable};
 
 /// Validates `config` against `catalog` (naming the bad key, e.g. `router.routes.auto.models`)
 /// and builds the router server, ready to `serve(listener, shutdown)`.
 ///
-/// The channel to the inference service connects on first use, so inference may start later;
-/// building it needs a Tokio runtime, so call this from within one.
+/// The channels to the inference, session and budget services connect on first use, so those may
+/// start later; building them needs a Tokio runtime, so call this from within one.
 pub fn server(config: &Config, catalog: Arc<Catalog>) -> Result<GrpcServer, ConfigError> {
     let api = router_api(config, catalog)?;
     let authenticator = Authenticator::from_config(&config.auth, "router.auth")?;
@@ -63,16 +71,32 @@ pub fn server(config: &Config, catalog: Arc<Catalog>) -> Result<GrpcServer, Conf
 
 /// Validates `config` against `catalog` and builds the gRPC implementation, for callers that host
 /// it on a server of their own. Needs a Tokio runtime (see [`server`]).
+///
+/// Each service the router calls gets its own client stack built from `[router.client]`: its own
+/// breakers, bulkheads and retry budget, so an outage of one never trips the others.
 pub fn router_api(config: &Config, catalog: Arc<Catalog>) -> Result<RouterApi, ConfigError> {
-    config.validate_inference_url()?;
+    config.validate()?;
     config.client.validate("router.client")?;
     let routes = RouteTable::new(config, catalog)?;
-    let channel = weir_mesh::client::lazy_channel(config.inference_url.trim())
-        .map_err(|error| ConfigError::invalid("router.inference_url", error.to_string()))?;
-    Ok(RouterApi::new(
-        routes,
-        ClientStack::new(channel, &config.client),
-    ))
+    let inference = client_stack(config, "router.inference_url", &config.inference_url)?;
+    let mut api = RouterApi::new(routes, inference);
+    if let Some(url) = config.session_url() {
+        api = api.with_sessions(client_stack(config, "router.session_url", url)?);
+    }
+    if let Some(url) = config.budget_url() {
+        api = api.with_budget(
+            client_stack(config, "router.budget_url", url)?,
+            config.budget.clone(),
+        )?;
+    }
+    Ok(api)
+}
+
+/// The client stack (`[router.client]`) over a lazy channel to `url`, configured at `key`.
+fn client_stack(config: &Config, key: &str, url: &str) -> Result<ClientStack, ConfigError> {
+    let channel = weir_mesh::client::lazy_channel(url.trim())
+        .map_err(|error| ConfigError::invalid(key, error.to_string()))?;
+    Ok(ClientStack::new(channel, &config.client))
 }
 
 #[cfg(test)]

@@ -15,6 +15,13 @@
 //! The returned stream owns the upstream stream. When the client goes away, tonic drops the
 //! router's stream, which drops the inference stream and so cancels the upstream call.
 //!
+//! The stream also owns the request's `Settlement` (step 6 of the walk): each delta's text is
+//! recorded as it goes out; on the upstream `done` the settlement commits the usage and appends the
+//! exchange to the session before the router's `done` goes out with the committed cost and any
+//! notices; if the stream ends any other way (an error, a cut, the client going away), dropping the
+//! settlement commits what was relayed and appends nothing (see [`crate::settlement`]). If the
+//! upstream fails before its first event, the settlement is released: the model never ran.
+//!
 //! Upstream messages with no event set (from a newer inference version) are skipped.
 
 use std::pin::Pin;
@@ -34,6 +41,8 @@ use weir_proto::{
     },
 };
 
+use crate::settlement::Settlement;
+
 /// The router's outgoing answer stream.
 pub type CompleteStream =
     Pin<Box<dyn Stream<Item = Result<CompleteStreamResponse, Status>> + Send + 'static>>;
@@ -45,19 +54,27 @@ pub const STREAM_CUT: &str = "STREAM_CUT";
 /// upstream's events as they arrive (see the module documentation). Fails with the upstream status
 /// if the upstream fails before its first event, and with [`STREAM_CUT`] if it ends without one.
 ///
-/// `notices` (for example that a fallback served the answer) go out in the final `done`.
+/// `notices` (for example that a fallback served the answer) go out in the final `done`, with
+/// those of the `settlement`, which settles when the answer ends (see the module documentation).
 pub(crate) async fn open<S>(
     start: Start,
     notices: Vec<Notice>,
     mut upstream: S,
+    settlement: Settlement,
 ) -> Result<CompleteStream, ApiError>
 where
     S: Stream<Item = Result<GenerateStreamResponse, Status>> + Send + Unpin + 'static,
 {
     let first = match next_event(&mut upstream).await {
         Ok(Some(event)) => event,
-        Ok(None) => return Err(stream_cut(false)),
-        Err(status) => return Err(ApiError::from_status(&status)),
+        Ok(None) => {
+            settlement.release();
+            return Err(stream_cut(false));
+        }
+        Err(status) => {
+            settlement.release();
+            return Err(ApiError::from_status(&status));
+        }
     };
     let state = State::Start {
         start,
@@ -65,6 +82,7 @@ where
         upstream: Upstream {
             stream: upstream,
             notices,
+            settlement,
         },
     };
     Ok(Box::pin(stream::unfold(state, step)))
@@ -87,10 +105,11 @@ pub(crate) fn degraded(start: Start, text: String, notices: Vec<Notice>) -> Comp
     ]))
 }
 
-/// The upstream stream and what the final `done` must carry.
+/// The upstream stream, what the final `done` must carry, and what the request owes.
 struct Upstream<S> {
     stream: S,
     notices: Vec<Notice>,
+    settlement: Settlement,
 }
 
 /// Where the relay is.
@@ -126,9 +145,9 @@ where
             Ok(event(Event::Start(start))),
             State::First { first, upstream },
         )),
-        State::First { first, upstream } => Some(relay(first, upstream)),
+        State::First { first, upstream } => Some(relay(first, upstream).await),
         State::Relaying { mut upstream } => Some(match next_event(&mut upstream.stream).await {
-            Ok(Some(upstream_event)) => relay(upstream_event, upstream),
+            Ok(Some(upstream_event)) => relay(upstream_event, upstream).await,
             Ok(None) => (Err(Status::from(stream_cut(true))), State::Finished),
             Err(status) => (
                 Err(Status::from(ApiError::from_status(&status))),
@@ -139,30 +158,50 @@ where
     }
 }
 
-/// Translates one upstream event; `done` finishes the relay (and drops the upstream).
-fn relay<S>(
+/// Translates one upstream event; `done` settles the request and finishes the relay (dropping the
+/// upstream first).
+async fn relay<S>(
     upstream_event: UpstreamEvent,
-    upstream: Upstream<S>,
-) -> (Result<CompleteStreamResponse, Status>, State<S>) {
+    mut upstream: Upstream<S>,
+) -> (Result<CompleteStreamResponse, Status>, State<S>)
+where
+    S: Stream<Item = Result<GenerateStreamResponse, Status>> + Unpin,
+{
     match upstream_event {
-        UpstreamEvent::Delta(delta) => (
-            Ok(event(Event::Delta(Delta { text: delta.text }))),
-            State::Relaying { upstream },
-        ),
+        UpstreamEvent::Delta(delta) => {
+            upstream.settlement.record(&delta.text);
+            (
+                Ok(event(Event::Delta(Delta { text: delta.text }))),
+                State::Relaying { upstream },
+            )
+        }
         UpstreamEvent::Done(done) => (
-            Ok(event(Event::Done(finish(done, upstream.notices)))),
+            Ok(event(Event::Done(finish(done, upstream).await))),
             State::Finished,
         ),
     }
 }
 
-/// The router's `done` for the upstream's. Cost is zero and review not required until the budget
-/// and review steps land; they fill these fields.
-fn finish(done: UpstreamDone, notices: Vec<Notice>) -> Done {
+/// The router's `done` for the upstream's, once the request is settled: the committed cost and
+/// the notices of the walk and of the settlement. Review is not required until the review step
+/// lands.
+async fn finish<S>(done: UpstreamDone, upstream: Upstream<S>) -> Done
+where
+    S: Stream<Item = Result<GenerateStreamResponse, Status>> + Unpin,
+{
+    let Upstream {
+        stream,
+        mut notices,
+        settlement,
+    } = upstream;
+    // The model has finished: let its call go before waiting on the bookkeeping.
+    drop(stream);
+    let settled = settlement.settle(done.usage, None).await;
+    notices.extend(settled.notices);
     Done {
         finish_reason: done.finish_reason,
         usage: done.usage,
-        cost_micros: 0,
+        cost_micros: settled.cost_micros,
         review_status: ReviewStatus::NotRequired.into(),
         review_id: String::new(),
         notices,
@@ -266,7 +305,7 @@ mod tests {
     }
 
     async fn collect(items: Vec<Item>) -> Result<Vec<Result<Event, Status>>, ApiError> {
-        let stream = open(start(), Vec::new(), stream::iter(items)).await?;
+        let stream = open(start(), Vec::new(), stream::iter(items), Settlement::none()).await?;
         Ok(stream
             .map(|item| item.map(|response| response.event.unwrap()))
             .collect()
@@ -378,7 +417,9 @@ mod tests {
     async fn each_delta_is_relayed_as_soon_as_it_arrives() {
         let (tx, rx) = mpsc::unbounded::<Item>();
         tx.unbounded_send(delta("first")).unwrap();
-        let mut stream = open(start(), Vec::new(), rx).await.unwrap();
+        let mut stream = open(start(), Vec::new(), rx, Settlement::none())
+            .await
+            .unwrap();
         assert!(matches!(
             stream.next().await,
             Some(Ok(CompleteStreamResponse {
@@ -438,7 +479,9 @@ mod tests {
             rx,
             dropped: Arc::clone(&dropped),
         };
-        let mut stream = open(start(), Vec::new(), upstream).await.unwrap();
+        let mut stream = open(start(), Vec::new(), upstream, Settlement::none())
+            .await
+            .unwrap();
         stream.next().await.unwrap().unwrap();
         stream.next().await.unwrap().unwrap();
         // The client goes away mid-answer.
@@ -457,7 +500,9 @@ mod tests {
             rx,
             dropped: Arc::clone(&dropped),
         };
-        let mut stream = open(start(), Vec::new(), upstream).await.unwrap();
+        let mut stream = open(start(), Vec::new(), upstream, Settlement::none())
+            .await
+            .unwrap();
         stream.next().await.unwrap().unwrap();
         stream.next().await.unwrap().unwrap();
         assert!(dropped.load(Ordering::SeqCst));

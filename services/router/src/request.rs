@@ -6,20 +6,23 @@
 //!
 //! The router only checks what it must know before it can route, or what it alone owns:
 //!
-//! - `session_id` set: UNIMPLEMENTED, reason `SESSIONS_UNAVAILABLE` (sessions are not in this
-//!   version; checked first, because a session may legitimately come with no new messages);
-//! - `messages` empty: INVALID_ARGUMENT on field `messages`;
+//! - `messages` empty without a `session_id`: INVALID_ARGUMENT on field `messages` (with a session
+//!   the request may continue the conversation from its history alone; the walk refuses it on the
+//!   same field if the history turns out to be empty too);
 //! - more than [`MAX_LABELS`] labels: INVALID_ARGUMENT on field `labels`;
 //! - `criticality` not a known value: INVALID_ARGUMENT on field `criticality`.
 //!
 //! Everything else (roles, generation parameters, prompt size against the model's context window,
 //! label key length) is checked by the inference service, whose INVALID_ARGUMENT and NOT_FOUND
-//! answers, with their BadRequest details, reach the client unchanged.
+//! answers, with their BadRequest details, reach the client unchanged. The session id itself is
+//! checked by the session service (INVALID_ARGUMENT on `session_id`, NOT_FOUND for an unknown one).
+//!
+//! The messages sent to a model are the request's own, after the session's history when there is
+//! one (`generate_request` takes the prompt the walk assembled).
 
 use std::collections::HashMap;
 
-use tonic::Code;
-use weir_mesh::ApiError;
+use weir_mesh::{ApiError, catalog::ModelSpec};
 use weir_proto::{
     common::{Criticality, GenerationParams, Message},
     inference::{GenerateRequest, GenerateStreamRequest},
@@ -79,13 +82,7 @@ impl From<CompleteStreamRequest> for Completion {
 /// Why the router refuses a request before routing it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
-    /// `session_id` is set, and this version has no sessions.
-    #[error(
-        "sessions are not available in this version: leave session_id empty and send the whole \
-         conversation in messages"
-    )]
-    SessionsUnavailable,
-    /// `messages` is empty.
+    /// `messages` is empty (and there is no session to continue).
     #[error("at least one message is required")]
     NoMessages,
     /// More than [`MAX_LABELS`] labels.
@@ -100,9 +97,6 @@ impl From<RequestError> for ApiError {
     fn from(error: RequestError) -> Self {
         let description = error.to_string();
         match error {
-            RequestError::SessionsUnavailable => {
-                ApiError::new(Code::Unimplemented, "SESSIONS_UNAVAILABLE", description)
-            }
             RequestError::NoMessages => ApiError::invalid_argument("messages", description),
             RequestError::TooManyLabels(_) => ApiError::invalid_argument("labels", description),
             RequestError::UnknownCriticality(_) => {
@@ -115,10 +109,7 @@ impl From<RequestError> for ApiError {
 impl Completion {
     /// The router's own checks (see the module documentation), in that order.
     pub fn check(&self) -> Result<(), RequestError> {
-        if !self.session_id.is_empty() {
-            return Err(RequestError::SessionsUnavailable);
-        }
-        if self.messages.is_empty() {
+        if self.messages.is_empty() && self.session_id.is_empty() {
             return Err(RequestError::NoMessages);
         }
         if self.labels.len() > MAX_LABELS {
@@ -137,22 +128,42 @@ impl Completion {
             .filter(|c| *c != Criticality::Unspecified)
     }
 
-    /// The unary inference request for `model`.
-    pub fn generate_request(&self, model: &str) -> GenerateRequest {
+    /// The session id, if the request names one.
+    pub fn session(&self) -> Option<&str> {
+        Some(self.session_id.as_str()).filter(|s| !s.is_empty())
+    }
+
+    /// The largest answer the request allows from a model: `params.max_tokens` when set, else the
+    /// model's `max_output_tokens`.
+    pub fn max_output_tokens(&self, spec: &ModelSpec) -> u32 {
+        self.params
+            .as_ref()
+            .and_then(|p| p.max_tokens)
+            .and_then(|max| u32::try_from(max).ok())
+            .unwrap_or(spec.max_output_tokens)
+    }
+
+    /// The unary inference request for `model` with `messages` as the prompt (the session's
+    /// history, if any, then the request's messages).
+    pub fn generate_request(&self, model: &str, messages: Vec<Message>) -> GenerateRequest {
         GenerateRequest {
             model: model.to_string(),
-            messages: self.messages.clone(),
+            messages,
             params: self.params.clone(),
             request_id: self.request_id.clone(),
             labels: self.labels.clone(),
         }
     }
 
-    /// The streaming inference request for `model`.
-    pub fn generate_stream_request(&self, model: &str) -> GenerateStreamRequest {
+    /// The streaming inference request for `model` with `messages` as the prompt.
+    pub fn generate_stream_request(
+        &self,
+        model: &str,
+        messages: Vec<Message>,
+    ) -> GenerateStreamRequest {
         GenerateStreamRequest {
             model: model.to_string(),
-            messages: self.messages.clone(),
+            messages,
             params: self.params.clone(),
             request_id: self.request_id.clone(),
             labels: self.labels.clone(),
@@ -163,7 +174,7 @@ impl Completion {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
-    use tonic::Status;
+    use tonic::{Code, Status};
     use tonic_types::StatusExt;
     use weir_proto::common::Role;
 
@@ -207,14 +218,28 @@ mod tests {
     }
 
     #[test]
-    fn a_session_is_unimplemented_even_without_messages() {
+    fn a_session_may_continue_without_new_messages() {
         let mut request = valid();
         request.session_id = "s-1".to_string();
         request.messages.clear();
-        let error = ApiError::from(request.check().unwrap_err());
-        assert_eq!(error.code(), Code::Unimplemented);
-        assert_eq!(error.reason(), "SESSIONS_UNAVAILABLE");
-        assert!(error.message().contains("not available in this version"));
+        request.check().unwrap();
+        assert_eq!(request.session(), Some("s-1"));
+        assert_eq!(valid().session(), None);
+    }
+
+    #[test]
+    fn max_output_tokens_is_the_request_s_or_the_model_s() {
+        let spec = ModelSpec {
+            max_output_tokens: 77,
+            ..ModelSpec::default()
+        };
+        let mut request = valid();
+        assert_eq!(request.max_output_tokens(&spec), 77);
+        request.params = Some(GenerationParams {
+            max_tokens: Some(5),
+            ..GenerationParams::default()
+        });
+        assert_eq!(request.max_output_tokens(&spec), 5);
     }
 
     #[test]
@@ -259,7 +284,7 @@ mod tests {
             ..CompleteStreamRequest::default()
         });
         assert_eq!(stream, valid());
-        let upstream = stream.generate_stream_request("sim-large");
+        let upstream = stream.generate_stream_request("sim-large", valid().messages);
         assert_eq!(upstream.model, "sim-large");
         assert_eq!(upstream.messages, valid().messages);
     }

@@ -16,6 +16,15 @@
 //! [`crate::fallback`]); a route's canary, when chosen for a request, goes first and the route's
 //! own models follow it as its fallbacks. A plan is a value the later steps (budget steering) can
 //! reorder without touching the route table.
+//!
+//! # The economy tier
+//!
+//! A route may name a cheaper tier (`economy = ["sim-small"]`): its own ordered candidates, primary
+//! first, that serve a tenant whose spend is above its soft budget limit. The walk asks for it with
+//! [`Plan::economy`] only when budgets are on and the tenant's budget says so (see
+//! [`crate::spend`]); the steered plan keeps the requested name and the route alias, has no canary,
+//! and its first economy model is reported as the primary. A model named directly is never
+//! steered: the client asked for that model.
 
 use std::{
     collections::BTreeMap,
@@ -121,6 +130,8 @@ pub struct Route {
     candidates: Vec<Candidate>,
     canary: Option<Canary>,
     degraded: Option<Degraded>,
+    /// The cheaper tier; empty when the route has none.
+    economy: Vec<Candidate>,
 }
 
 impl Route {
@@ -143,6 +154,11 @@ impl Route {
     pub fn degraded(&self) -> Option<&Degraded> {
         self.degraded.as_ref()
     }
+
+    /// The cheaper tier's candidates in order (empty when the route has none).
+    pub fn economy(&self) -> &[Candidate] {
+        &self.economy
+    }
 }
 
 /// How a request's `model` resolved: the ordered candidates that may serve it.
@@ -152,6 +168,8 @@ pub struct Plan {
     route: Option<Arc<Route>>,
     /// Never empty.
     candidates: Vec<Candidate>,
+    /// Whether the candidates are the route's economy tier.
+    steered: bool,
 }
 
 impl Plan {
@@ -184,6 +202,32 @@ impl Plan {
     /// The route's degraded answer, if it has one.
     pub fn degraded(&self) -> Option<&Degraded> {
         self.route().and_then(Route::degraded)
+    }
+
+    /// Whether the plan can be steered to a cheaper tier (its route has an economy tier and the
+    /// plan is not already steered).
+    pub fn has_economy(&self) -> bool {
+        !self.steered && self.route().is_some_and(|r| !r.economy.is_empty())
+    }
+
+    /// Whether this plan was steered to its route's economy tier.
+    pub fn is_steered(&self) -> bool {
+        self.steered
+    }
+
+    /// The same request served from the route's economy tier (see the module documentation), or
+    /// `None` when there is none.
+    pub fn economy(&self) -> Option<Plan> {
+        if !self.has_economy() {
+            return None;
+        }
+        let route = self.route.clone()?;
+        Some(Plan {
+            requested_model: self.requested_model.clone(),
+            candidates: route.economy.clone(),
+            route: Some(route),
+            steered: true,
+        })
     }
 
     /// What the candidate at `position` in [`Plan::candidates`] is, for `served_by`.
@@ -275,6 +319,11 @@ impl RouteTable {
         &self.catalog
     }
 
+    /// A shared handle on the catalog.
+    pub fn shared_catalog(&self) -> Arc<Catalog> {
+        Arc::clone(&self.catalog)
+    }
+
     /// Resolves a request's `model` (see the module documentation). `sticky` (the session id, if
     /// any) keeps a conversation on one side of a canary split.
     pub fn resolve(&self, name: &str, sticky: Option<&str>) -> Result<Plan, ResolveError> {
@@ -304,6 +353,7 @@ impl RouteTable {
             requested_model: name.to_string(),
             route,
             candidates,
+            steered: false,
         })
     }
 }
@@ -350,25 +400,12 @@ fn validate(catalog: &Catalog, alias: String, spec: RouteSpec) -> Result<Route, 
     if spec.models.is_empty() {
         return Err(ConfigError::invalid(key, "must list at least one model"));
     }
-    let mut candidates: Vec<Candidate> = Vec::with_capacity(spec.models.len());
-    for model in spec.models {
-        if catalog.get(&model).is_none() {
-            return Err(ConfigError::invalid(
-                key,
-                format!(
-                    "\"{model}\" is not a model in the catalog (models: {})",
-                    list(catalog.iter().map(|(name, _)| name))
-                ),
-            ));
-        }
-        if candidates.iter().any(|c| c.model == model) {
-            return Err(ConfigError::invalid(
-                key,
-                format!("\"{model}\" is listed more than once"),
-            ));
-        }
-        candidates.push(Candidate { model });
-    }
+    let candidates = validate_models(catalog, &key, spec.models)?;
+    let economy = validate_models(
+        catalog,
+        &format!("router.routes.{alias}.economy"),
+        spec.economy,
+    )?;
     let canary = match spec.canary {
         None => None,
         Some(canary) => Some(validate_canary(catalog, &alias, &candidates, canary)?),
@@ -392,7 +429,36 @@ fn validate(catalog: &Catalog, alias: String, spec: RouteSpec) -> Result<Route, 
         candidates,
         canary,
         degraded,
+        economy,
     })
+}
+
+/// Catalog models in order, each at most once; the error names `key`.
+fn validate_models(
+    catalog: &Catalog,
+    key: &str,
+    models: Vec<String>,
+) -> Result<Vec<Candidate>, ConfigError> {
+    let mut candidates: Vec<Candidate> = Vec::with_capacity(models.len());
+    for model in models {
+        if catalog.get(&model).is_none() {
+            return Err(ConfigError::invalid(
+                key,
+                format!(
+                    "\"{model}\" is not a model in the catalog (models: {})",
+                    list(catalog.iter().map(|(name, _)| name))
+                ),
+            ));
+        }
+        if candidates.iter().any(|c| c.model == model) {
+            return Err(ConfigError::invalid(
+                key,
+                format!("\"{model}\" is listed more than once"),
+            ));
+        }
+        candidates.push(Candidate { model });
+    }
+    Ok(candidates)
 }
 
 fn validate_canary(
@@ -711,6 +777,52 @@ mod tests {
                     .unwrap_err()
                     .to_string();
             assert!(error.contains(key), "{model} {weight}: {error}");
+        }
+    }
+
+    #[test]
+    fn an_economy_tier_replaces_the_candidates_and_the_canary() {
+        let mut config = config(&[("auto", &["a", "b"])]);
+        if let Some(spec) = config.routes.get_mut("auto") {
+            spec.economy = vec!["c".to_string(), "b".to_string()];
+            spec.canary = Some(CanarySpec {
+                model: "d".to_string(),
+                weight: 1.0,
+            });
+        }
+        let table = RouteTable::new(&config, catalog(&["a", "b", "c", "d"])).unwrap();
+        let plan = table.resolve("auto", None).unwrap();
+        assert_eq!(models(&plan), ["d", "a", "b"]);
+        assert!(plan.has_economy() && !plan.is_steered());
+        let steered = plan.economy().unwrap();
+        assert_eq!(models(&steered), ["c", "b"]);
+        assert!(steered.is_steered() && !steered.has_economy());
+        assert!(steered.economy().is_none(), "steering happens once");
+        assert_eq!(steered.route_alias(), "auto");
+        assert_eq!(steered.requested_model(), "auto");
+        assert_eq!(steered.served_by(0), ServedBy::Primary);
+
+        let direct = table.resolve("a", None).unwrap();
+        assert!(!direct.has_economy());
+        assert!(
+            direct.economy().is_none(),
+            "a model named directly is never steered"
+        );
+        let plain = RouteTable::new(&self::config(&[("auto", &["a"])]), catalog(&["a"])).unwrap();
+        assert!(plain.resolve("auto", None).unwrap().economy().is_none());
+    }
+
+    #[test]
+    fn bad_economy_tiers_name_their_key() {
+        for economy in [vec!["zzz"], vec!["a", "a"]] {
+            let mut config = config(&[("auto", &["a", "b"])]);
+            if let Some(spec) = config.routes.get_mut("auto") {
+                spec.economy = economy.iter().map(|m| m.to_string()).collect();
+            }
+            let error = RouteTable::new(&config, catalog(&["a", "b"]))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("router.routes.auto.economy"), "{error}");
         }
     }
 

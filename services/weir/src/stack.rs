@@ -215,7 +215,9 @@ impl Running {
 ///
 /// When the inference service runs in the same process, the router and the session service (which
 /// summarizes through it) are pointed at its actual address (so port 0 works, and `weir up` is
-/// self-contained).
+/// self-contained). Likewise the router's `session_url` and `budget_url` are pointed at the session
+/// and budget services running in the same process, when they are set: an empty URL keeps that
+/// feature off (budgets are off unless `router.budget_url` is set).
 pub async fn start(
     mut config: StackConfig,
     services: &[Service],
@@ -245,6 +247,16 @@ pub async fn start(
     if let Some(inference) = addrs.get(&Service::Inference) {
         config.router.inference_url = format!("http://{inference}");
         config.session.inference_url = format!("http://{inference}");
+    }
+    if let Some(session) = addrs.get(&Service::Session)
+        && config.router.session_url().is_some()
+    {
+        config.router.session_url = format!("http://{session}");
+    }
+    if let Some(budget) = addrs.get(&Service::Budget)
+        && config.router.budget_url().is_some()
+    {
+        config.router.budget_url = format!("http://{budget}");
     }
 
     // Build every server before serving any, so a config error starts nothing.
