@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use weir::stack::Service;
 use weir_proto::inference::GenerateRequest;
-use weir_tests::{Mesh, complete, user};
+use weir_tests::{Mesh, percentile, time_completes, user};
 
 const CONFIG: &str = r#"
 [models.sim-zero]
@@ -22,11 +22,6 @@ sim = { output_tokens = 16 }
 [router.rate_limit]
 enabled = false
 "#;
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index]
-}
 
 fn report(name: &str, mut samples: Vec<Duration>) {
     samples.sort();
@@ -50,13 +45,8 @@ async fn main() {
     let mut router = mesh.router();
     let mut inference = mesh.inference();
 
-    // Warm up connections and code paths.
-    for _ in 0..100 {
-        router
-            .complete(complete("sim-zero", "warm up"))
-            .await
-            .unwrap();
-    }
+    // Warm up connections and code paths on both paths.
+    time_completes(&mut router, "sim-zero", 100, 0).await;
 
     let mut direct = Vec::with_capacity(calls);
     for i in 0..calls {
@@ -70,15 +60,7 @@ async fn main() {
         direct.push(start.elapsed());
     }
 
-    let mut routed = Vec::with_capacity(calls);
-    for i in 0..calls {
-        let start = Instant::now();
-        router
-            .complete(complete("sim-zero", &format!("routed {i}")))
-            .await
-            .unwrap();
-        routed.push(start.elapsed());
-    }
+    let routed = time_completes(&mut router, "sim-zero", 0, calls).await;
 
     println!("sequential calls over loopback gRPC, sim model with zero latency:");
     report("inference.Generate (direct)", direct);

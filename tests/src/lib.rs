@@ -7,6 +7,8 @@
 
 pub use weir_test_upstream as upstream;
 
+pub mod otlp;
+
 use std::{
     future::Future,
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -193,4 +195,37 @@ where
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Runs `warm_up` and then `calls` sequential `Complete` calls to `model` through `router`, and
+/// returns the latencies of the `calls`, sorted (for benchmarks).
+pub async fn time_completes(
+    router: &mut RouterServiceClient<Channel>,
+    model: &str,
+    warm_up: usize,
+    calls: usize,
+) -> Vec<Duration> {
+    for _ in 0..warm_up {
+        router
+            .complete(complete(model, "warm up"))
+            .await
+            .expect("warm-up call");
+    }
+    let mut samples = Vec::with_capacity(calls);
+    for i in 0..calls {
+        let start = std::time::Instant::now();
+        router
+            .complete(complete(model, &format!("call {i}")))
+            .await
+            .expect("timed call");
+        samples.push(start.elapsed());
+    }
+    samples.sort();
+    samples
+}
+
+/// The `p` quantile (0 to 1) of `sorted` durations.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len().saturating_sub(1))]
 }

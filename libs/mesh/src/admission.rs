@@ -681,7 +681,7 @@ pub mod future {
                             if let Some(permit) = permit.as_mut() {
                                 permit.sample(signals_overload(response.headers()));
                             }
-                            Ok(response.map(|inner| body::ResponseBody::new(inner, permit)))
+                            Ok(body::holding(response, permit))
                         }
                         Err(error) => {
                             if let Some(permit) = permit.as_mut() {
@@ -698,70 +698,43 @@ pub mod future {
 
 /// The response body of [`Admission`].
 pub mod body {
-    use http_body::{Body, Frame, SizeHint};
+    use tonic::Code;
 
-    use super::*;
+    use super::Permit;
+    use crate::rpc::{ObservedBody, Observer};
 
-    pin_project_lite::pin_project! {
-        /// The inner body, holding the request's admission permit until the body ends or is
-        /// dropped, so a long stream counts as in flight for as long as it runs.
-        pub struct ResponseBody<B> {
-            #[pin]
-            inner: B,
-            permit: Option<Permit>,
+    /// The inner body, holding the request's admission permit until the body ends or is dropped,
+    /// so a long stream counts as in flight for as long as it runs.
+    pub type ResponseBody<B> = ObservedBody<B, HeldPermit>;
+
+    /// The admission permit a response holds; giving it back is all its end does.
+    #[derive(Debug, Default)]
+    pub struct HeldPermit(pub(super) Option<Permit>);
+
+    impl Observer for HeldPermit {
+        fn end(self, _code: Code, _started: std::time::Instant) {
+            // Dropping `self` gives the permit back.
         }
     }
 
-    impl<B> ResponseBody<B> {
-        pub(super) fn new(inner: B, permit: Option<Permit>) -> Self {
-            Self { inner, permit }
-        }
-
+    impl<B> ObservedBody<B, HeldPermit> {
         /// True while the body still holds an admission permit.
         pub fn holds_permit(&self) -> bool {
-            self.permit.is_some()
+            self.observer().is_some_and(|held| held.0.is_some())
         }
     }
 
-    impl<B: Default> Default for ResponseBody<B> {
-        fn default() -> Self {
-            Self::new(B::default(), None)
-        }
-    }
-
-    impl<B: fmt::Debug> fmt::Debug for ResponseBody<B> {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.debug_struct("ResponseBody")
-                .field("inner", &self.inner)
-                .field("holds_permit", &self.permit.is_some())
-                .finish()
-        }
-    }
-
-    impl<B: Body> Body for ResponseBody<B> {
-        type Data = B::Data;
-        type Error = B::Error;
-
-        fn poll_frame(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-            let this = self.project();
-            let frame = std::task::ready!(this.inner.poll_frame(cx));
-            match &frame {
-                None | Some(Err(_)) => drop(this.permit.take()),
-                Some(Ok(_)) => {}
-            }
-            Poll::Ready(frame)
-        }
-
-        fn is_end_stream(&self) -> bool {
-            self.inner.is_end_stream()
-        }
-
-        fn size_hint(&self) -> SizeHint {
-            self.inner.size_hint()
-        }
+    /// `response` with a body holding `permit`.
+    pub(super) fn holding<B>(
+        response: http::Response<B>,
+        permit: Option<Permit>,
+    ) -> http::Response<ResponseBody<B>> {
+        ObservedBody::wrap(
+            response,
+            HeldPermit(permit),
+            std::time::Instant::now(),
+            Code::Internal,
+        )
     }
 }
 

@@ -1,7 +1,8 @@
 //! Channels to other Weir services, and the client stack every call to them goes through.
 //!
 //! [`ClientStack`] assembles the client layers in the order of DESIGN.md section 5, so every
-//! service gets the same behaviour by construction: deadline propagation → retry (with a budget)
+//! service gets the same behaviour by construction: trace context ([`crate::trace`]) → deadline
+//! propagation → retry (with a budget)
 //! → circuit breaker → bulkhead → per-attempt timeout → the channel.
 //!
 //! A [`Channel`] connects lazily and reconnects on its own, so a service can start before its
@@ -24,6 +25,7 @@ use crate::{
     deadline::DeadlineLayer,
     retry::{RetryBudget, RetryBudgetConfig, RetryLayer, RetryPolicy},
     timeout::{AttemptTimeoutLayer, TimeoutConfig},
+    trace::TraceLayer,
 };
 
 /// Default TCP connect timeout for calls between services.
@@ -110,8 +112,12 @@ impl ClientStack {
         let breakers = Breakers::new(config.breaker.clone());
         let bulkheads = Bulkheads::new(config.bulkhead.clone());
         let service = ServiceBuilder::new()
+            // Back to tonic's body type, whatever the layers below wrapped it in.
+            .map_response(|response: http::Response<_>| response.map(Body::new))
             // The status of a refusal or failure, as tonic would surface it (see BoxedClient).
             .map_err(Status::from_error)
+            // A client span per call, its context sent on in `traceparent`.
+            .layer(TraceLayer::client())
             // Send only the time we have left, so a slow hop cannot eat the caller's deadline.
             .layer(DeadlineLayer::propagate(config.deadline_margin))
             // Retries spend from a per-backend budget, so an outage is not multiplied by 3.

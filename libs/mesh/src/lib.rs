@@ -7,7 +7,11 @@
 //! - [`server`]: the gRPC server builder: health, reflection, graceful drain on shutdown.
 //! - [`client`]: channels to other Weir services.
 //! - [`shutdown`]: SIGTERM / Ctrl-C as a cancellation token.
-//! - [`telemetry`]: logging set-up.
+//! - [`telemetry`]: logs (JSON with trace ids), OpenTelemetry trace export, the Prometheus
+//!   `/metrics` endpoint; the `[telemetry]` table.
+//! - [`trace`]: W3C trace context across calls; one span per RPC (server and client).
+//! - [`rpc_metrics`]: requests, codes and latency of every server call.
+//! - [`rpc`]: what those two share: method names, and a response body that reports the final code.
 //! - [`metadata`]: the gRPC metadata keys Weir uses between services.
 //! - [`tokens`]: token counting per tokenizer family (exact for the simulated model, estimated
 //!   otherwise), shared so every service agrees on prompt and answer sizes.
@@ -46,6 +50,8 @@ pub mod metadata;
 pub mod outcome;
 pub mod ratelimit;
 pub mod retry;
+pub mod rpc;
+pub mod rpc_metrics;
 pub mod server;
 pub mod shutdown;
 pub mod store;
@@ -53,5 +59,6 @@ pub mod telemetry;
 pub mod tenant;
 pub mod timeout;
 pub mod tokens;
+pub mod trace;
 
 pub use error::ApiError;

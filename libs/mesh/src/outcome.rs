@@ -86,13 +86,8 @@ pub fn classify<B>(result: &Result<http::Response<B>, tower::BoxError>) -> Outco
 pub fn classify_response<B>(response: &http::Response<B>) -> Outcome {
     let headers = response.headers();
     let pushback = Pushback::parse(headers.get(RETRY_PUSHBACK_MS).map(|v| v.as_bytes()));
-    let code = match headers.get(GRPC_STATUS) {
-        Some(value) => std::str::from_utf8(value.as_bytes())
-            .ok()
-            .and_then(|v| v.trim().parse::<i32>().ok())
-            .map_or(Code::Unknown, Code::from_i32),
-        None => code_of_http_status(response.status()),
-    };
+    let code =
+        crate::rpc::grpc_status(headers).unwrap_or_else(|| code_of_http_status(response.status()));
     Outcome { code, pushback }
 }
 

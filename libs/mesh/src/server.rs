@@ -5,8 +5,9 @@
 //!   name while running; NOT_SERVING as soon as shutdown starts, so load balancers stop sending.
 //! - gRPC reflection (v1 and v1alpha) advertising the hosted services, with the descriptors from
 //!   weir-proto, so grpcurl works without .proto files.
-//! - The server-side resilience stack, outermost first (DESIGN.md section 5):
-//!   deadline ([`crate::deadline`]: parse `grpc-timeout`, cap it, answer DEADLINE_EXCEEDED) →
+//! - The server-side stack, outermost first (DESIGN.md section 5): trace context
+//!   ([`crate::trace`]: a server span continuing the caller's trace) → RPC metrics
+//!   ([`crate::rpc_metrics`]) → deadline ([`crate::deadline`]: parse `grpc-timeout`, cap it, answer DEADLINE_EXCEEDED) →
 //!   admission ([`crate::admission`]: criticality-aware load shedding under an adaptive
 //!   concurrency limit) → auth ([`crate::auth`], the router only) → rate limit
 //!   ([`crate::ratelimit`], the router only) → the service. Health and reflection are never shed,
@@ -36,6 +37,8 @@ use crate::{
     config::ConfigError,
     deadline::{DeadlineConfig, DeadlineLayer},
     ratelimit::RateLimitLayer,
+    rpc_metrics::RpcMetricsLayer,
+    trace::TraceLayer,
 };
 
 /// Default time in-flight calls get to finish after shutdown starts.
@@ -210,6 +213,10 @@ impl GrpcServer {
             self.label
         };
         let layers = ServiceBuilder::new()
+            // One span per call, continuing the caller's trace (W3C traceparent).
+            .layer(TraceLayer::server(label))
+            // Every answered call counted by code and timed, refusals included.
+            .layer(RpcMetricsLayer::new(label))
             // Every call gets a bounded deadline, and handlers find it in their extensions.
             .layer(DeadlineLayer::server(config.deadline.clone()))
             // Shed the least critical calls first when the server is saturated.

@@ -363,7 +363,7 @@ impl BudgetApi {
                     spent,
                     hard,
                 } => {
-                    self.inner.events.metrics.add_refused();
+                    self.inner.events.metrics.add_refused(tenant.as_str());
                     let (scope, window) = plans
                         .get(index)
                         .and_then(|p| p.window.as_ref().map(|w| (&p.scope, w)))

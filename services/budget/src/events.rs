@@ -20,7 +20,24 @@ use serde::Serialize;
 /// Timeout of one webhook delivery.
 pub const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Counters of the budget service, for metrics.
+/// Prometheus counter: reservations by `outcome` (`held`, or `exhausted` when refused with
+/// RESOURCE_EXHAUSTED). Replays of an idempotent Reserve are not counted.
+pub const RESERVATIONS_TOTAL: &str = "weir_budget_reservations_total";
+/// Prometheus counter: commits that charged.
+pub const COMMITS_TOTAL: &str = "weir_budget_commits_total";
+/// Prometheus counter: commits whose actual cost exceeded the hold.
+pub const OVERRUNS_TOTAL: &str = "weir_budget_overruns_total";
+/// Prometheus counter: holds given back, by `reason` (`released` by the caller, `expired` by the
+/// sweeper).
+pub const RELEASES_TOTAL: &str = "weir_budget_releases_total";
+/// Prometheus counter: soft-limit crossings by `tenant` (once per scope and period, across
+/// replicas): the tenant is near exhausting a budget.
+pub const SOFT_LIMIT_CROSSED_TOTAL: &str = "weir_budget_soft_limit_crossed_total";
+/// Prometheus counter: reservations refused because a budget was exhausted, by `tenant`.
+pub const EXHAUSTED_TOTAL: &str = "weir_budget_exhausted_total";
+
+/// Counters of the budget service, for metrics (also reported to the `metrics` facade under the
+/// names above, which `/metrics` exports).
 #[derive(Debug, Default)]
 pub struct Metrics {
     reservations: AtomicU64,
@@ -77,21 +94,40 @@ impl Metrics {
 
     pub(crate) fn add_reservation(&self) {
         self.reservations.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(RESERVATIONS_TOTAL, "outcome" => "held").increment(1);
     }
-    pub(crate) fn add_refused(&self) {
+    pub(crate) fn add_refused(&self, tenant: &str) {
         self.refused.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(RESERVATIONS_TOTAL, "outcome" => "exhausted").increment(1);
+        metrics::counter!(EXHAUSTED_TOTAL, "tenant" => tenant.to_string()).increment(1);
+    }
+
+    /// Registers the unlabelled counters at 0, so a first event shows as an increase.
+    pub(crate) fn register(&self) {
+        for outcome in ["held", "exhausted"] {
+            metrics::counter!(RESERVATIONS_TOTAL, "outcome" => outcome).increment(0);
+        }
+        metrics::counter!(COMMITS_TOTAL).increment(0);
+        metrics::counter!(OVERRUNS_TOTAL).increment(0);
+        for reason in ["released", "expired"] {
+            metrics::counter!(RELEASES_TOTAL, "reason" => reason).increment(0);
+        }
     }
     pub(crate) fn add_commit(&self, overrun: bool) {
         self.commits.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(COMMITS_TOTAL).increment(1);
         if overrun {
             self.overruns.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(OVERRUNS_TOTAL).increment(1);
         }
     }
     pub(crate) fn add_release(&self) {
         self.releases.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(RELEASES_TOTAL, "reason" => "released").increment(1);
     }
     pub(crate) fn add_expired(&self, n: u64) {
         self.expired.fetch_add(n, Ordering::Relaxed);
+        metrics::counter!(RELEASES_TOTAL, "reason" => "expired").increment(n);
     }
 }
 
@@ -138,6 +174,7 @@ impl Events {
         self.metrics
             .soft_limit_events
             .fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(SOFT_LIMIT_CROSSED_TOTAL, "tenant" => event.tenant.clone()).increment(1);
         tracing::warn!(
             tenant = %event.tenant,
             subject = %event.subject,

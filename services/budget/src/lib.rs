@@ -230,6 +230,7 @@ pub async fn api(config: &Config, catalog: Arc<Catalog>) -> Result<BudgetApi, St
         Arc::new(Metrics::default()),
         config.soft_limit_webhook.clone(),
     );
+    api.metrics().register();
     spawn_sweeper(&api, config.sweep_interval);
     Ok(api)
 }

@@ -53,6 +53,7 @@ use tonic::{
     Code, Request, Response, Status, codec::CompressionEncoding,
     codegen::BoxStream as TonicBoxStream,
 };
+use tracing::Instrument;
 use weir_mesh::{
     ApiError,
     backend::BackendKey,
@@ -70,6 +71,7 @@ use weir_proto::inference::{
 
 use crate::{
     backend::{Backend, Call, Event, EventStream, Finish, instant_after, sim},
+    observe::ModelCall,
     validate::{Input, validate},
 };
 
@@ -114,6 +116,16 @@ struct Guard {
 }
 
 impl Model {
+    /// Starts observing a validated call (its GenAI span and metrics; see [`crate::observe`]).
+    fn observe(&self, call: &Call, streaming: bool) -> ModelCall {
+        ModelCall::start(
+            &self.name,
+            self.backend.kind(),
+            call.checked.output_limit,
+            streaming,
+        )
+    }
+
     /// Takes the breaker permit, then the bulkhead slot, or says why the call must fail fast.
     fn admit(&self) -> Result<Guard, ApiError> {
         let permit = self.breaker.try_acquire().map_err(|open| {
@@ -276,17 +288,33 @@ impl InferenceApi {
         deadline: Option<Instant>,
     ) -> Result<GenerateResponse, ApiError> {
         let (model, call) = self.prepare(input, received, deadline)?;
-        let mut guard = model.admit()?;
-        let started = Instant::now();
-        let result = within(deadline, received, model.backend.generate(call)).await;
-        match &result {
-            // "Slow" means a slow first token, not a long answer.
-            Ok(generation) => guard.record(Code::Ok, generation.finish.time_to_first_token),
-            Err(error) => guard.record(error.code(), started.elapsed()),
+        let observed = model.observe(&call, false);
+        let result = async {
+            let mut guard = model.admit()?;
+            let started = Instant::now();
+            let result = within(deadline, received, model.backend.generate(call)).await;
+            match &result {
+                // "Slow" means a slow first token, not a long answer.
+                Ok(generation) => guard.record(Code::Ok, generation.finish.time_to_first_token),
+                Err(error) => guard.record(error.code(), started.elapsed()),
+            }
+            result
         }
-        drop(guard);
-        let generation = result?;
+        .instrument(observed.span().clone())
+        .await;
+        let generation = match result {
+            Ok(generation) => generation,
+            Err(error) => {
+                observed.failed(error.code());
+                return Err(error);
+            }
+        };
         let finish = generation.finish;
+        observed.finished(
+            &finish.usage,
+            finish.finish_reason,
+            finish.time_to_first_token,
+        );
         Ok(GenerateResponse {
             message: Some(generation.message),
             model: model.name.clone(),
@@ -302,14 +330,26 @@ impl InferenceApi {
         input: Input,
         received: Instant,
         deadline: Option<Instant>,
-    ) -> Result<EventStream, ApiError> {
+    ) -> Result<(EventStream, ModelCall), ApiError> {
         let (model, call) = self.prepare(input, received, deadline)?;
-        let mut guard = model.admit()?;
-        let started = Instant::now();
-        let events = match within(deadline, received, model.backend.stream(call)).await {
-            Ok(events) => events,
+        let observed = model.observe(&call, true);
+        let opened = async {
+            let mut guard = model.admit()?;
+            let started = Instant::now();
+            match within(deadline, received, model.backend.stream(call)).await {
+                Ok(events) => Ok((events, guard, started)),
+                Err(error) => {
+                    guard.record(error.code(), started.elapsed());
+                    Err(error)
+                }
+            }
+        }
+        .instrument(observed.span().clone())
+        .await;
+        let (events, guard, started) = match opened {
+            Ok(opened) => opened,
             Err(error) => {
-                guard.record(error.code(), started.elapsed());
+                observed.failed(error.code());
                 return Err(error);
             }
         };
@@ -317,12 +357,13 @@ impl InferenceApi {
             Some(at) => until_deadline(events, at, received),
             None => events,
         };
-        Ok(Guarded {
+        let events = Guarded {
             events: Some(events),
             guard: Some(guard),
             started,
         }
-        .boxed())
+        .boxed();
+        Ok((events, observed))
     }
 
     fn list(&self, request: &ListModelsRequest) -> Result<ListModelsResponse, ApiError> {
@@ -422,8 +463,8 @@ impl InferenceService for InferenceApi {
         let deadline = caller_deadline(&request, received);
         let input = Input::from(request.into_inner());
         let (model, request_id) = (input.model.clone(), input.request_id.clone());
-        let events = match self.stream_call(input, received, deadline).await {
-            Ok(events) => events,
+        let (events, observed) = match self.stream_call(input, received, deadline).await {
+            Ok(opened) => opened,
             Err(error) => {
                 tracing::debug!(model, request_id, %error, "stream failed before its first token");
                 return Err(error.into());
@@ -439,7 +480,7 @@ impl InferenceService for InferenceApi {
             request_id,
             backend,
             received,
-            ended: false,
+            observed: Some(observed),
         };
         let responses = events.map(move |event| log.relay(event));
         Ok(Response::new(Box::pin(responses)))
@@ -493,14 +534,15 @@ impl Stream for Guarded {
     }
 }
 
-/// Turns a stream's events into responses and logs how it ended (including a cancellation by the
-/// caller, noticed when the stream is dropped unfinished).
+/// Turns a stream's events into responses and logs and observes how it ended (including a
+/// cancellation by the caller, noticed when the stream is dropped unfinished).
 struct StreamLog {
     model: String,
     request_id: String,
     backend: &'static str,
     received: Instant,
-    ended: bool,
+    /// The model call, until the stream ends.
+    observed: Option<ModelCall>,
 }
 
 impl StreamLog {
@@ -514,8 +556,14 @@ impl StreamLog {
                 index: i64::try_from(index).unwrap_or(i64::MAX),
             }),
             Ok(Event::Done(finish)) => {
-                self.ended = true;
                 self.log_done(&finish);
+                if let Some(observed) = self.observed.take() {
+                    observed.finished(
+                        &finish.usage,
+                        finish.finish_reason,
+                        finish.time_to_first_token,
+                    );
+                }
                 generate_stream_response::Event::Done(Done {
                     finish_reason: finish.finish_reason.into(),
                     usage: Some(finish.usage),
@@ -525,7 +573,9 @@ impl StreamLog {
                 })
             }
             Err(error) => {
-                self.ended = true;
+                if let Some(observed) = self.observed.take() {
+                    observed.failed(error.code());
+                }
                 tracing::debug!(
                     model = self.model,
                     request_id = self.request_id,
@@ -557,7 +607,8 @@ impl StreamLog {
 
 impl Drop for StreamLog {
     fn drop(&mut self) {
-        if !self.ended {
+        // The model call, if still open, records itself as cancelled when dropped.
+        if self.observed.is_some() {
             tracing::debug!(
                 model = self.model,
                 request_id = self.request_id,
@@ -775,6 +826,7 @@ mod tests {
             .stream_call(request("slow", "hi"), received, deadline)
             .await
             .unwrap()
+            .0
             .collect()
             .await;
         // Tokens at 0 s, 1 s and 2 s, then the deadline.
@@ -852,7 +904,8 @@ mod tests {
             probes.push(
                 api.stream_call(short(), Instant::now(), None)
                     .await
-                    .unwrap(),
+                    .unwrap()
+                    .0,
             );
         }
         let refused = api.stream_call(short(), Instant::now(), None).await;
@@ -864,7 +917,8 @@ mod tests {
         probes.push(
             api.stream_call(short(), Instant::now(), None)
                 .await
-                .unwrap(),
+                .unwrap()
+                .0,
         );
         assert_eq!(
             api.bulkheads().get(&BackendKey::new("m")).in_flight(),
@@ -915,6 +969,7 @@ mod tests {
                 .stream_call(request("long-answer", "hi"), Instant::now(), None)
                 .await
                 .unwrap()
+                .0
                 .collect()
                 .await;
             assert!(events.iter().all(Result::is_ok));
@@ -925,6 +980,7 @@ mod tests {
                 .stream_call(request("slow-start", "hi"), Instant::now(), None)
                 .await
                 .unwrap()
+                .0
                 .collect()
                 .await;
             assert!(events.iter().all(Result::is_ok));

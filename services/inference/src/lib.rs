@@ -40,6 +40,7 @@ use weir_mesh::{
 
 mod api;
 mod backend;
+pub mod observe;
 mod validate;
 
 pub use api::InferenceApi;

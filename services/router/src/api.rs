@@ -22,8 +22,8 @@
 //!    committed cost, and notices for anything done differently (fallback, steering, a session or
 //!    budget service that could not answer).
 //!
-//! `review_status` is NOT_REQUIRED and `trace_id` empty until the review and observability steps
-//! fill them.
+//! `trace_id` names the request's trace (the router's server span's, [`weir_mesh::trace`]), so
+//! a user can find it in Jaeger. `review_status` is NOT_REQUIRED until the review step lands.
 //!
 //! Jobs and batches answer UNIMPLEMENTED (the generated defaults) until their issue lands.
 
@@ -301,7 +301,7 @@ impl RouterService for RouterApi {
                 cost_micros: settled.cost_micros,
                 review_status: ReviewStatus::NotRequired.into(),
                 review_id: String::new(),
-                trace_id: String::new(),
+                trace_id: current_trace_id(),
                 notices: walk.notices,
             }));
         }
@@ -321,7 +321,7 @@ impl RouterService for RouterApi {
             cost_micros: 0,
             review_status: ReviewStatus::NotRequired.into(),
             review_id: String::new(),
-            trace_id: String::new(),
+            trace_id: current_trace_id(),
             notices,
         }))
     }
@@ -392,7 +392,7 @@ fn start_event(plan: &Plan, model: &str, served_by: ServedBy) -> Start {
         requested_model: plan.requested_model().to_string(),
         route: plan.route_alias().to_string(),
         served_by: served_by.into(),
-        trace_id: String::new(),
+        trace_id: current_trace_id(),
     }
 }
 
@@ -486,6 +486,11 @@ fn degraded(
         }
         None => Err(Status::from(last_error)),
     }
+}
+
+/// The trace id of the call being answered (empty when telemetry is not installed).
+fn current_trace_id() -> String {
+    weir_mesh::trace::current_trace_id().unwrap_or_default()
 }
 
 /// Notice reason: an earlier candidate failed and a later one served the answer.

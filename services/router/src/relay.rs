@@ -194,7 +194,14 @@ where
         mut notices,
         settlement,
     } = upstream;
-    // The model has finished: let its call go before waiting on the bookkeeping.
+    // The model has finished: read its call to the end (the trailers follow `done` at once, and
+    // a call dropped before them is a cancelled call to every observer) and let it go before
+    // waiting on the bookkeeping. A misbehaving upstream gets a short grace, no more.
+    let mut stream = stream;
+    let _ = tokio::time::timeout(UPSTREAM_END_GRACE, async {
+        while stream.next().await.is_some() {}
+    })
+    .await;
     drop(stream);
     let settled = settlement.settle(done.usage, None).await;
     notices.extend(settled.notices);
@@ -207,6 +214,9 @@ where
         notices,
     }
 }
+
+/// How long the relay waits, after the upstream's `done`, for the upstream call to end.
+const UPSTREAM_END_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The next upstream event, skipping messages without one; `None` when the stream ended.
 async fn next_event<S>(upstream: &mut S) -> Result<Option<UpstreamEvent>, Status>

@@ -41,8 +41,11 @@ use std::{
 };
 
 use tonic::transport::Channel;
+use tracing::Instrument;
 use weir_mesh::{
+    backend::BackendKey,
     catalog::{Catalog, ModelSpec},
+    client::{BoxedClient, ClientConfig, ClientStack},
     metadata::TENANT,
     tokens,
 };
@@ -110,7 +113,7 @@ pub struct Summarizer {
 #[derive(Debug)]
 struct Inner {
     store: AnyStore,
-    client: InferenceServiceClient<Channel>,
+    client: InferenceServiceClient<BoxedClient>,
     catalog: Arc<Catalog>,
     config: Config,
     running: Mutex<HashSet<SessionRef>>,
@@ -149,12 +152,15 @@ enum Round {
 }
 
 impl Summarizer {
-    /// A summarizer that calls the inference service on `channel`.
+    /// A summarizer that calls the inference service on `channel`, through the mesh's client
+    /// stack with its defaults (trace context, deadline, retry with a budget, breaker and bulkhead
+    /// per summary model).
     pub fn new(store: AnyStore, channel: Channel, catalog: Arc<Catalog>, config: Config) -> Self {
+        let stack = ClientStack::new(channel, &ClientConfig::default());
         Self {
             inner: Arc::new(Inner {
                 store,
-                client: InferenceServiceClient::new(channel),
+                client: InferenceServiceClient::new(stack.service()),
                 catalog,
                 config,
                 running: Mutex::new(HashSet::new()),
@@ -220,11 +226,22 @@ impl Summarizer {
             session: session.clone(),
         };
         let this = self.clone();
-        tokio::spawn(async move {
-            let session = guard.session.clone();
-            this.run(&session).await;
-            drop(guard);
-        });
+        // Its own trace, linked to the append that started it: the summary outlives that call.
+        let span = tracing::info_span!(
+            parent: None,
+            "session.summarize",
+            otel.name = "session.summarize",
+            weir.session = %session.id,
+        );
+        span.follows_from(tracing::Span::current());
+        tokio::spawn(
+            async move {
+                let session = guard.session.clone();
+                this.run(&session).await;
+                drop(guard);
+            }
+            .instrument(span),
+        );
         true
     }
 
@@ -405,6 +422,9 @@ impl Summarizer {
         if let Ok(tenant) = session.tenant.as_str().parse() {
             request.metadata_mut().insert(TENANT, tenant);
         }
+        request
+            .extensions_mut()
+            .insert(BackendKey::new(summary_model.as_str()));
         let mut client = inner.client.clone();
         let response = client.generate(request).await.map_err(|status| {
             RoundError::Inference(format!(

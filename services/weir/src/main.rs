@@ -13,7 +13,7 @@ use weir::{
     chat::{self, ChatOptions},
     stack::{self, Service, StackConfig},
 };
-use weir_mesh::telemetry::{LogFormat, init_logging};
+use weir_mesh::telemetry;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -121,18 +121,48 @@ async fn main() -> ExitCode {
 }
 
 async fn serve(config: Option<PathBuf>, services: &[Service]) -> anyhow::Result<()> {
-    init_logging(LogFormat::Auto);
     let config = StackConfig::load(config.as_deref())?;
+    // One service per process is `weir-<service>` in traces; `weir up` hosts them all as `weir`.
+    let service_name = match services {
+        [one] => format!("weir-{}", one.name()),
+        _ => "weir".to_string(),
+    };
+    let telemetry = telemetry::init(&config.telemetry, &service_name)?;
     let shutdown = weir_mesh::shutdown::on_signal();
-    let running = stack::start(config, services, shutdown).await?;
+    let metrics = match config.telemetry.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|error| {
+                anyhow::anyhow!(
+                    "cannot listen on {addr} for /metrics: {error} (set [telemetry] \
+                     metrics_listen in weir.toml or WEIR_TELEMETRY__METRICS_LISTEN; \"\" turns it off)"
+                )
+            })?;
+            let local = listener.local_addr()?;
+            let handle = telemetry.metrics().clone();
+            let token = shutdown.clone();
+            let task = tokio::spawn(telemetry::serve_metrics(listener, handle, token));
+            Some((local, task))
+        }
+        None => None,
+    };
+    let running = stack::start(config, services, shutdown.clone()).await?;
     for (service, addr) in running.addrs() {
         println!("{service:<10} grpc://{addr}");
     }
+    if let Some((addr, _)) = &metrics {
+        println!("{:<10} http://{addr}/metrics", "metrics");
+    }
     println!("Weir is up. Try: weir chat \"hello\"   (Ctrl-C to stop)");
-    running
+    let result = running
         .wait()
         .await
-        .map_err(|(service, error)| anyhow::anyhow!("{service}: {error}"))
+        .map_err(|(service, error)| anyhow::anyhow!("{service}: {error}"));
+    shutdown.cancel();
+    if let Some((_, task)) = metrics {
+        let _ = task.await;
+    }
+    telemetry.shutdown().await;
+    result
 }
 
 async fn list_models(url: &str) -> anyhow::Result<()> {

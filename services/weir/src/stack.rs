@@ -9,6 +9,7 @@ use weir_mesh::{
     catalog::Catalog,
     config::{ConfigError, Source},
     server::{GrpcServer, ServeError, ServerConfig},
+    telemetry::TelemetryConfig,
 };
 
 /// One of Weir's five services.
@@ -62,6 +63,8 @@ pub struct StackConfig {
     pub catalog: Arc<Catalog>,
     /// `[server]`: shutdown behaviour shared by every service.
     pub server: ServerConfig,
+    /// `[telemetry]`: logs, trace export and the metrics endpoint of the process.
+    pub telemetry: TelemetryConfig,
     /// `[router]`.
     pub router: weir_router::Config,
     /// `[inference]`.
@@ -84,9 +87,12 @@ impl StackConfig {
     pub fn from_source(source: &Source) -> Result<Self, ConfigError> {
         let server: ServerConfig = source.section("server")?;
         server.validate()?;
+        let telemetry: TelemetryConfig = source.section("telemetry")?;
+        telemetry.validate()?;
         Ok(Self {
             catalog: Arc::new(Catalog::from_source(source)?),
             server,
+            telemetry,
             router: source.section("router")?,
             inference: source.section("inference")?,
             session: source.section("session")?,

@@ -2,18 +2,21 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Read, Write},
+    net::TcpStream,
     process::{Child, Command, Stdio},
-    sync::mpsc,
+    sync::{Arc, Mutex, mpsc},
     time::{Duration, Instant},
 };
 
 const WEIR: &str = env!("CARGO_BIN_EXE_weir");
 
-/// `weir up` on free ports; killed on drop.
+/// `weir up` on free ports, logging JSON at debug for the router; killed on drop.
 struct Up {
     child: Child,
     router: String,
+    metrics: String,
+    logs: Arc<Mutex<Vec<String>>>,
 }
 
 impl Up {
@@ -25,11 +28,22 @@ impl Up {
         }
         let mut child = command
             .env_remove("WEIR_CONFIG")
-            .env("RUST_LOG", "warn")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env("RUST_LOG", "warn,weir_router=debug")
+            .env("WEIR_TELEMETRY__LOG_FORMAT", "json")
+            .env("WEIR_TELEMETRY__METRICS_LISTEN", "127.0.0.1:0")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("weir up starts");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -40,12 +54,17 @@ impl Up {
             }
         });
         let mut router = None;
+        let mut metrics = None;
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(line) if line.starts_with("router") => {
                     let addr = line.split("grpc://").nth(1).unwrap().trim().to_string();
                     router = Some(format!("http://{addr}"));
+                }
+                Ok(line) if line.starts_with("metrics") => {
+                    let url = line.split("http://").nth(1).unwrap().trim();
+                    metrics = Some(url.trim_end_matches("/metrics").to_string());
                 }
                 Ok(line) if line.starts_with("Weir is up") => break,
                 Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -55,6 +74,8 @@ impl Up {
         Self {
             child,
             router: router.expect("weir up prints the router's address"),
+            metrics: metrics.expect("weir up prints the metrics address"),
+            logs,
         }
     }
 
@@ -70,6 +91,39 @@ impl Up {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// `GET /metrics` over a plain HTTP/1.0 connection: the Prometheus text.
+fn scrape(addr: &str) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: weir\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.0 200"), "{response}");
+    response
+}
+
+/// The value of the series of `name` whose labels include all of `labels`.
+fn sample(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .find(|line| labels.iter().all(|label| line.contains(label)))
+        .and_then(|line| line.rsplit_once(' '))
+        .and_then(|(_, value)| value.parse().ok())
+}
+
+fn is_hex(text: &str, len: usize) -> bool {
+    text.len() == len && text.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The value of a string field in a JSON log line (`"key":"value"`).
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let start = line.find(&format!("\"{key}\":\""))? + key.len() + 4;
+    let rest = line.get(start..)?;
+    rest.find('"').and_then(|end| rest.get(..end))
 }
 
 impl Drop for Up {
@@ -92,7 +146,7 @@ fn chat(router: &str, args: &[&str]) -> std::process::Output {
 fn up_then_chat_streams_an_answer_and_sigterm_stops_cleanly() {
     let up = Up::start();
 
-    let streamed = chat(&up.router, &["hello"]);
+    let streamed = chat(&up.router, &["hello zebracorn"]);
     assert!(streamed.status.success(), "{streamed:?}");
     let text = String::from_utf8(streamed.stdout).unwrap();
     assert!(
@@ -123,6 +177,46 @@ fn up_then_chat_streams_an_answer_and_sigterm_stops_cleanly() {
     assert!(
         error.contains("NOT_FOUND") && error.contains("no-such-model"),
         "{error}"
+    );
+
+    // Prometheus metrics of the same process: the calls above, by method and code.
+    let metrics = scrape(&up.metrics);
+    let router = "rpc_service=\"weir.router.v1.RouterService\"";
+    let count = |method: &str, code: &str| {
+        let method = format!("rpc_method=\"{method}\"");
+        let code = format!("grpc_code=\"{code}\"");
+        sample(
+            &metrics,
+            "weir_rpc_server_requests_total",
+            &[router, &method, &code],
+        )
+    };
+    assert_eq!(count("CompleteStream", "OK"), Some(1.0), "{metrics}");
+    assert_eq!(count("Complete", "OK"), Some(1.0), "{metrics}");
+    assert_eq!(count("CompleteStream", "NOT_FOUND"), Some(1.0), "{metrics}");
+    assert!(metrics.contains("weir_circuit_breaker_state{"), "{metrics}");
+
+    // JSON logs: the router's lines inside a call carry its trace and span ids; no prompt text.
+    let logs = up.logs.lock().unwrap().clone();
+    let traced: Vec<&String> = logs
+        .iter()
+        .filter(|line| line.contains("weir_router"))
+        .filter(|line| {
+            field(line, "trace_id").is_some_and(|id| is_hex(id, 32))
+                && field(line, "span_id").is_some_and(|id| is_hex(id, 16))
+        })
+        .collect();
+    assert!(
+        !traced.is_empty(),
+        "no router log line with trace_id and span_id: {logs:#?}"
+    );
+    assert!(
+        logs.iter()
+            .all(|line| line.starts_with('{') && line.ends_with('}'))
+    );
+    assert!(
+        !logs.iter().any(|line| line.contains("zebracorn")),
+        "prompt text reached the logs"
     );
 
     let status = up.terminate();
