@@ -110,6 +110,7 @@ fn assert_child(child: &Span, parent: &Span) {
 }
 
 const ROUTER: &str = "weir.router.v1.RouterService";
+const GENERATE: &str = "weir.inference.v1.InferenceService/Generate";
 const INFERENCE: &str = "weir.inference.v1.InferenceService";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,7 +158,6 @@ async fn one_trace_per_request_from_the_router_to_the_model() {
         ],
     )
     .await;
-    const GENERATE: &str = "weir.inference.v1.InferenceService/Generate";
     let server = one(
         &spans,
         "weir.router.v1.RouterService/Complete",
@@ -299,6 +299,70 @@ async fn one_trace_per_request_from_the_router_to_the_model() {
             "{name} is under the router"
         );
     }
+
+    mesh.stop().await;
+
+    // The resilience layers' decisions are in the trace: a model that always fails is retried
+    // (events on its client span, which ends UNAVAILABLE), and the router falls back (an event on
+    // its server span) to a model that answers.
+    let mesh = Mesh::start_services(
+        r#"
+        [models.sim-broken]
+        sim = { error_rate = 1.0 }
+        [models.sim-ok]
+        sim = { output_tokens = 8 }
+        [router.routes.flaky]
+        models = ["sim-broken", "sim-ok"]
+        [router.rate_limit]
+        enabled = false
+        "#,
+        &[Service::Router, Service::Inference],
+    )
+    .await;
+    let answer = mesh
+        .router()
+        .complete(complete("flaky", "fall back"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.model, "sim-ok");
+    let trace_id = unhex(&answer.trace_id);
+    let spans = spans_of(&collector, &telemetry, &trace_id, &["chat sim-ok"]).await;
+    let server = one(
+        &spans,
+        "weir.router.v1.RouterService/Complete",
+        SpanKind::Server,
+    );
+    let failed: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.name == GENERATE && s.kind == SpanKind::Client as i32)
+        .filter(|s| string(s, "weir.backend") == "sim-broken")
+        .collect();
+    assert_eq!(failed.len(), 1, "one client span for the failing model");
+    let failed = failed[0];
+    assert_child(failed, server);
+    assert_eq!(int(failed, "rpc.grpc.status_code"), 14, "UNAVAILABLE");
+    assert_eq!(
+        failed.status.clone().unwrap_or_default().code,
+        StatusCode::Error as i32
+    );
+    let retries = failed
+        .events
+        .iter()
+        .filter(|e| e.name == "retrying")
+        .count();
+    assert!(retries >= 1, "retries are events on the client span");
+    // Each attempt reached inference: its server spans are children of the one client span.
+    let attempts = spans
+        .iter()
+        .filter(|s| s.kind == SpanKind::Server as i32 && s.parent_span_id == failed.span_id)
+        .count();
+    assert_eq!(attempts, retries + 1, "every attempt is traced");
+    assert!(
+        server.events.iter().any(|e| e.name == "model call failed"),
+        "the fallback decision is an event on the router's span: {:?}",
+        server.events.iter().map(|e| &e.name).collect::<Vec<_>>()
+    );
 
     mesh.stop().await;
     telemetry.shutdown().await;
