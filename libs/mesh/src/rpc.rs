@@ -29,10 +29,6 @@ use tonic::Code;
 
 use crate::outcome::GRPC_STATUS;
 
-/// Path prefix of the gRPC infrastructure services (health, reflection), which the observing
-/// layers leave alone: a load balancer's health checks are not traffic.
-pub const INFRASTRUCTURE_PREFIX: &str = "/grpc.";
-
 /// The fully qualified service and the method of a call, from its `:path`
 /// (`/weir.router.v1.RouterService/Complete`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,11 +61,6 @@ impl RpcName {
     pub fn span_name(&self) -> String {
         format!("{}/{}", self.service, self.method)
     }
-}
-
-/// Whether `path` is a health or reflection call (see [`INFRASTRUCTURE_PREFIX`]).
-pub fn is_infrastructure(path: &str) -> bool {
-    path.starts_with(INFRASTRUCTURE_PREFIX)
 }
 
 /// Told once how a call ended (see the [module docs](self)).
@@ -272,8 +263,6 @@ mod tests {
             (odd.service.as_str(), odd.method.as_str()),
             ("/metrics", "")
         );
-        assert!(is_infrastructure("/grpc.health.v1.Health/Check"));
-        assert!(!is_infrastructure("/weir.router.v1.RouterService/Complete"));
     }
 
     #[tokio::test]

@@ -28,8 +28,9 @@ use tonic::Code;
 use tower::{Layer, Service};
 
 use crate::{
+    admission::is_exempt_path,
     error::code_name,
-    rpc::{self, ObservedBody, Observer, RpcName},
+    rpc::{ObservedBody, Observer, RpcName},
 };
 
 /// Counter of finished server calls.
@@ -80,7 +81,7 @@ pub struct CallMetrics {
 
 impl CallMetrics {
     fn start(service: &'static str, path: &str) -> Self {
-        let name = (!rpc::is_infrastructure(path)).then(|| RpcName::from_path(path));
+        let name = (!is_exempt_path(path)).then(|| RpcName::from_path(path));
         if name.is_some() {
             metrics::gauge!(IN_FLIGHT, "service" => service).increment(1.0);
         }

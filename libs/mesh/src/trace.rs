@@ -41,11 +41,12 @@ use tracing::{Instrument, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::{
+    admission::is_exempt_path,
     backend::BackendKey,
     error::code_name,
     metadata::TENANT,
     outcome::find_status,
-    rpc::{self, ObservedBody, Observer, RpcName},
+    rpc::{ObservedBody, Observer, RpcName},
 };
 
 /// The W3C trace-context header, `00-<trace id>-<span id>-<flags>`.
@@ -236,7 +237,7 @@ where
     fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
         let started = Instant::now();
         let side = self.side;
-        let span = if rpc::is_infrastructure(request.uri().path()) {
+        let span = if is_exempt_path(request.uri().path()) {
             Span::none()
         } else {
             let name = RpcName::from_path(request.uri().path());
