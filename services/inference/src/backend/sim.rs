@@ -222,6 +222,15 @@ pub fn should_fail(n: u64, rate: f64) -> bool {
     next.floor() > this.floor()
 }
 
+/// Sleeps until `due`, or not at all when it has come: a timer of zero length still waits for the
+/// runtime's next timer tick (about a millisecond), so an instant model would answer in
+/// milliseconds and every benchmark over it would measure the timer instead of the mesh.
+async fn wait_until(due: Instant) {
+    if due > Instant::now() {
+        tokio::time::sleep_until(due).await;
+    }
+}
+
 /// When each token is due.
 #[derive(Debug, Clone, Copy)]
 struct Pacing {
@@ -276,7 +285,7 @@ impl Generator {
                 .with_metadata("model", self.model.clone());
                 return Some((Err(error), self));
             }
-            tokio::time::sleep_until(self.pacing.due(self.next)).await;
+            wait_until(self.pacing.due(self.next)).await;
             self.first_token_at.get_or_insert_with(Instant::now);
             let index = self.next as u64;
             let text = std::mem::take(&mut self.tokens[self.next]);
@@ -286,7 +295,7 @@ impl Generator {
         self.ended = true;
         if self.tokens.is_empty() {
             // An empty answer (a stop sequence at the very start) still takes the time to decide.
-            tokio::time::sleep_until(self.pacing.due(0)).await;
+            wait_until(self.pacing.due(0)).await;
         }
         let first = self.first_token_at.unwrap_or_else(Instant::now);
         let finish = Finish {
@@ -497,6 +506,7 @@ impl SplitMix64 {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+    use futures::FutureExt;
     use weir_proto::common::ToolCall;
 
     use super::*;
@@ -773,6 +783,31 @@ mod tests {
         assert_eq!(done.time_to_first_token, Duration::from_millis(100));
         assert_eq!(done.usage.output_tokens, 10);
         assert_eq!(done.finish_reason, FinishReason::Stop);
+    }
+
+    #[tokio::test]
+    async fn an_instant_model_answers_without_waiting_for_a_timer() {
+        // No latency, no pacing: the whole answer is ready on the first poll, streamed or not.
+        let model = model(SimSpec {
+            output_tokens: 50,
+            ..SimSpec::default()
+        });
+        let generation = model
+            .generate(call("hi", GenerationParams::default(), 1000))
+            .now_or_never()
+            .expect("an instant model never waits")
+            .unwrap();
+        assert_eq!(generation.finish.usage.output_tokens, 50);
+        let stream = model
+            .stream(call("hi", GenerationParams::default(), 1000), true)
+            .now_or_never()
+            .expect("the stream starts at once")
+            .unwrap();
+        let events: Vec<_> = stream
+            .collect::<Vec<_>>()
+            .now_or_never()
+            .expect("every event is ready at once");
+        assert_eq!(events.len(), 51, "50 deltas and done");
     }
 
     #[tokio::test(start_paused = true)]
