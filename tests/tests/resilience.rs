@@ -79,10 +79,10 @@ async fn a_failing_upstream_opens_the_breaker_then_half_open_probes_close_it() {
 {model}
 {NO_RATE_LIMIT}
 # One attempt per call, so every failure is one upstream request.
-[router.client.retry]
+[router.client.inference.retry]
 max_attempts = 1
 
-[router.client.breaker]
+[router.client.inference.breaker]
 window = 5
 minimum_calls = 5
 open_duration = "300ms"
@@ -323,7 +323,7 @@ sim = {{ output_tokens = 4 }}
 [router.routes.chain]
 models = ["slow-fail", "fast"]
 
-[router.client.retry]
+[router.client.inference.retry]
 max_attempts = 1
 {NO_RATE_LIMIT}
 "#
@@ -373,7 +373,7 @@ sim = {{ time_to_first_token = "500ms", tokens_per_second = 20.0, output_tokens 
 [models.fast]
 sim = {{ output_tokens = 4 }}
 
-[router.client.bulkhead]
+[router.client.inference.bulkhead]
 max_concurrent = 2
 {NO_RATE_LIMIT}
 "#
@@ -525,7 +525,7 @@ const CALLS: usize = 1000;
 const WORKERS: usize = 32;
 
 /// Sends [`CALLS`] calls from [`WORKERS`] parallel callers to a model whose upstream always answers
-/// 503, with 3 attempts per call and `budget` as the router's `[router.client.retry_budget]`;
+/// 503, with 3 attempts per call and `budget` as the router's `[router.client.inference.retry_budget]`;
 /// returns the upstream's request count and the time it took.
 async fn amplification(budget: &str) -> (usize, Duration) {
     let upstream = Upstream::start(Reply::error(503, "the upstream is down"))
@@ -535,7 +535,7 @@ async fn amplification(budget: &str) -> (usize, Duration) {
         r#"
 {model}
 {NO_RATE_LIMIT}
-[router.client.retry]
+[router.client.inference.retry]
 max_attempts = 3
 initial_backoff = "1ms"
 max_backoff = "5ms"
@@ -543,7 +543,7 @@ max_backoff = "5ms"
 {budget}
 
 # Breakers effectively off, so that only the retry budget limits the load.
-[router.client.breaker]
+[router.client.inference.breaker]
 window = 100000
 minimum_calls = 100000
 [inference.breaker]
@@ -608,7 +608,7 @@ async fn the_retry_budget_caps_amplification_under_a_failing_upstream() {
 
     // Effectively no budget: ratio 1000 (the config's maximum) means 1000 retries per call.
     let (unbudgeted, elapsed) = amplification(
-        "[router.client.retry_budget]
+        "[router.client.inference.retry_budget]
 retry_ratio = 1000.0",
     )
     .await;

@@ -47,10 +47,10 @@
 //!
 //! The edge of the mesh is configured here too: `[router.auth]` (API keys → tenants),
 //! `[router.rate_limit]` (per-tenant GCRA, shared through Redis by replicas) and
-//! `[router.client]` (retry, breaker, bulkhead and timeouts of the calls to inference, session and
-//! budget; each service gets its own stack built from it, and per-backend overrides such as
-//! `bulkhead.backends.budget` apply to the session (`session`) and budget (`budget`) calls); each
-//! table's settings and defaults are documented on its type in weir-mesh.
+//! `[router.client.inference]`, `[router.client.session]`, `[router.client.budget]` (retry,
+//! breaker, bulkhead and timeouts of the calls to each service, with defaults that fit it: see
+//! [`crate::clients`]); each table's settings and defaults are documented on its type in
+//! weir-mesh.
 //!
 //! The configuration is checked once at start-up, against the model catalog, by
 //! [`crate::RouteTable::new`] and [`Config::validate`]; a bad value fails with a [`ConfigError`]
@@ -62,9 +62,9 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use weir_mesh::{
-    auth::AuthConfig, client::ClientConfig, config::ConfigError, ratelimit::RateLimitConfig,
-};
+use weir_mesh::{auth::AuthConfig, config::ConfigError, ratelimit::RateLimitConfig};
+
+use crate::clients::Clients;
 
 /// Default address the router listens on.
 pub const DEFAULT_LISTEN: SocketAddr =
@@ -112,9 +112,10 @@ pub struct Config {
     /// Per-tenant rate limits (`[router.rate_limit]`; 100 requests/s, burst 200 by default;
     /// shared by replicas through Redis when `redis_url` is set).
     pub rate_limit: RateLimitConfig,
-    /// The resilience of the router's calls to inference (`[router.client]`: retry, retry
-    /// budget, breaker, bulkhead and attempt timeout, per model).
-    pub client: ClientConfig,
+    /// The resilience of the router's calls to each service it depends on
+    /// (`[router.client.inference]`, `.session`, `.budget`: retry, retry budget, breaker, bulkhead
+    /// and attempt timeout; see [`crate::clients`]).
+    pub client: Clients,
 }
 
 impl Default for Config {
@@ -128,7 +129,7 @@ impl Default for Config {
             routes: BTreeMap::new(),
             auth: AuthConfig::default(),
             rate_limit: RateLimitConfig::default(),
-            client: ClientConfig::default(),
+            client: Clients::default(),
         }
     }
 }

@@ -27,6 +27,7 @@
 #![warn(missing_docs)]
 
 mod api;
+pub mod clients;
 pub mod config;
 pub mod fallback;
 pub mod inference;
@@ -72,31 +73,44 @@ pub fn server(config: &Config, catalog: Arc<Catalog>) -> Result<GrpcServer, Conf
 /// Validates `config` against `catalog` and builds the gRPC implementation, for callers that host
 /// it on a server of their own. Needs a Tokio runtime (see [`server`]).
 ///
-/// Each service the router calls gets its own client stack built from `[router.client]`: its own
-/// breakers, bulkheads and retry budget, so an outage of one never trips the others.
+/// Each service the router calls gets its own client stack built from its own table
+/// (`[router.client.inference]`, `.session`, `.budget`; see [`clients`]): its own settings,
+/// breakers, bulkheads and retry budget, so an outage or a burst at one never trips the others.
 pub fn router_api(config: &Config, catalog: Arc<Catalog>) -> Result<RouterApi, ConfigError> {
     config.validate()?;
-    config.client.validate("router.client")?;
+    config.client.validate()?;
     let routes = RouteTable::new(config, catalog)?;
-    let inference = client_stack(config, "router.inference_url", &config.inference_url)?;
+    let inference = client_stack(
+        &config.client.inference,
+        "router.inference_url",
+        &config.inference_url,
+    )?;
     let mut api = RouterApi::new(routes, inference);
     if let Some(url) = config.session_url() {
-        api = api.with_sessions(client_stack(config, "router.session_url", url)?);
+        api = api.with_sessions(client_stack(
+            &config.client.session,
+            "router.session_url",
+            url,
+        )?);
     }
     if let Some(url) = config.budget_url() {
         api = api.with_budget(
-            client_stack(config, "router.budget_url", url)?,
+            client_stack(&config.client.budget, "router.budget_url", url)?,
             config.budget.clone(),
         )?;
     }
     Ok(api)
 }
 
-/// The client stack (`[router.client]`) over a lazy channel to `url`, configured at `key`.
-fn client_stack(config: &Config, key: &str, url: &str) -> Result<ClientStack, ConfigError> {
+/// A client stack with `settings` over a lazy channel to `url`, configured at `key`.
+fn client_stack(
+    settings: &weir_mesh::client::ClientConfig,
+    key: &str,
+    url: &str,
+) -> Result<ClientStack, ConfigError> {
     let channel = weir_mesh::client::lazy_channel(url.trim())
         .map_err(|error| ConfigError::invalid(key, error.to_string()))?;
-    Ok(ClientStack::new(channel, &config.client))
+    Ok(ClientStack::new(channel, settings))
 }
 
 #[cfg(test)]
@@ -118,6 +132,24 @@ mod tests {
         let auto = api.routes().get("auto").unwrap();
         let models: Vec<&str> = auto.candidates().iter().map(|c| c.model()).collect();
         assert_eq!(models, ["sim-large", "sim-small"]);
+    }
+
+    #[tokio::test]
+    async fn each_dependency_gets_the_stack_of_its_own_table() {
+        use weir_mesh::backend::BackendKey;
+        let mut config = Config {
+            budget_url: "http://127.0.0.1:1".to_string(),
+            ..Config::default()
+        };
+        config.client.inference.bulkhead.max_concurrent = 4;
+        let api = router_api(&config, Arc::new(Catalog::default())).unwrap();
+        let limit = |stack: &ClientStack, backend: &str| {
+            stack.bulkheads().get(&BackendKey::new(backend)).limit()
+        };
+        // A burst of model calls can fill the models' compartments, never the bookkeeping's.
+        assert_eq!(limit(api.inference_client(), "sim-large"), 4);
+        assert_eq!(limit(api.budget_client().unwrap(), "budget"), 1024);
+        assert_eq!(limit(api.session_client().unwrap(), "session"), 1024);
     }
 
     #[tokio::test]
