@@ -90,7 +90,28 @@ impl Call {
         request.extensions_mut().insert(BackendKey::new(backend));
         request
     }
+
+    /// Wraps `message` for a bookkeeping call to `backend` (`budget` or `session`): like
+    /// [`Call::request`], but at criticality [`BOOKKEEPING_CRITICALITY`] whatever the caller's.
+    ///
+    /// Reserve, Commit, Release, GetContext and AppendTurns are part of serving the request, not
+    /// extra work it asks for: shedding a SHEDDABLE request's Commit under load would leave an
+    /// answer that was served unpaid (and telling it not to retry would make that final), and
+    /// shedding its Release would keep its hold until it expires. The caller's criticality
+    /// decided whether the request was admitted; once admitted, its books are kept.
+    pub(crate) fn bookkeeping<T>(&self, message: T, backend: &str) -> tonic::Request<T> {
+        let mut request = self.request(message, backend);
+        request.metadata_mut().insert(
+            CRITICALITY,
+            MetadataValue::from_static(BOOKKEEPING_CRITICALITY.as_str()),
+        );
+        request
+    }
 }
+
+/// The criticality of every bookkeeping call (see [`Call::bookkeeping`]).
+pub const BOOKKEEPING_CRITICALITY: weir_mesh::criticality::Criticality =
+    weir_mesh::criticality::Criticality::Critical;
 
 /// A cheap-to-clone client of the inference service.
 #[derive(Debug, Clone)]
@@ -189,6 +210,19 @@ mod tests {
             request.extensions().get::<BackendKey>(),
             Some(&BackendKey::new("m"))
         );
+    }
+
+    #[test]
+    fn bookkeeping_calls_are_critical_whatever_the_caller_claimed() {
+        for claimed in ["SHEDDABLE", "SHEDDABLE_PLUS", "CRITICAL_PLUS"] {
+            let mut incoming = incoming(&[(TENANT, "acme")]);
+            incoming.insert(CRITICALITY, MetadataValue::from_static(claimed));
+            let call = Call::new(&incoming, None, None);
+            assert_eq!(get(&call.request((), "m"), CRITICALITY), Some(claimed));
+            let books = call.bookkeeping((), "budget");
+            assert_eq!(get(&books, CRITICALITY), Some("CRITICAL"));
+            assert_eq!(get(&books, TENANT), Some("acme"));
+        }
     }
 
     #[test]

@@ -231,7 +231,7 @@ impl History {
         };
         let mut client = session.inner.client.clone();
         match client
-            .get_context(call.request(request, SESSION_BACKEND))
+            .get_context(call.bookkeeping(request, SESSION_BACKEND))
             .await
         {
             Ok(response) => {
@@ -309,7 +309,7 @@ impl Append {
         };
         let mut client = self.session.inner.client.clone();
         match client
-            .append_turns(call.request(request, SESSION_BACKEND))
+            .append_turns(call.bookkeeping(request, SESSION_BACKEND))
             .await
         {
             Ok(response) => {

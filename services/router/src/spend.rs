@@ -203,7 +203,7 @@ impl Spend {
         };
         let mut client = inner.client.clone();
         match client
-            .get_budget(call.request(request, BUDGET_BACKEND))
+            .get_budget(call.bookkeeping(request, BUDGET_BACKEND))
             .await
         {
             Ok(response) => response
@@ -261,7 +261,10 @@ impl Spend {
             model: model.to_string(),
         };
         let mut client = inner.client.clone();
-        match client.reserve(call.request(request, BUDGET_BACKEND)).await {
+        match client
+            .reserve(call.bookkeeping(request, BUDGET_BACKEND))
+            .await
+        {
             Ok(response) => {
                 let reservation_id = response
                     .into_inner()
@@ -412,7 +415,10 @@ impl Hold {
                 reservation_id: state.reservation_id.clone(),
             };
             let mut client = state.client.clone();
-            if let Err(status) = client.release(call.request(request, BUDGET_BACKEND)).await {
+            if let Err(status) = client
+                .release(call.bookkeeping(request, BUDGET_BACKEND))
+                .await
+            {
                 tracing::warn!(
                     tenant = %state.tenant, reservation = %state.reservation_id,
                     code = ?status.code(), message = status.message(),
@@ -433,7 +439,10 @@ impl HoldState {
             cost_micros: None,
         };
         let mut client = self.client.clone();
-        match client.commit(call.request(request, BUDGET_BACKEND)).await {
+        match client
+            .commit(call.bookkeeping(request, BUDGET_BACKEND))
+            .await
+        {
             Ok(response) => {
                 let cost = response.into_inner().cost_micros;
                 metrics::counter!(
