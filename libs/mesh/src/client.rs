@@ -26,6 +26,7 @@ use crate::{
     retry::{RetryBudget, RetryBudgetConfig, RetryLayer, RetryPolicy},
     timeout::{AttemptTimeoutLayer, TimeoutConfig},
     trace::TraceLayer,
+    transport,
 };
 
 /// Default TCP connect timeout for calls between services.
@@ -112,10 +113,12 @@ impl ClientStack {
         let breakers = Breakers::new(config.breaker.clone());
         let bulkheads = Bulkheads::new(config.bulkhead.clone());
         let service = ServiceBuilder::new()
-            // Back to tonic's body type, whatever the layers below wrapped it in.
-            .map_response(|response: http::Response<_>| response.map(Body::new))
-            // The status of a refusal or failure, as tonic would surface it (see BoxedClient).
-            .map_err(Status::from_error)
+            // Back to tonic's body type, whatever the layers below wrapped it in; a connection
+            // that breaks mid-answer is UNAVAILABLE `STREAM_CUT`, not tonic's UNKNOWN.
+            .map_response(transport::tonic_response)
+            // The status of a refusal or failure (see BoxedClient); a transport failure is
+            // UNAVAILABLE `UPSTREAM_UNAVAILABLE`, as the layers below counted it.
+            .map_err(transport::call_error)
             // A client span per call, its context sent on in `traceparent`.
             .layer(TraceLayer::client())
             // Send only the time we have left, so a slow hop cannot eat the caller's deadline.

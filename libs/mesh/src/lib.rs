@@ -30,6 +30,8 @@
 //! - [`admission`]: server concurrency limit (AIMD) that sheds the lowest criticality first.
 //! - [`auth`]: API keys mapped to tenants; the client never picks its own `weir-tenant`.
 //! - [`ratelimit`]: per-tenant GCRA rate limits, shared by replicas through Redis, local fallback.
+//! - [`transport`]: broken connections as UNAVAILABLE (`UPSTREAM_UNAVAILABLE`, `STREAM_CUT`), not
+//!   tonic's UNKNOWN.
 //!
 //! The resilience layers (deadline, retry, breaker, rate limit, bulkhead, admission) are added here
 //! as one module per concern, each a tower `Layer` + `Service`.
@@ -60,5 +62,6 @@ pub mod tenant;
 pub mod timeout;
 pub mod tokens;
 pub mod trace;
+pub mod transport;
 
 pub use error::ApiError;
