@@ -1,6 +1,6 @@
 //! RPC metrics on every server: how many calls ended with which code, and how long they took.
 //!
-//! [`RpcMetricsLayer`] sits just inside the trace layer on every server (DESIGN.md section 5), so
+//! [`RpcMetricsLayer`] sits just inside the trace layer on every server (docs/architecture.md, section 5), so
 //! it counts every call the server answered, including the ones the deadline, admission, auth and
 //! rate-limit layers refused:
 //!

@@ -1,6 +1,6 @@
 //! The gRPC implementation: the request walk of `Complete` and `CompleteStream`.
 //!
-//! Both RPCs walk the same steps (DESIGN.md section 4), each in its own module:
+//! Both RPCs walk the same steps (docs/architecture.md, section 4), each in its own module:
 //!
 //! 1. Server layers run before the handler (deadline, admission, auth, rate limit; libs/mesh).
 //! 2. Checks and route: [`crate::request`] refuses what the router alone can tell is wrong, and
