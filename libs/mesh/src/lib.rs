@@ -4,6 +4,8 @@
 //!   (ErrorInfo in domain `weir.dev`, RetryInfo, QuotaFailure, BadRequest).
 //! - [`config`]: `weir.toml` + `WEIR_*` environment overrides, validated at start-up.
 //! - [`catalog`]: the model catalog shared by the services (backends, limits).
+//! - [`pricing`]: integer micro-USD costs from a catalog price and token counts, the one function
+//!   the router reserves with and the budget service commits with.
 //! - [`server`]: the gRPC server builder: health, reflection, graceful drain on shutdown.
 //! - [`client`]: channels to other Weir services.
 //! - [`shutdown`]: SIGTERM / Ctrl-C as a cancellation token.
@@ -50,6 +52,7 @@ pub mod deadline;
 pub mod error;
 pub mod metadata;
 pub mod outcome;
+pub mod pricing;
 pub mod ratelimit;
 pub mod retry;
 pub mod rpc;

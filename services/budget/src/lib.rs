@@ -54,7 +54,8 @@
 pub mod api;
 pub mod events;
 pub mod period;
-pub mod pricing;
+/// Pricing lives in weir-mesh, shared with the router that prices its reservations.
+pub use weir_mesh::pricing;
 pub mod scope;
 pub mod store;
 

@@ -6,8 +6,9 @@
 //! - **Context (step 3).** Before each model call, `GetContext` for that model returns the
 //!   session's summary and the most recent turns that fit the room the model leaves: its context
 //!   window minus the answer's room (`params.max_tokens`, else the model's `max_output_tokens`)
-//!   minus the new messages. The prompt is then the summary (as one system message, see
-//!   [`weir_session::context::context_messages`]), the recent turns, and the new messages. A
+//!   minus the new messages. The prompt is then the context's `messages` as the session service
+//!   assembled them (the summary as one system message, then the recent turns) and the new
+//!   messages. A
 //!   fallback to a model of another size or tokenizer asks again, for that model.
 //! - **Append (step 6).** After a successful answer, `AppendTurns` adds the new messages and the
 //!   answer, with the request's `request_id` (or a generated one) as the session's idempotency key,
@@ -51,7 +52,6 @@ use weir_proto::{
         AppendTurnsRequest, GetContextRequest, session_service_client::SessionServiceClient,
     },
 };
-use weir_session::context::context_messages;
 
 use crate::{inference::Call, request::Completion};
 
@@ -235,7 +235,7 @@ impl History {
             .await
         {
             Ok(response) => {
-                let context = context_messages(&response.into_inner());
+                let context = response.into_inner().messages;
                 self.loaded.push((model.to_string(), context.clone()));
                 Ok(context)
             }

@@ -12,7 +12,7 @@
 //!   prompt's tokens (the session's history included, counted with the model's tokenizer family)
 //!   plus the most output the request allows (`params.max_tokens`, else the model's
 //!   `max_output_tokens`, never more than what is left of the context window), at the model's
-//!   price ([`weir_budget::pricing::estimate`], the function the budget service prices with, so no
+//!   price ([`weir_mesh::pricing::estimate`], the function the budget service prices with, so no
 //!   extra network call). The hold is against the tenant and, when one authenticated the request,
 //!   its API key, all or none (a scope without a budget only has its spend reported). Sessions
 //!   are not a scope here: there are unboundedly many of them, and each scope keeps hourly spend
@@ -51,7 +51,7 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use tonic::Code;
 use tracing::Instrument;
-use weir_budget::pricing::{self, Tier, Tokens};
+use weir_mesh::pricing::{self, Tier, Tokens};
 use weir_mesh::{
     ApiError,
     auth::ApiKeyId,

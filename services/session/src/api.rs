@@ -34,7 +34,7 @@ use weir_proto::session::{
 
 use crate::{
     config::{Config, context_budget},
-    context::{select_suffix, summary_tokens, unit_start},
+    context::{context_messages, select_suffix, summary_tokens, unit_start},
     error::api_error,
     ids,
     store::{AnyStore, AppendBatch, NewSession, SessionRecord, SessionRef, Store},
@@ -392,12 +392,15 @@ impl SessionApi {
         let omitted = raw - i64::try_from(chosen.len()).unwrap_or(0);
         let token_count =
             summary.as_ref().map_or(0, |s| s.token_count) + i64::try_from(used).unwrap_or(i64::MAX);
-        Ok(Some(GetContextResponse {
+        let mut context = GetContextResponse {
             summary,
             turns: chosen,
             token_count,
             omitted_turns: omitted.max(0),
-        }))
+            messages: Vec::new(),
+        };
+        context.messages = context_messages(&context);
+        Ok(Some(context))
     }
 
     async fn list(

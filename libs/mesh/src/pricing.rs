@@ -2,7 +2,8 @@
 //!
 //! [`cost_micros`] is pure and cheap, so the router can price the worst case of a request (prompt
 //! tokens + `max_tokens` at the model's price) without a network call, and the budget service
-//! prices a commit's actual usage with the same function.
+//! prices a commit's actual usage with the same function: both link this module, so the two can
+//! only disagree through their catalogs (which [`PriceSpec::version`] tells apart).
 //!
 //! - Input tokens include cached ones: `input - cached` tokens pay the input price and `cached`
 //!   tokens the cached-input price.
@@ -13,7 +14,7 @@
 //!   request is never priced below its true cost and a thousand tiny requests are never free.
 //! - Costs are capped at [`MAX_MICROS`]: larger ones are refused as overflow.
 
-use weir_mesh::{
+use crate::{
     ApiError,
     catalog::{Catalog, PriceSpec},
 };
@@ -312,7 +313,7 @@ mod tests {
             estimate(&catalog, "nope", &tokens(1, 0, 1), Tier::Standard),
             Err(CostError::PriceUnknown("nope".into()))
         );
-        let unpriced = weir_mesh::catalog::ModelSpec::default();
+        let unpriced = crate::catalog::ModelSpec::default();
         let catalog = Catalog::new([("m".to_string(), unpriced)]);
         assert!(matches!(
             price_of(&catalog, "m"),
