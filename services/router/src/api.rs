@@ -36,6 +36,7 @@ use weir_mesh::{
 };
 use weir_proto::{
     common::{FinishReason, Message, Role, Usage},
+    inference::GenerateResponse,
     router::{
         CompleteRequest, CompleteResponse, CompleteStreamRequest, Notice, ReviewStatus, ServedBy,
         complete_stream_response::Start, router_service_server::RouterService,
@@ -114,6 +115,18 @@ impl RouterApi {
     /// The route table requests are resolved against.
     pub fn routes(&self) -> &RouteTable {
         &self.routes
+    }
+
+    /// Steps 1 and 2 for a gRPC request of any execution model.
+    async fn start<T>(&self, request: Request<T>) -> Result<Walk, Status>
+    where
+        Completion: From<T>,
+    {
+        let deadline = Deadline::from_request(&request);
+        let (metadata, extensions, body) = request.into_parts();
+        self.begin(&metadata, &extensions, deadline, Completion::from(body))
+            .await
+            .map_err(refused)
     }
 
     /// Step 2 of the walk, shared by every execution model: checks, route, steering.
@@ -201,6 +214,7 @@ impl RouterApi {
         let append = walk.history.append(&walk.completion);
         Ok(Prepared {
             prompt,
+            max_output,
             settlement: Settlement::new(&walk.call, hold, append, spec.family()),
         })
     }
@@ -217,10 +231,181 @@ struct Walk {
     notices: Vec<Notice>,
 }
 
-/// A candidate ready to be called: its prompt and what it will owe.
+/// A candidate ready to be called: its prompt, the most it may answer (what was reserved, sent
+/// upstream as `max_tokens`) and what it will owe.
 struct Prepared {
     prompt: Vec<Message>,
+    max_output: u32,
     settlement: Settlement,
+}
+
+/// How the answer goes back to the client: the only thing in which the execution models differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    /// `Complete`: the whole answer at once.
+    Unary,
+    /// `CompleteStream`: tokens as they are generated.
+    Stream,
+}
+
+/// A candidate's answer, before it is delivered. One per request, moved once: not worth a box.
+#[allow(clippy::large_enum_variant)]
+enum Answer {
+    /// A whole answer, and what it still owes (settled before it is sent).
+    Unary {
+        response: GenerateResponse,
+        settlement: Settlement,
+    },
+    /// A stream whose first event has arrived; it settles itself as it ends.
+    Stream(CompleteStream),
+}
+
+/// What step 5 produced. One per request, moved once: not worth a box.
+#[allow(clippy::large_enum_variant)]
+enum Served {
+    /// A model answered: the candidate at `position` of the plan.
+    Model {
+        answer: Answer,
+        model: String,
+        position: usize,
+    },
+    /// Every candidate failed and the route's degraded answer is served (its notice is pushed).
+    Degraded { text: String },
+}
+
+impl RouterApi {
+    /// Step 5, the same for every execution model: the candidates in order, each later one only
+    /// after a fallback-worthy failure of the one before ([`crate::fallback`]), then the route's
+    /// degraded answer. Steps 3 and 4 run again for each candidate tried (its own context size and
+    /// price); a failed candidate is settled by the one rule of [`Settlement::failed`].
+    async fn serve(&self, walk: &mut Walk, delivery: Delivery) -> Result<Served, Status> {
+        let plan = walk.plan.clone();
+        let mut last_error = None;
+        for (position, candidate) in plan.candidates().iter().enumerate() {
+            let model = candidate.model();
+            if position > 0 && out_of_time(&walk.call) {
+                break;
+            }
+            // 3., 4. Context and reservation for this candidate.
+            let prepared = self.prepare(walk, model).await.map_err(refused)?;
+            match self
+                .attempt(walk, delivery, model, position, prepared)
+                .await
+            {
+                Ok(answer) => {
+                    return Ok(Served::Model {
+                        answer,
+                        model: model.to_string(),
+                        position,
+                    });
+                }
+                Err(error) => {
+                    let error = failed(&plan, model, error)?;
+                    walk.notices.push(fallback_notice(model, &error));
+                    last_error = Some(error);
+                }
+            }
+        }
+        let text = degraded(&plan, &walk.completion, last_error, &mut walk.notices)?;
+        Ok(Served::Degraded { text })
+    }
+
+    /// One candidate's model call. A stream is only returned once its first event has arrived: a
+    /// failure before it can still fall back, as the client has seen nothing yet.
+    async fn attempt(
+        &self,
+        walk: &Walk,
+        delivery: Delivery,
+        model: &str,
+        position: usize,
+        prepared: Prepared,
+    ) -> Result<Answer, ApiError> {
+        let Prepared {
+            prompt,
+            max_output,
+            settlement,
+        } = prepared;
+        let (call, completion) = (&walk.call, &walk.completion);
+        match delivery {
+            Delivery::Unary => {
+                let request = completion.generate_request(model, prompt, max_output);
+                match self.inference.generate(call, model, request).await {
+                    Ok(response) => Ok(Answer::Unary {
+                        response,
+                        settlement,
+                    }),
+                    Err(error) => {
+                        settlement.failed(&error);
+                        Err(error)
+                    }
+                }
+            }
+            Delivery::Stream => {
+                let request = completion.generate_stream_request(model, prompt, max_output);
+                let upstream = match self.inference.generate_stream(call, model, request).await {
+                    Ok(upstream) => upstream,
+                    Err(error) => {
+                        settlement.failed(&error);
+                        return Err(error);
+                    }
+                };
+                let start = start_event(&walk.plan, model, walk.plan.served_by(position));
+                let stream = relay::open(start, walk.notices.clone(), upstream, settlement).await?;
+                Ok(Answer::Stream(stream))
+            }
+        }
+    }
+
+    /// Steps 6 and 8 of a unary answer: settle it (commit, append), then the response.
+    async fn respond(
+        walk: Walk,
+        response: GenerateResponse,
+        settlement: Settlement,
+        model: &str,
+        position: usize,
+    ) -> CompleteResponse {
+        let Walk {
+            plan, mut notices, ..
+        } = walk;
+        let usage = response.usage;
+        let message = response.message.clone().unwrap_or_else(|| Message {
+            role: Role::Assistant.into(),
+            ..Message::default()
+        });
+        // 6. Commit the usage and append the exchange; 7. the review policy may hold or sample
+        //    the answer here.
+        let settled = settlement.settle(usage, Some(message)).await;
+        notices.extend(settled.notices);
+        tracing::debug!(
+            requested = plan.requested_model(),
+            route = plan.route_alias(),
+            model,
+            position,
+            input_tokens = usage.map(|u| u.input_tokens),
+            output_tokens = usage.map(|u| u.output_tokens),
+            cost_micros = settled.cost_micros,
+            "completed"
+        );
+        let served_model = if response.model.is_empty() {
+            model.to_string()
+        } else {
+            response.model
+        };
+        CompleteResponse {
+            message: response.message,
+            model: served_model,
+            requested_model: plan.requested_model().to_string(),
+            route: plan.route_alias().to_string(),
+            served_by: plan.served_by(position).into(),
+            finish_reason: response.finish_reason,
+            usage,
+            cost_micros: settled.cost_micros,
+            review_status: ReviewStatus::NotRequired.into(),
+            review_id: String::new(),
+            trace_id: current_trace_id(),
+            notices,
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -229,159 +414,75 @@ impl RouterService for RouterApi {
         &self,
         request: Request<CompleteRequest>,
     ) -> Result<Response<CompleteResponse>, Status> {
-        let deadline = Deadline::from_request(&request);
-        let (metadata, extensions, body) = request.into_parts();
-        let mut walk = self
-            .begin(&metadata, &extensions, deadline, Completion::from(body))
-            .await
-            .map_err(refused)?;
-        let plan = walk.plan.clone();
-        // 5. Model call: the candidates in order, each later one only after a fallback-worthy
-        //    failure of the one before (crate::fallback), then the route's degraded answer.
-        let mut last_error = None;
-        for (position, candidate) in plan.candidates().iter().enumerate() {
-            let model = candidate.model();
-            if position > 0 && out_of_time(&walk.call) {
-                break;
-            }
-            // 3., 4. Context and reservation for this candidate.
-            let Prepared { prompt, settlement } =
-                self.prepare(&mut walk, model).await.map_err(refused)?;
-            let result = self
-                .inference
-                .generate(
-                    &walk.call,
-                    model,
-                    walk.completion.generate_request(model, prompt),
-                )
-                .await;
-            let answer = match result {
-                Ok(answer) => answer,
-                Err(error) => {
-                    settlement.release();
-                    let error = failed(&plan, model, error)?;
-                    walk.notices.push(fallback_notice(model, &error));
-                    last_error = Some(error);
-                    continue;
-                }
-            };
-            // 6. Commit the usage and append the exchange; 7. the review policy may hold or
-            //    sample the answer here.
-            let usage = answer.usage;
-            let message = answer.message.clone().unwrap_or_else(|| Message {
-                role: Role::Assistant.into(),
-                ..Message::default()
-            });
-            let settled = settlement.settle(usage, Some(message)).await;
-            walk.notices.extend(settled.notices);
-            tracing::debug!(
-                requested = plan.requested_model(),
-                route = plan.route_alias(),
+        let mut walk = self.start(request).await?;
+        let response = match self.serve(&mut walk, Delivery::Unary).await? {
+            Served::Model {
+                answer:
+                    Answer::Unary {
+                        response,
+                        settlement,
+                    },
                 model,
                 position,
-                input_tokens = usage.map(|u| u.input_tokens),
-                output_tokens = usage.map(|u| u.output_tokens),
-                cost_micros = settled.cost_micros,
-                "completed"
-            );
-            // 8. Respond.
-            let served_model = if answer.model.is_empty() {
-                model.to_string()
-            } else {
-                answer.model
-            };
-            return Ok(Response::new(CompleteResponse {
-                message: answer.message,
-                model: served_model,
-                requested_model: plan.requested_model().to_string(),
-                route: plan.route_alias().to_string(),
-                served_by: plan.served_by(position).into(),
-                finish_reason: answer.finish_reason,
-                usage,
-                cost_micros: settled.cost_micros,
+            } => Self::respond(walk, response, settlement, &model, position).await,
+            Served::Model {
+                answer: Answer::Stream(_),
+                ..
+            } => return Err(Status::internal("a unary walk produced a stream")),
+            Served::Degraded { text } => CompleteResponse {
+                message: Some(Message {
+                    role: Role::Assistant.into(),
+                    content: text,
+                    ..Message::default()
+                }),
+                model: String::new(),
+                requested_model: walk.plan.requested_model().to_string(),
+                route: walk.plan.route_alias().to_string(),
+                served_by: ServedBy::Degraded.into(),
+                finish_reason: FinishReason::Stop.into(),
+                usage: Some(Usage::default()),
+                cost_micros: 0,
                 review_status: ReviewStatus::NotRequired.into(),
                 review_id: String::new(),
                 trace_id: current_trace_id(),
                 notices: walk.notices,
-            }));
-        }
-        let (text, notices) = degraded(&plan, &walk.completion, last_error, walk.notices)?;
-        Ok(Response::new(CompleteResponse {
-            message: Some(Message {
-                role: Role::Assistant.into(),
-                content: text,
-                ..Message::default()
-            }),
-            model: String::new(),
-            requested_model: plan.requested_model().to_string(),
-            route: plan.route_alias().to_string(),
-            served_by: ServedBy::Degraded.into(),
-            finish_reason: FinishReason::Stop.into(),
-            usage: Some(Usage::default()),
-            cost_micros: 0,
-            review_status: ReviewStatus::NotRequired.into(),
-            review_id: String::new(),
-            trace_id: current_trace_id(),
-            notices,
-        }))
+            },
+        };
+        // 8. Respond.
+        Ok(Response::new(response))
     }
 
     async fn complete_stream(
         &self,
         request: Request<CompleteStreamRequest>,
     ) -> Result<Response<CompleteStream>, Status> {
-        let deadline = Deadline::from_request(&request);
-        let (metadata, extensions, body) = request.into_parts();
-        let mut walk = self
-            .begin(&metadata, &extensions, deadline, Completion::from(body))
-            .await
-            .map_err(refused)?;
-        let plan = walk.plan.clone();
-        // 5. Model call. Until a candidate's first event the client has seen nothing, so a
-        //    failure before it moves on to the next candidate exactly as for `Complete`; after
-        //    it, the stream ends with the error (never a silent switch mid-answer).
-        let mut last_error = None;
-        for (position, candidate) in plan.candidates().iter().enumerate() {
-            let model = candidate.model();
-            if position > 0 && out_of_time(&walk.call) {
-                break;
-            }
-            // 3., 4. Context and reservation for this candidate.
-            let prepared = self.prepare(&mut walk, model).await.map_err(refused)?;
-            let start = start_event(&plan, model, plan.served_by(position));
-            let opened = open_stream(
-                &self.inference,
-                &walk.call,
-                &walk.completion,
+        let mut walk = self.start(request).await?;
+        // 6./7. Budget commit, session append and review of a streamed answer run when the relay
+        //    sees `done` (or the stream ends early).
+        match self.serve(&mut walk, Delivery::Stream).await? {
+            Served::Model {
+                answer: Answer::Stream(stream),
                 model,
-                start,
-                walk.notices.clone(),
-                prepared,
-            )
-            .await;
-            match opened {
-                Ok(stream) => {
-                    // 6./7. Budget commit, session append and review of a streamed answer run
-                    //    when the relay sees `done` (or the stream ends early).
-                    tracing::debug!(
-                        requested = plan.requested_model(),
-                        route = plan.route_alias(),
-                        model,
-                        position,
-                        "streaming"
-                    );
-                    return Ok(Response::new(stream));
-                }
-                Err(error) => {
-                    let error = failed(&plan, model, error)?;
-                    walk.notices.push(fallback_notice(model, &error));
-                    last_error = Some(error);
-                }
+                position,
+            } => {
+                tracing::debug!(
+                    requested = walk.plan.requested_model(),
+                    route = walk.plan.route_alias(),
+                    model,
+                    position,
+                    "streaming"
+                );
+                Ok(Response::new(stream))
+            }
+            Served::Model {
+                answer: Answer::Unary { .. },
+                ..
+            } => Err(Status::internal("a streaming walk produced a unary answer")),
+            Served::Degraded { text } => {
+                let start = start_event(&walk.plan, "", ServedBy::Degraded);
+                Ok(Response::new(relay::degraded(start, text, walk.notices)))
             }
         }
-        let (text, notices) = degraded(&plan, &walk.completion, last_error, walk.notices)?;
-        let start = start_event(&plan, "", ServedBy::Degraded);
-        Ok(Response::new(relay::degraded(start, text, notices)))
     }
 }
 
@@ -394,35 +495,6 @@ fn start_event(plan: &Plan, model: &str, served_by: ServedBy) -> Start {
         served_by: served_by.into(),
         trace_id: current_trace_id(),
     }
-}
-
-/// Starts the stream of one model: calls inference and waits for its first event (see
-/// [`relay::open`]). On a failure before that, the candidate's hold is released.
-async fn open_stream(
-    inference: &Inference,
-    call: &Call,
-    completion: &Completion,
-    model: &str,
-    start: Start,
-    notices: Vec<Notice>,
-    prepared: Prepared,
-) -> Result<CompleteStream, ApiError> {
-    let Prepared { prompt, settlement } = prepared;
-    let upstream = match inference
-        .generate_stream(
-            call,
-            model,
-            completion.generate_stream_request(model, prompt),
-        )
-        .await
-    {
-        Ok(upstream) => upstream,
-        Err(error) => {
-            settlement.release();
-            return Err(error);
-        }
-    };
-    relay::open(start, notices, upstream, settlement).await
 }
 
 /// Whether the caller's deadline has passed, so no further candidate is worth trying.
@@ -457,13 +529,14 @@ fn fallback_notice(model: &str, error: &ApiError) -> Notice {
     }
 }
 
-/// Every candidate failed: the route's degraded answer with a notice, or the last error.
+/// Every candidate failed: the route's degraded answer (its notice pushed onto `notices`), or the
+/// last error.
 fn degraded(
     plan: &Plan,
     completion: &Completion,
     last_error: Option<ApiError>,
-    mut notices: Vec<Notice>,
-) -> Result<(String, Vec<Notice>), Status> {
+    notices: &mut Vec<Notice>,
+) -> Result<String, Status> {
     let last_error =
         last_error.unwrap_or_else(|| ApiError::internal("the route has no candidate to call"));
     match plan.degraded() {
@@ -482,7 +555,7 @@ fn degraded(
                     last_error.reason()
                 ),
             });
-            Ok((degraded.text(&completion.messages), notices))
+            Ok(degraded.text(&completion.messages))
         }
         None => Err(Status::from(last_error)),
     }

@@ -20,7 +20,8 @@
 //! exchange to the session before the router's `done` goes out with the committed cost and any
 //! notices; if the stream ends any other way (an error, a cut, the client going away), dropping the
 //! settlement commits what was relayed and appends nothing (see [`crate::settlement`]). If the
-//! upstream fails before its first event, the settlement is released: the model never ran.
+//! upstream fails before its first event, the settlement is told how (`Settlement::failed`): the
+//! hold is released only if the model never ran.
 //!
 //! Upstream messages with no event set (from a newer inference version) are skipped.
 
@@ -67,14 +68,8 @@ where
 {
     let first = match next_event(&mut upstream).await {
         Ok(Some(event)) => event,
-        Ok(None) => {
-            settlement.release();
-            return Err(stream_cut(false));
-        }
-        Err(status) => {
-            settlement.release();
-            return Err(ApiError::from_status(&status));
-        }
+        Ok(None) => return Err(failed(settlement, stream_cut(false))),
+        Err(status) => return Err(failed(settlement, ApiError::from_status(&status))),
     };
     let state = State::Start {
         start,
@@ -229,6 +224,12 @@ where
         }
     }
     Ok(None)
+}
+
+/// Settles a stream that failed before its first event (see `Settlement::failed`).
+fn failed(settlement: Settlement, error: ApiError) -> ApiError {
+    settlement.failed(&error);
+    error
 }
 
 fn stream_cut(started: bool) -> ApiError {

@@ -144,30 +144,53 @@ impl Completion {
     }
 
     /// The unary inference request for `model` with `messages` as the prompt (the session's
-    /// history, if any, then the request's messages).
-    pub fn generate_request(&self, model: &str, messages: Vec<Message>) -> GenerateRequest {
+    /// history, if any, then the request's messages) and an answer of at most `max_output`
+    /// tokens (see [`Completion::params_for`]).
+    pub fn generate_request(
+        &self,
+        model: &str,
+        messages: Vec<Message>,
+        max_output: u32,
+    ) -> GenerateRequest {
         GenerateRequest {
             model: model.to_string(),
             messages,
-            params: self.params.clone(),
+            params: Some(self.params_for(max_output)),
             request_id: self.request_id.clone(),
             labels: self.labels.clone(),
         }
     }
 
-    /// The streaming inference request for `model` with `messages` as the prompt.
+    /// The streaming inference request for `model` with `messages` as the prompt and an answer of
+    /// at most `max_output` tokens.
     pub fn generate_stream_request(
         &self,
         model: &str,
         messages: Vec<Message>,
+        max_output: u32,
     ) -> GenerateStreamRequest {
         GenerateStreamRequest {
             model: model.to_string(),
             messages,
-            params: self.params.clone(),
+            params: Some(self.params_for(max_output)),
             request_id: self.request_id.clone(),
             labels: self.labels.clone(),
         }
+    }
+
+    /// The request's generation parameters with `max_tokens` set to `max_output`, the limit the
+    /// router reserved for, when the client set none: an OpenAI-compatible server sent no limit
+    /// generates until its own, and the commit would overrun the reservation and the tenant's
+    /// hard limit. So an answer can never cost more than its hold. A client's own `max_tokens` is
+    /// sent unchanged (it is what was reserved; the inference service refuses it if it is invalid
+    /// or does not fit the window), and a prompt that leaves no room (`max_output` 0) is sent
+    /// without one, for the inference service to refuse by its size.
+    pub fn params_for(&self, max_output: u32) -> GenerationParams {
+        let mut params = self.params.clone().unwrap_or_default();
+        if params.max_tokens.is_none() && max_output > 0 {
+            params.max_tokens = Some(i32::try_from(max_output).unwrap_or(i32::MAX));
+        }
+        params
     }
 }
 
@@ -284,8 +307,47 @@ mod tests {
             ..CompleteStreamRequest::default()
         });
         assert_eq!(stream, valid());
-        let upstream = stream.generate_stream_request("sim-large", valid().messages);
+        let upstream = stream.generate_stream_request("sim-large", valid().messages, 64);
         assert_eq!(upstream.model, "sim-large");
         assert_eq!(upstream.messages, valid().messages);
+    }
+
+    #[test]
+    fn the_reserved_limit_is_always_sent_upstream() {
+        let mut request = valid();
+        request.params = Some(GenerationParams {
+            temperature: Some(0.5),
+            ..GenerationParams::default()
+        });
+        let params = request
+            .generate_request("m", Vec::new(), 300)
+            .params
+            .unwrap();
+        assert_eq!(
+            params.max_tokens,
+            Some(300),
+            "set though the client set none"
+        );
+        assert_eq!(params.temperature, Some(0.5), "the rest is the client's");
+        request.params = None;
+        let params = request
+            .generate_stream_request("m", Vec::new(), 7)
+            .params
+            .unwrap();
+        assert_eq!(params.max_tokens, Some(7));
+        // The client's own limit is what was reserved, and goes as it is.
+        request.params = Some(GenerationParams {
+            max_tokens: Some(-1),
+            ..GenerationParams::default()
+        });
+        let params = request
+            .generate_request("m", Vec::new(), 300)
+            .params
+            .unwrap();
+        assert_eq!(params.max_tokens, Some(-1));
+        // No room left: no limit, so inference refuses the prompt for its size.
+        request.params = None;
+        let params = request.generate_request("m", Vec::new(), 0).params.unwrap();
+        assert_eq!(params.max_tokens, None);
     }
 }

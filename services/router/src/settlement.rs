@@ -14,13 +14,15 @@
 //! A stream records its text as it is relayed (`Settlement::record`). If the settlement is dropped
 //! before `done` (the client cancelled, the model failed mid-answer), its hold commits the prompt
 //! and the output tokens relayed so far, counted with the model's tokenizer family, and nothing is
-//! appended (see [`crate::session`]). `Settlement::release` is for a model that failed before its
-//! first token: the hold is released, nothing is charged.
+//! appended (see [`crate::session`]). `Settlement::failed` is for a model call that failed before
+//! its first token: the hold is released only if the model certainly never ran
+//! ([`model_never_ran`]); otherwise the prompt is charged.
 
 use std::{fmt, time::Duration};
 
+use tonic::Code;
 use tracing::Instrument;
-use weir_mesh::{deadline::Deadline, tokens};
+use weir_mesh::{ApiError, deadline::Deadline, tokens};
 use weir_proto::{
     common::{Message, Role, Usage},
     router::Notice,
@@ -125,13 +127,35 @@ impl Settlement {
         }
     }
 
-    /// The model failed before its first token: release the hold, append nothing.
-    pub fn release(mut self) {
-        if let Some(hold) = self.hold.take() {
+    /// The model call failed with `error` before an answer (or, for a stream, before its first
+    /// event): nothing is appended, and the hold is released only if the model certainly never
+    /// ran ([`model_never_ran`]); otherwise the prompt is charged (see the module doc).
+    pub fn failed(mut self, error: &ApiError) {
+        self.append = None;
+        if model_never_ran(error)
+            && let Some(hold) = self.hold.take()
+        {
             hold.release();
         }
-        self.append = None;
+        // Otherwise dropping `self` commits the prompt and whatever was relayed.
     }
+}
+
+/// Whether a model call that failed with `error` certainly did not run the model, so that its hold
+/// can be given back without charging anything.
+///
+/// The rule is the settlement rule of the walk: **a hold is released only when the model was
+/// never called**. Once the request may have reached a model, the upstream may bill for it, so the
+/// prompt (and for a stream, every token relayed) is charged whatever happened afterwards.
+///
+/// | failure | the model ran? | settlement |
+/// |---|---|---|
+/// | DEADLINE_EXCEEDED, CANCELLED (time ran out or the caller left while it worked) | maybe | charge the prompt |
+/// | UNAVAILABLE `STREAM_CUT` (the connection broke before the answer ended) | yes | charge the prompt and what was relayed |
+/// | any other failure: refused before the call (circuit open, bulkhead full, shed, unreachable), or an answer that the model did not run (5xx, 429, a refused request) | no | release |
+pub fn model_never_ran(error: &ApiError) -> bool {
+    !matches!(error.code(), Code::DeadlineExceeded | Code::Cancelled)
+        && error.reason() != weir_mesh::transport::STREAM_CUT
 }
 
 /// The settlement's task: commit and append at once, each failure a notice.
@@ -200,6 +224,6 @@ mod tests {
             "nothing kept without a reason"
         );
         assert_eq!(settlement.settle(None, None).await, Settled::default());
-        Settlement::none().release();
+        Settlement::none().failed(&ApiError::unavailable("CIRCUIT_OPEN", "open"));
     }
 }
