@@ -117,7 +117,7 @@ impl ClientStack {
             // that breaks mid-answer is UNAVAILABLE `STREAM_CUT`, not tonic's UNKNOWN.
             .map_response(transport::tonic_response)
             // The status of a refusal or failure (see BoxedClient); a transport failure is
-            // UNAVAILABLE `UPSTREAM_UNAVAILABLE`, as the layers below counted it.
+            // UNAVAILABLE (`UPSTREAM_UNREACHABLE` or `STREAM_CUT`), as the layers below counted it.
             .map_err(transport::call_error)
             // A client span per call, its context sent on in `traceparent`.
             .layer(TraceLayer::client())

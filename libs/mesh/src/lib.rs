@@ -32,7 +32,7 @@
 //! - [`admission`]: server concurrency limit (AIMD) that sheds the lowest criticality first.
 //! - [`auth`]: API keys mapped to tenants; the client never picks its own `weir-tenant`.
 //! - [`ratelimit`]: per-tenant GCRA rate limits, shared by replicas through Redis, local fallback.
-//! - [`transport`]: broken connections as UNAVAILABLE (`UPSTREAM_UNAVAILABLE`, `STREAM_CUT`), not
+//! - [`transport`]: broken connections as UNAVAILABLE (`UPSTREAM_UNREACHABLE`, `STREAM_CUT`), not
 //!   tonic's UNKNOWN.
 //!
 //! The resilience layers (deadline, retry, breaker, rate limit, bulkhead, admission) are added here

@@ -9,32 +9,45 @@
 //!
 //! | when | code | reason |
 //! |---|---|---|
-//! | before the response started (connection refused or lost, reset) | UNAVAILABLE | [`UPSTREAM_UNAVAILABLE`] |
-//! | after it started (a stream or a unary body cut off mid-way) | UNAVAILABLE | [`STREAM_CUT`] |
+//! | no connection could be made: the request was never sent | UNAVAILABLE | [`UPSTREAM_UNREACHABLE`] |
+//! | the connection broke after the request was sent, before or after the response started | UNAVAILABLE | [`STREAM_CUT`] |
 //! | tonic's own timer ran out the `grpc-timeout` it was given | DEADLINE_EXCEEDED | `DEADLINE_EXCEEDED` |
 //! | a status (from the peer, or from a layer of ours such as the breaker) | unchanged | unchanged |
 //!
 //! This is the same reading [`crate::outcome`] gives the client layers (a transport failure is
-//! UNAVAILABLE), so what a caller is told and what the breaker and retry layers counted agree.
+//! UNAVAILABLE), so what a caller is told and what the breaker and retry layers counted agree. The
+//! two reasons tell a caller that keeps books what it needs: an unreachable backend never saw the
+//! request, while a cut one may have worked on it (and an upstream model API may bill for that).
 
 use tonic::Status;
 use tower::BoxError;
 
 use crate::{ApiError, outcome::find_status};
 
-/// ErrorInfo reason of a call whose connection failed before its response started.
-pub const UPSTREAM_UNAVAILABLE: &str = "UPSTREAM_UNAVAILABLE";
-/// ErrorInfo reason of a response (usually a stream) whose connection broke before it ended.
+/// ErrorInfo reason of a call for which no connection could be made: the request was never sent.
+pub const UPSTREAM_UNREACHABLE: &str = "UPSTREAM_UNREACHABLE";
+/// ErrorInfo reason of a call whose connection broke after its request was sent, before its answer
+/// (a unary response, or a stream) ended.
 pub const STREAM_CUT: &str = "STREAM_CUT";
 
 /// The status a caller gets for a call that failed before its response started (see the
 /// [module docs](self)).
 pub fn call_error(error: BoxError) -> Status {
-    to_status(
-        error,
-        UPSTREAM_UNAVAILABLE,
-        "the call failed before any answer",
-    )
+    if chain(&*error).any(|e| e.is::<tonic::ConnectError>()) {
+        return ApiError::unavailable(
+            UPSTREAM_UNREACHABLE,
+            format!("could not connect to the service ({error}); retry"),
+        )
+        .into();
+    }
+    to_status(error, STREAM_CUT, "the call failed before its answer")
+}
+
+/// `error` and its sources.
+fn chain<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(error), |e| e.source())
 }
 
 /// The status a caller gets for a response body that failed after the response started (see the
@@ -99,7 +112,7 @@ mod tests {
     }
 
     #[test]
-    fn a_broken_connection_is_unavailable_before_and_after_the_response_started() {
+    fn a_broken_connection_is_a_cut_before_and_after_the_response_started() {
         let lost = || -> BoxError {
             Box::new(io::Error::new(
                 io::ErrorKind::ConnectionReset,
@@ -108,7 +121,7 @@ mod tests {
         };
         let status = call_error(lost());
         assert_eq!(status.code(), Code::Unavailable);
-        assert_eq!(reason(&status), UPSTREAM_UNAVAILABLE);
+        assert_eq!(reason(&status), STREAM_CUT);
         let status = body_error(lost());
         assert_eq!(status.code(), Code::Unavailable);
         assert_eq!(reason(&status), STREAM_CUT);
@@ -137,6 +150,17 @@ mod tests {
         let status = body_error(peers);
         assert_eq!(status.code(), Code::InvalidArgument);
         assert_eq!(status.message(), "bad");
+    }
+
+    #[test]
+    fn a_connection_never_made_is_unreachable() {
+        let refused: BoxError = Box::new(tonic::ConnectError(Box::new(io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            "connection refused",
+        ))));
+        let status = call_error(refused);
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(reason(&status), UPSTREAM_UNREACHABLE);
     }
 
     #[test]
