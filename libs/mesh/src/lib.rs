@@ -22,6 +22,8 @@
 //! - [`tenant`]: the tenant of a request, from the `weir-tenant` metadata.
 //! - [`backend`]: the per-backend key that keyed layers (breaker, bulkhead) isolate by.
 //! - [`store`]: Redis connections and tenant-scoped key spaces.
+//! - [`idempotency`]: idempotency keys: a retried request is run once and answered the same way,
+//!   shared by replicas through Redis.
 //! - [`outcome`]: how a client layer reads an attempt's result from its response headers.
 //! - [`breaker`]: circuit breaker per backend (closed / open / half-open), failing fast when open.
 //! - [`bulkhead`]: concurrency limit per backend, so one slow backend cannot take every slot.
@@ -50,6 +52,7 @@ pub mod config;
 pub mod criticality;
 pub mod deadline;
 pub mod error;
+pub mod idempotency;
 pub mod metadata;
 pub mod outcome;
 pub mod pricing;
