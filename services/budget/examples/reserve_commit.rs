@@ -103,6 +103,7 @@ async fn main() {
                                 amount_micros: 1_000,
                                 ttl: None,
                                 model: "sim-small".into(),
+                                price_version: String::new(),
                             }))
                             .await
                             .unwrap()

@@ -269,6 +269,24 @@ impl BudgetApi {
         check_id(&req.request_id, "request_id", true)?;
         check_id(&req.model, "model", false)?;
         let amount = check_micros(req.amount_micros, "amount_micros", 1)?;
+        if !req.model.is_empty() {
+            // Refused now, before anything is held or any model runs: its answer could not be
+            // priced at commit, and would be free.
+            let price = pricing::price_of(&self.inner.catalog, &req.model)?;
+            if !req.price_version.is_empty() && req.price_version != price.version {
+                metrics::counter!(
+                    "weir_budget_price_version_skew_total",
+                    "model" => req.model.clone()
+                )
+                .increment(1);
+                tracing::warn!(
+                    model = %req.model,
+                    caller_version = %req.price_version,
+                    our_version = %price.version,
+                    "a reservation was priced with another price version; commits use ours"
+                );
+            }
+        }
         let ttl = match &req.ttl {
             None => self.inner.settings.default_ttl,
             Some(d) => match duration(d, "ttl")? {

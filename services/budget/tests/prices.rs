@@ -120,36 +120,27 @@ async fn unknown_prices_fail_closed() {
         assert_eq!(error.code(), Code::FailedPrecondition, "{model}");
         assert_eq!(error.reason(), "PRICE_UNKNOWN");
     }
-    // A reservation for an unpriced model cannot be settled from usage: nothing is charged as $0.
+    // A reservation for a model this service cannot price is refused before anything is held
+    // (and so before any model runs): its answer could not be charged, and would be free.
     set_budget(&mut c, "acme", tenant_scope(), 1_000_000, 0.0).await;
-    let r = c
-        .reserve(req(
-            "acme",
-            reserve_request("r", vec![tenant_scope()], 1000, "unpriced"),
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .reservation
-        .unwrap();
-    let error = c
-        .commit(req(
-            "acme",
-            pb::CommitRequest {
-                reservation_id: r.id,
-                usage: Some(Usage {
-                    input_tokens: 10,
-                    output_tokens: 10,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap_err();
-    assert_eq!(error.code(), Code::FailedPrecondition);
+    for model in ["unpriced", "ghost"] {
+        let error = c
+            .reserve(req(
+                "acme",
+                reserve_request(&format!("r-{model}"), vec![tenant_scope()], 1000, model),
+            ))
+            .await
+            .map_err(|s| ApiError::from_status(&s))
+            .unwrap_err();
+        assert_eq!(error.code(), Code::FailedPrecondition, "{model}");
+        assert_eq!(error.reason(), "PRICE_UNKNOWN");
+        assert!(
+            error.message().contains(model),
+            "names the model: {error:?}"
+        );
+    }
     let budget = get_budget(&mut c, "acme", tenant_scope()).await;
-    assert_eq!((budget.held_micros, budget.spent_micros), (1000, 0));
+    assert_eq!((budget.held_micros, budget.spent_micros), (0, 0));
     cleanup(&config.key_prefix).await;
 }
 

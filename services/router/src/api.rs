@@ -30,9 +30,16 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status, metadata::MetadataMap};
+use tracing::Instrument;
 use weir_mesh::{
-    ApiError, auth::ApiKeyId, client::ClientStack, config::ConfigError, deadline::Deadline,
-    tenant::Tenant, tokens,
+    ApiError,
+    auth::ApiKeyId,
+    client::ClientStack,
+    config::ConfigError,
+    deadline::Deadline,
+    idempotency::{Claim, Idempotency},
+    tenant::Tenant,
+    tokens,
 };
 use weir_proto::{
     common::{FinishReason, Message, Role, Usage},
@@ -48,6 +55,7 @@ use crate::{
     fallback,
     inference::{Call, Inference},
     relay::{self, CompleteStream},
+    replay::{self, Rpc},
     request::Completion,
     route::{Plan, RouteTable},
     session::{History, Sessions},
@@ -63,6 +71,7 @@ pub struct RouterApi {
     inference: Inference,
     sessions: Sessions,
     spend: Spend,
+    idempotency: Idempotency,
 }
 
 impl RouterApi {
@@ -75,7 +84,15 @@ impl RouterApi {
             inference: Inference::new(client),
             sessions: Sessions::off(),
             spend: Spend::off(),
+            idempotency: Idempotency::in_memory("router"),
         }
+    }
+
+    /// Keeps the idempotency records of requests with a `request_id` in `records` (in the
+    /// process until this is called; see [`crate::replay`]).
+    pub fn with_idempotency(mut self, records: Idempotency) -> Self {
+        self.idempotency = records;
+        self
     }
 
     /// Loads and appends session history through `client` (a client stack over a channel to the
@@ -408,14 +425,10 @@ impl RouterApi {
     }
 }
 
-#[tonic::async_trait]
-impl RouterService for RouterApi {
-    async fn complete(
-        &self,
-        request: Request<CompleteRequest>,
-    ) -> Result<Response<CompleteResponse>, Status> {
-        let mut walk = self.start(request).await?;
-        let response = match self.serve(&mut walk, Delivery::Unary).await? {
+impl RouterApi {
+    /// Steps 5 to 8 of a unary request.
+    async fn complete_walk(&self, mut walk: Walk) -> Result<CompleteResponse, Status> {
+        Ok(match self.serve(&mut walk, Delivery::Unary).await? {
             Served::Model {
                 answer:
                     Answer::Unary {
@@ -447,16 +460,11 @@ impl RouterService for RouterApi {
                 trace_id: current_trace_id(),
                 notices: walk.notices,
             },
-        };
-        // 8. Respond.
-        Ok(Response::new(response))
+        })
     }
 
-    async fn complete_stream(
-        &self,
-        request: Request<CompleteStreamRequest>,
-    ) -> Result<Response<CompleteStream>, Status> {
-        let mut walk = self.start(request).await?;
+    /// Steps 5 to 8 of a streamed request: the stream, which settles itself as it ends.
+    async fn stream_walk(&self, mut walk: Walk) -> Result<CompleteStream, Status> {
         // 6./7. Budget commit, session append and review of a streamed answer run when the relay
         //    sees `done` (or the stream ends early).
         match self.serve(&mut walk, Delivery::Stream).await? {
@@ -472,7 +480,7 @@ impl RouterService for RouterApi {
                     position,
                     "streaming"
                 );
-                Ok(Response::new(stream))
+                Ok(stream)
             }
             Served::Model {
                 answer: Answer::Unary { .. },
@@ -480,7 +488,76 @@ impl RouterService for RouterApi {
             } => Err(Status::internal("a streaming walk produced a unary answer")),
             Served::Degraded { text } => {
                 let start = start_event(&walk.plan, "", ServedBy::Degraded);
-                Ok(Response::new(relay::degraded(start, text, walk.notices)))
+                Ok(relay::degraded(start, text, walk.notices))
+            }
+        }
+    }
+
+    /// Claims the request's `request_id`, if it has one (see [`crate::replay`]).
+    async fn claim(&self, walk: &Walk, rpc: Rpc) -> Result<Option<Claim>, Status> {
+        if walk.completion.request_id.is_empty() {
+            return Ok(None);
+        }
+        self.idempotency
+            .claim(
+                walk.payer.tenant(),
+                &walk.completion.request_id,
+                replay::fingerprint(rpc, &walk.completion),
+                walk.call.deadline(),
+            )
+            .await
+            .map(Some)
+            .map_err(refused)
+    }
+}
+
+#[tonic::async_trait]
+impl RouterService for RouterApi {
+    async fn complete(
+        &self,
+        request: Request<CompleteRequest>,
+    ) -> Result<Response<CompleteResponse>, Status> {
+        let walk = self.start(request).await?;
+        let guard = match self.claim(&walk, Rpc::Complete).await? {
+            None => return self.complete_walk(walk).await.map(Response::new),
+            Some(Claim::Replay(recorded)) => return replay::unary(&recorded).map(Response::new),
+            Some(Claim::Run(guard)) => guard,
+        };
+        // A claimed request runs to its end and its outcome is recorded even if this handler is
+        // dropped (the caller's deadline passed, the caller went away): its retry then gets the
+        // answer instead of running and paying again. The walk is still bounded by the deadline.
+        let api = self.clone();
+        let task = tokio::spawn(
+            async move {
+                let result = api.complete_walk(walk).await;
+                replay::record_unary(guard, &result).await;
+                result
+            }
+            .in_current_span(),
+        );
+        match task.await {
+            Ok(result) => result.map(Response::new),
+            Err(error) => Err(Status::internal(format!(
+                "the request's task failed: {error}"
+            ))),
+        }
+    }
+
+    async fn complete_stream(
+        &self,
+        request: Request<CompleteStreamRequest>,
+    ) -> Result<Response<CompleteStream>, Status> {
+        let walk = self.start(request).await?;
+        let guard = match self.claim(&walk, Rpc::CompleteStream).await? {
+            None => return self.stream_walk(walk).await.map(Response::new),
+            Some(Claim::Replay(recorded)) => return replay::stream(&recorded).map(Response::new),
+            Some(Claim::Run(guard)) => guard,
+        };
+        match self.stream_walk(walk).await {
+            Ok(stream) => Ok(Response::new(replay::recording(stream, guard))),
+            Err(status) => {
+                replay::record_stream_error(guard, &status).await;
+                Err(status)
             }
         }
     }

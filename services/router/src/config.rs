@@ -62,7 +62,10 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use weir_mesh::{auth::AuthConfig, config::ConfigError, ratelimit::RateLimitConfig};
+use weir_mesh::{
+    auth::AuthConfig, config::ConfigError, idempotency::IdempotencyConfig,
+    ratelimit::RateLimitConfig,
+};
 
 use crate::clients::Clients;
 
@@ -116,6 +119,10 @@ pub struct Config {
     /// (`[router.client.inference]`, `.session`, `.budget`: retry, retry budget, breaker, bulkhead
     /// and attempt timeout; see [`crate::clients`]).
     pub client: Clients,
+    /// Records of requests with a `request_id`, replayed to their retries
+    /// (`[router.idempotency]`: `retention` 24 h, `redis_url` to share them between replicas; in
+    /// the process by default). See [`crate::replay`].
+    pub idempotency: IdempotencyConfig,
 }
 
 impl Default for Config {
@@ -130,6 +137,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             rate_limit: RateLimitConfig::default(),
             client: Clients::default(),
+            idempotency: IdempotencyConfig::default(),
         }
     }
 }

@@ -31,7 +31,9 @@ pub mod clients;
 pub mod config;
 pub mod fallback;
 pub mod inference;
+pub mod prices;
 pub mod relay;
+pub mod replay;
 pub mod request;
 pub mod route;
 pub mod session;
@@ -85,7 +87,12 @@ pub fn router_api(config: &Config, catalog: Arc<Catalog>) -> Result<RouterApi, C
         "router.inference_url",
         &config.inference_url,
     )?;
-    let mut api = RouterApi::new(routes, inference);
+    let records = weir_mesh::idempotency::Idempotency::from_config(
+        &config.idempotency,
+        "router.idempotency",
+        "router",
+    )?;
+    let mut api = RouterApi::new(routes, inference).with_idempotency(records);
     if let Some(url) = config.session_url() {
         api = api.with_sessions(client_stack(
             &config.client.session,

@@ -91,6 +91,9 @@ pub enum RequestError {
     /// `criticality` is not a known value.
     #[error("unknown value {0}")]
     UnknownCriticality(i32),
+    /// `request_id` is not a valid idempotency key.
+    #[error("{0}")]
+    InvalidRequestId(String),
 }
 
 impl From<RequestError> for ApiError {
@@ -101,6 +104,9 @@ impl From<RequestError> for ApiError {
             RequestError::TooManyLabels(_) => ApiError::invalid_argument("labels", description),
             RequestError::UnknownCriticality(_) => {
                 ApiError::invalid_argument("criticality", description)
+            }
+            RequestError::InvalidRequestId(_) => {
+                ApiError::invalid_argument("request_id", description)
             }
         }
     }
@@ -117,6 +123,12 @@ impl Completion {
         }
         if Criticality::try_from(self.criticality).is_err() {
             return Err(RequestError::UnknownCriticality(self.criticality));
+        }
+        // Checked before anything is claimed, reserved or charged.
+        if !self.request_id.is_empty()
+            && let Some(problem) = weir_mesh::idempotency::key_problem(&self.request_id)
+        {
+            return Err(RequestError::InvalidRequestId(problem));
         }
         Ok(())
     }
@@ -263,6 +275,20 @@ mod tests {
             ..GenerationParams::default()
         });
         assert_eq!(request.max_output_tokens(&spec), 5);
+    }
+
+    #[test]
+    fn a_bad_request_id_is_refused_naming_the_field() {
+        for bad in ["has space", &"k".repeat(256)] {
+            let mut request = valid();
+            request.request_id = bad.to_string();
+            let error = ApiError::from(request.check().unwrap_err());
+            assert_eq!(error.code(), tonic::Code::InvalidArgument);
+            assert!(error.message().starts_with("request_id:"), "{error:?}");
+        }
+        let mut request = valid();
+        request.request_id = "7c9e6679-7425-40de-944b-e07fc1f90ae7".to_string();
+        request.check().unwrap();
     }
 
     #[test]

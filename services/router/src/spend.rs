@@ -83,6 +83,70 @@ pub const BUDGET_COMMIT_FAILED: &str = "BUDGET_COMMIT_FAILED";
 pub const BUDGET_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Longest scope id the budget service accepts.
 const MAX_SCOPE_ID_LEN: usize = 128;
+/// The budget service's reason for a model it has no price for.
+pub const PRICE_UNKNOWN: &str = "PRICE_UNKNOWN";
+
+/// How long a reservation lasts if the router never settles it (its process died): the request's
+/// remaining deadline plus the time its settlement may take, so an orphaned hold stops counting
+/// against the tenant's limit soon after its request could have ended, not after a fixed
+/// 10 minutes.
+fn hold_ttl(call: &Call) -> prost_types::Duration {
+    let ttl = call
+        .deadline()
+        .map_or(DEFAULT_HOLD_TTL, |d| d.remaining() + SETTLE_TIMEOUT);
+    prost_types::Duration {
+        seconds: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(ttl.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// Releases the hold of a Reserve whose caller was dropped before its answer: the Reserve is sent
+/// again with the same key (the budget service answers with the same reservation, holding
+/// nothing more) and that reservation released, on a spawned task.
+struct OrphanGuard(Option<(BudgetServiceClient<BoxedClient>, Call, ReserveRequest)>);
+
+impl OrphanGuard {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for OrphanGuard {
+    fn drop(&mut self) {
+        let Some((mut client, call, request)) = self.0.take() else {
+            return;
+        };
+        spawn_settling(async move {
+            let call = call.with_deadline(settle_deadline());
+            let key = request.request_id.clone();
+            let Ok(response) = client
+                .reserve(call.bookkeeping(request, BUDGET_BACKEND))
+                .await
+            else {
+                return;
+            };
+            let Some(reservation) = response.into_inner().reservation else {
+                return;
+            };
+            let release = ReleaseRequest {
+                reservation_id: reservation.id,
+            };
+            match client
+                .release(call.bookkeeping(release, BUDGET_BACKEND))
+                .await
+            {
+                Ok(_) => tracing::debug!(%key, "released the hold of an abandoned reservation"),
+                Err(status) => tracing::warn!(
+                    %key, reason = ApiError::from_status(&status).reason(),
+                    "could not release an abandoned reservation; it expires with its TTL"
+                ),
+            }
+        });
+    }
+}
+
+/// Hold lifetime of a request without a deadline (the server layers always set one).
+const DEFAULT_HOLD_TTL: Duration = Duration::from_secs(600);
 
 /// The router's client of the budget service; off when `router.budget_url` is empty. Cheap to
 /// clone.
@@ -169,9 +233,11 @@ impl Spend {
                 ));
             }
         }
+        let client = BudgetServiceClient::new(stack.service());
+        crate::prices::check_at_start(client.clone(), catalog.clone());
         Ok(Self {
             inner: Some(Arc::new(Inner {
-                client: BudgetServiceClient::new(stack.service()),
+                client,
                 stack,
                 catalog,
                 policy,
@@ -248,7 +314,8 @@ impl Spend {
             cached_input: 0,
             output: i64::from(max_output_tokens),
         };
-        let amount = pricing::estimate(&inner.catalog, model, &tokens, Tier::Standard)?;
+        let price = pricing::price_of(&inner.catalog, model)?;
+        let amount = pricing::cost_micros(price, &tokens, Tier::Standard)?;
         if amount == 0 {
             return Ok(None);
         }
@@ -257,14 +324,20 @@ impl Spend {
             request_id: key.clone(),
             scopes: payer.scopes.clone(),
             amount_micros: amount,
-            ttl: None,
+            ttl: Some(hold_ttl(call)),
             model: model.to_string(),
+            price_version: price.version.clone(),
         };
         let mut client = inner.client.clone();
-        match client
+        // If this future is dropped while the Reserve is out (the caller's deadline passed, the
+        // caller left), the hold may exist with no one to settle it: find it by its key and
+        // release it.
+        let orphan = OrphanGuard(Some((inner.client.clone(), call.clone(), request.clone())));
+        let reserved = client
             .reserve(call.bookkeeping(request, BUDGET_BACKEND))
-            .await
-        {
+            .await;
+        orphan.disarm();
+        match reserved {
             Ok(response) => {
                 let reservation_id = response
                     .into_inner()
@@ -293,7 +366,10 @@ impl Spend {
             }
             Err(status) => {
                 let error = ApiError::from_status(&status);
-                if !is_outage(call, &error) {
+                // A model the budget service cannot price cannot be metered either: refused
+                // (FAILED_PRECONDITION naming the model) unless the tenant fails open.
+                let unpriced = error.reason() == PRICE_UNKNOWN;
+                if !is_outage(call, &error) && !unpriced {
                     return Err(error);
                 }
                 if inner.policy.fail_open_for(payer.tenant.as_str()) {
@@ -307,12 +383,19 @@ impl Spend {
                     notices.push(Notice {
                         reason: BUDGET_UNAVAILABLE.to_string(),
                         message: format!(
-                            "the budget service could not be reached ({}); this request was \
-                             served without a budget check and its spend was not recorded",
+                            "the budget service could not meter this request ({}); it was served \
+                             without a budget check and its spend was not recorded",
                             error.reason()
                         ),
                     });
                     return Ok(None);
+                }
+                if unpriced {
+                    tracing::warn!(
+                        tenant = %payer.tenant, model,
+                        "the budget service has no price for this model; refusing (fail closed)"
+                    );
+                    return Err(error);
                 }
                 tracing::warn!(
                     tenant = %payer.tenant, model, reason = error.reason(),

@@ -126,19 +126,26 @@ impl IdempotencyConfig {
 /// Checks an idempotency key: 1 to [`MAX_KEY_LEN`] printable ASCII characters, no spaces.
 /// `field` names the request field in the error (e.g. `request_id`).
 pub fn validate_key(field: &str, key: &str) -> Result<(), ApiError> {
+    match key_problem(key) {
+        None => Ok(()),
+        Some(problem) => Err(ApiError::invalid_argument(field, problem)),
+    }
+}
+
+/// What is wrong with an idempotency key, if anything (see [`validate_key`]).
+pub fn key_problem(key: &str) -> Option<String> {
     if key.is_empty() || key.len() > MAX_KEY_LEN {
-        return Err(ApiError::invalid_argument(
-            field,
-            format!("must be 1 to {MAX_KEY_LEN} characters, got {}", key.len()),
+        return Some(format!(
+            "must be 1 to {MAX_KEY_LEN} characters, got {}",
+            key.len()
         ));
     }
     if !key.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(ApiError::invalid_argument(
-            field,
-            "must be printable ASCII without spaces (a UUID is a good choice)",
-        ));
+        return Some(
+            "must be printable ASCII without spaces (a UUID is a good choice)".to_string(),
+        );
     }
-    Ok(())
+    None
 }
 
 /// A hash of everything that changes a request's answer: two requests with one key and different

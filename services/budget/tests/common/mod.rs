@@ -151,6 +151,7 @@ pub fn reserve_request(
         amount_micros: amount,
         ttl: None,
         model: model.into(),
+        price_version: String::new(),
     }
 }
 
