@@ -17,7 +17,7 @@
 //!   otherwise), shared so every service agrees on prompt and answer sizes.
 //! - [`deadline`]: the caller's deadline: parsed, capped and enforced on servers, propagated
 //!   (minus a margin) by clients.
-//! - [`tenant`]: the tenant of a request, from the `weir-tenant` metadata.
+//! - [`tenant`]: the tenant of a request, as the auth layer authenticated it.
 //! - [`backend`]: the per-backend key that keyed layers (breaker, bulkhead) isolate by.
 //! - [`store`]: Redis connections and tenant-scoped key spaces.
 //! - [`outcome`]: how a client layer reads an attempt's result from its response headers.
@@ -28,7 +28,10 @@
 //!   never after the response has started.
 //! - [`criticality`]: request criticality from `weir-criticality` (CRITICAL_PLUS .. SHEDDABLE).
 //! - [`admission`]: server concurrency limit (AIMD) that sheds the lowest criticality first.
-//! - [`auth`]: API keys mapped to tenants; the client never picks its own `weir-tenant`.
+//! - [`auth`]: every server's caller: API keys (tenant, roles, criticality ceiling) or a mesh
+//!   token; a bare `weir-tenant` is never believed.
+//! - [`identity`]: mesh tokens (HMAC-SHA256) that let services vouch for a call's tenant to each
+//!   other; the threat model.
 //! - [`ratelimit`]: per-tenant GCRA rate limits, shared by replicas through Redis, local fallback.
 //!
 //! The resilience layers (deadline, retry, breaker, rate limit, bulkhead, admission) are added here
@@ -46,6 +49,7 @@ pub mod config;
 pub mod criticality;
 pub mod deadline;
 pub mod error;
+pub mod identity;
 pub mod metadata;
 pub mod outcome;
 pub mod ratelimit;
