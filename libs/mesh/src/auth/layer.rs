@@ -117,21 +117,21 @@ impl Authenticator {
         // A client never picks its tenant.
         headers.remove(TENANT);
         let token = headers.remove(MESH_TOKEN);
-        let caller = match (token, self.inner.mode) {
-            (Some(token), mode)
-                if self.inner.identity.is_enabled() || mode == AuthMode::ApiKeys =>
-            {
-                let token = token.to_str().unwrap_or_default();
-                let claims = self.inner.identity.verify(token, request.uri().path())?;
-                Caller {
-                    tenant: claims.tenant,
-                    key: None,
-                    roles: Vec::new(),
-                    ceiling: claims.criticality,
-                    via: Via::MeshToken,
-                }
-            }
-            (_, AuthMode::ApiKeys | AuthMode::Auto) => {
+        let path = request.uri().path();
+        let claims = token.map(|token| {
+            let token = token.to_str().unwrap_or_default();
+            self.inner.identity.verify(token, path)
+        });
+        let caller = match (claims, self.inner.mode) {
+            (Some(Ok(claims)), _) => Caller {
+                tenant: claims.tenant,
+                key: None,
+                roles: Vec::new(),
+                ceiling: claims.criticality,
+                via: Via::MeshToken,
+            },
+            (Some(Err(invalid)), AuthMode::ApiKeys | AuthMode::Auto) => return Err(invalid.into()),
+            (None, AuthMode::ApiKeys | AuthMode::Auto) => {
                 let entry = self.inner.keys.check(request.headers())?;
                 Caller {
                     tenant: entry.tenant,
@@ -141,6 +141,8 @@ impl Authenticator {
                     via: Via::ApiKey,
                 }
             }
+            // Dev mode: a token that does not verify (e.g. from another `weir up` with its own
+            // secret) grants nothing that having no token would not.
             (_, AuthMode::DefaultTenant) => Caller {
                 tenant: Tenant::default(),
                 key: None,
@@ -676,12 +678,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn without_keys_everyone_is_the_default_tenant_with_every_role() {
         let (seen, service) = recorder();
-        let auth = Authenticator::from_config(&AuthConfig::default(), "auth").unwrap();
+        let auth = Authenticator::from_config(&AuthConfig::default(), "auth")
+            .unwrap()
+            .with_identity(identity());
         assert_eq!(auth.mode(), AuthMode::DefaultTenant);
         let service = AuthLayer::new(auth)
             .require_role(ADMIN_PATH, Role::Admin)
             .layer(service);
-        // A token cannot be checked without a mesh secret: it is ignored, not believed.
+        // A token that does not verify is ignored, not believed.
         let forged = format!("v1;t=acme;c=CRITICAL;e=1;m={}", "0".repeat(64));
         let response = service
             .oneshot(request(

@@ -7,7 +7,8 @@
 //!
 //! 1. **A mesh peer**: the call carries a `weir-mesh-token` ([`crate::identity`]). A valid token
 //!    makes the call its tenant's, with the criticality the peer sent as its ceiling and no roles;
-//!    an invalid one is UNAUTHENTICATED `MESH_TOKEN_INVALID`.
+//!    an invalid one is UNAUTHENTICATED `MESH_TOKEN_INVALID` (in dev mode it is ignored: it could
+//!    grant nothing more than sending none).
 //! 2. **A key holder** (`mode = "api_keys"`, i.e. keys are configured): `authorization: Bearer
 //!    <key>` is required; the key decides the tenant, its roles and its criticality ceiling.
 //!    Missing: UNAUTHENTICATED `API_KEY_MISSING`; unknown or malformed: `API_KEY_INVALID`.
@@ -21,7 +22,7 @@
 //! | mode | `authorization` | mesh token | client's `weir-tenant` |
 //! |---|---|---|---|
 //! | `api_keys` | required unless a mesh token is sent | verified | dropped |
-//! | `default_tenant` | ignored | verified when the process has a mesh secret, else ignored | dropped |
+//! | `default_tenant` | ignored | a valid one names the tenant; an invalid one is ignored | dropped |
 //! | `auto` (default) | `api_keys` when keys are configured, else `default_tenant` | | |
 //!
 //! There is no mode that trusts a bare header: internal services used to, which let anyone who
