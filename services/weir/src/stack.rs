@@ -180,6 +180,7 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct Running {
     addrs: BTreeMap<Service, SocketAddr>,
+    auth_mode: AuthMode,
     inference: Option<weir_inference::InferenceApi>,
     tasks: JoinSet<(Service, Result<(), ServeError>)>,
     shutdown: CancellationToken,
@@ -207,6 +208,12 @@ impl Running {
     /// models received, its breakers and bulkheads.
     pub fn inference(&self) -> Option<&weir_inference::InferenceApi> {
         self.inference.as_ref()
+    }
+
+    /// How the services authenticate callers: `api_keys`, or `default_tenant` (single-tenant dev
+    /// mode, no keys configured).
+    pub fn auth_mode(&self) -> AuthMode {
+        self.auth_mode
     }
 
     /// The token that stops every service.
@@ -361,6 +368,7 @@ pub async fn start(
     }
     Ok(Running {
         addrs,
+        auth_mode: authenticator.mode(),
         inference,
         tasks,
         shutdown,
