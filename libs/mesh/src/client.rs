@@ -1,6 +1,6 @@
 //! Channels to other Weir services, and the client stack every call to them goes through.
 //!
-//! [`ClientStack`] assembles the client layers in the order of DESIGN.md section 5, so every
+//! [`ClientStack`] assembles the client layers in one fixed order, so every
 //! service gets the same behaviour by construction: trace context ([`crate::trace`]) → deadline
 //! propagation → retry (with a budget) → circuit breaker → bulkhead → per-attempt timeout → mesh
 //! token ([`crate::identity`], with [`ClientStack::signed`]) → the channel.
