@@ -23,6 +23,7 @@ use weir_proto::{
     budget::budget_service_client::BudgetServiceClient,
     common::{Message, Role},
     inference::inference_service_client::InferenceServiceClient,
+    review::review_service_client::ReviewServiceClient,
     router::{CompleteRequest, CompleteStreamRequest, router_service_client::RouterServiceClient},
     session::session_service_client::SessionServiceClient,
 };
@@ -105,15 +106,20 @@ impl Mesh {
         InferenceServiceClient::new(self.channel(Service::Inference))
     }
 
-    /// A session service client (calls without `weir-tenant` are the default tenant's, like the
-    /// router's without API keys).
+    /// A session service client. Without API keys configured every call is the default
+    /// tenant's; with keys, send one with [`with_key`].
     pub fn session(&self) -> SessionServiceClient<Channel> {
         SessionServiceClient::new(self.channel(Service::Session))
     }
 
-    /// A budget service client (the default tenant, as for [`Mesh::session`]).
+    /// A budget service client (the default tenant, or the key's: see [`Mesh::session`]).
     pub fn budget(&self) -> BudgetServiceClient<Channel> {
         BudgetServiceClient::new(self.channel(Service::Budget))
+    }
+
+    /// A review service client (see [`Mesh::session`]).
+    pub fn review(&self) -> ReviewServiceClient<Channel> {
+        ReviewServiceClient::new(self.channel(Service::Review))
     }
 
     /// Shuts every service down and waits until they have stopped.
@@ -149,6 +155,16 @@ pub fn unique_prefix() -> String {
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// `body` as a request authenticated with the API key `key` (`authorization: Bearer <key>`).
+pub fn with_key<T>(body: T, key: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(body);
+    request.metadata_mut().insert(
+        weir_mesh::metadata::AUTHORIZATION,
+        format!("Bearer {key}").parse().expect("a key is ASCII"),
+    );
+    request
 }
 
 /// A user message.

@@ -1,9 +1,9 @@
 //! Channels to other Weir services, and the client stack every call to them goes through.
 //!
-//! [`ClientStack`] assembles the client layers in the order of DESIGN.md section 5, so every
+//! [`ClientStack`] assembles the client layers in one fixed order, so every
 //! service gets the same behaviour by construction: trace context ([`crate::trace`]) → deadline
-//! propagation → retry (with a budget)
-//! → circuit breaker → bulkhead → per-attempt timeout → the channel.
+//! propagation → retry (with a budget) → circuit breaker → bulkhead → per-attempt timeout → mesh
+//! token ([`crate::identity`], with [`ClientStack::signed`]) → the channel.
 //!
 //! A [`Channel`] connects lazily and reconnects on its own, so a service can start before its
 //! dependencies and survive their restarts; calls made while a dependency is down fail with
@@ -23,6 +23,7 @@ use crate::{
     bulkhead::{BulkheadConfig, BulkheadLayer, Bulkheads},
     config::ConfigError,
     deadline::DeadlineLayer,
+    identity::{MeshIdentity, SignLayer},
     retry::{RetryBudget, RetryBudgetConfig, RetryLayer, RetryPolicy},
     timeout::{AttemptTimeoutLayer, TimeoutConfig},
     trace::TraceLayer,
@@ -107,9 +108,17 @@ pub struct ClientStack {
 }
 
 impl ClientStack {
-    /// Builds the stack of DESIGN.md section 5 over `channel`, outermost first. Calls tagged with a
-    /// [`crate::backend::BackendKey`] get their own breaker, bulkhead and retry budget.
+    /// Builds the stack over `channel`, outermost first, without a mesh identity: calls carry no
+    /// mesh token, so the callee treats them as an external caller (for tools and tests; services
+    /// use [`ClientStack::signed`]). Calls tagged with a [`crate::backend::BackendKey`] get their
+    /// own breaker, bulkhead and retry budget.
     pub fn new(channel: Channel, config: &ClientConfig) -> Self {
+        Self::signed(channel, config, MeshIdentity::disabled())
+    }
+
+    /// [`ClientStack::new`], with every attempt that names a tenant (`weir-tenant`) signed by
+    /// `identity`, so the callee believes the tenant (and the criticality) this service sends.
+    pub fn signed(channel: Channel, config: &ClientConfig, identity: MeshIdentity) -> Self {
         let breakers = Breakers::new(config.breaker.clone());
         let bulkheads = Bulkheads::new(config.bulkhead.clone());
         let service = ServiceBuilder::new()
@@ -134,6 +143,8 @@ impl ClientStack {
             .layer(BulkheadLayer::with_bulkheads(bulkheads.clone()))
             // No single attempt may hang past its own bound or the deadline.
             .layer(AttemptTimeoutLayer::new(config.timeout.clone()))
+            // Vouch for the tenant per attempt, so each token expires with that attempt's deadline.
+            .layer(SignLayer::new(identity))
             .service(channel);
         Self {
             service: BoxCloneSyncService::new(service),

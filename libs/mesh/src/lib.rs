@@ -19,7 +19,7 @@
 //!   otherwise), shared so every service agrees on prompt and answer sizes.
 //! - [`deadline`]: the caller's deadline: parsed, capped and enforced on servers, propagated
 //!   (minus a margin) by clients.
-//! - [`tenant`]: the tenant of a request, from the `weir-tenant` metadata.
+//! - [`tenant`]: the tenant of a request, as the auth layer authenticated it.
 //! - [`backend`]: the per-backend key that keyed layers (breaker, bulkhead) isolate by.
 //! - [`store`]: Redis connections and tenant-scoped key spaces.
 //! - [`idempotency`]: idempotency keys: a retried request is run once and answered the same way,
@@ -32,7 +32,10 @@
 //!   never after the response has started.
 //! - [`criticality`]: request criticality from `weir-criticality` (CRITICAL_PLUS .. SHEDDABLE).
 //! - [`admission`]: server concurrency limit (AIMD) that sheds the lowest criticality first.
-//! - [`auth`]: API keys mapped to tenants; the client never picks its own `weir-tenant`.
+//! - [`auth`]: every server's caller: API keys (tenant, roles, criticality ceiling) or a mesh
+//!   token; a bare `weir-tenant` is never believed.
+//! - [`identity`]: mesh tokens (HMAC-SHA256) that let services vouch for a call's tenant to each
+//!   other; the threat model.
 //! - [`ratelimit`]: per-tenant GCRA rate limits, shared by replicas through Redis, local fallback.
 //! - [`transport`]: broken connections as UNAVAILABLE (`UPSTREAM_UNREACHABLE`, `STREAM_CUT`), not
 //!   tonic's UNKNOWN.
@@ -53,6 +56,7 @@ pub mod criticality;
 pub mod deadline;
 pub mod error;
 pub mod idempotency;
+pub mod identity;
 pub mod metadata;
 pub mod outcome;
 pub mod pricing;

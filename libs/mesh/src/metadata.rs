@@ -1,11 +1,17 @@
 //! gRPC metadata keys Weir reads and writes. Keys are lower case, as HTTP/2 requires.
 
-/// The caller's API key: `authorization: Bearer <key>`, checked by the router.
+/// The caller's API key: `authorization: Bearer <key>`, checked by every service's auth layer
+/// ([`crate::auth`]) and never forwarded.
 pub const AUTHORIZATION: &str = "authorization";
-/// The tenant that the router authenticated, forwarded to every service it calls. Services other
-/// than the router trust it (they are not exposed to end users).
+/// The tenant of a call. A service believes it only with a valid [`MESH_TOKEN`] from a mesh peer;
+/// the auth layer drops it from anyone else and sets it to the tenant it authenticated, so
+/// handlers (and the calls they forward) see the authenticated tenant only.
 pub const TENANT: &str = "weir-tenant";
+/// Proof that a call comes from a service of this mesh, naming its tenant
+/// ([`crate::identity`]): added by the client stack, checked and removed by the auth layer.
+pub const MESH_TOKEN: &str = "weir-mesh-token";
 /// Request criticality: `CRITICAL_PLUS`, `CRITICAL` (the default), `SHEDDABLE_PLUS`, `SHEDDABLE`.
+/// The auth layer clamps it to what the caller's key (or mesh token) allows.
 pub const CRITICALITY: &str = "weir-criticality";
 /// The gRPC deadline header (`grpc-timeout`), parsed by the deadline layer.
 pub const GRPC_TIMEOUT: &str = "grpc-timeout";

@@ -5,11 +5,12 @@
 //!   name while running; NOT_SERVING as soon as shutdown starts, so load balancers stop sending.
 //! - gRPC reflection (v1 and v1alpha) advertising the hosted services, with the descriptors from
 //!   weir-proto, so grpcurl works without .proto files.
-//! - The server-side stack, outermost first (DESIGN.md section 5): trace context
-//!   ([`crate::trace`]: a server span continuing the caller's trace) → RPC metrics
-//!   ([`crate::rpc_metrics`]) → deadline ([`crate::deadline`]: parse `grpc-timeout`, cap it, answer DEADLINE_EXCEEDED) →
-//!   admission ([`crate::admission`]: criticality-aware load shedding under an adaptive
-//!   concurrency limit) → auth ([`crate::auth`], the router only) → rate limit
+//! - The server-side stack, outermost first: trace context ([`crate::trace`]: a server span
+//!   continuing the caller's trace) → RPC metrics ([`crate::rpc_metrics`]) → deadline
+//!   ([`crate::deadline`]: parse `grpc-timeout`, cap it, answer DEADLINE_EXCEEDED) → auth
+//!   ([`crate::auth`]: API key or mesh token, on every server; single-tenant dev mode unless
+//!   [`GrpcServer::with_auth`] says otherwise) → admission ([`crate::admission`]:
+//!   criticality-aware load shedding under an adaptive concurrency limit) → rate limit
 //!   ([`crate::ratelimit`], the router only) → the service. Health and reflection are never shed,
 //!   authenticated or rate-limited.
 //! - Graceful shutdown: when the [`CancellationToken`] is cancelled the server reports
@@ -33,7 +34,7 @@ use tower::{Service, ServiceBuilder};
 
 use crate::{
     admission::{AdmissionConfig, AdmissionController, AdmissionLayer},
-    auth::AuthLayer,
+    auth::{AuthLayer, Authenticator, Role},
     config::ConfigError,
     deadline::{DeadlineConfig, DeadlineLayer},
     ratelimit::RateLimitLayer,
@@ -111,7 +112,8 @@ pub struct GrpcServer {
     config: ServerConfig,
     /// Name for the admission controller's metrics (the service's config table name).
     label: &'static str,
-    auth: Option<AuthLayer>,
+    authenticator: Authenticator,
+    roles: Vec<(String, Role)>,
     rate_limit: Option<RateLimitLayer>,
 }
 
@@ -123,7 +125,8 @@ impl GrpcServer {
             names: Vec::new(),
             config,
             label: "",
-            auth: None,
+            authenticator: Authenticator::default_tenant(),
+            roles: Vec::new(),
             rate_limit: None,
         }
     }
@@ -134,9 +137,18 @@ impl GrpcServer {
         self
     }
 
-    /// Authenticates every call (the front door only; internal services trust `weir-tenant`).
-    pub fn with_auth(mut self, auth: AuthLayer) -> Self {
-        self.auth = Some(auth);
+    /// Authenticates every call with `authenticator` (the stack's keys and mesh identity). The
+    /// default is [`Authenticator::default_tenant`]: every caller is the `default` tenant and a
+    /// client's `weir-tenant` is dropped, so no server ever trusts a bare header.
+    pub fn with_auth(mut self, authenticator: Authenticator) -> Self {
+        self.authenticator = authenticator;
+        self
+    }
+
+    /// Calls of `path` (`/package.Service/Method`) need an API key with `role`
+    /// ([`AuthLayer::require_role`]).
+    pub fn require_role(mut self, path: impl Into<String>, role: Role) -> Self {
+        self.roles.push((path.into(), role));
         self
     }
 
@@ -212,6 +224,12 @@ impl GrpcServer {
         } else {
             self.label
         };
+        let auth = self
+            .roles
+            .into_iter()
+            .fold(AuthLayer::new(self.authenticator), |layer, (path, role)| {
+                layer.require_role(path, role)
+            });
         let layers = ServiceBuilder::new()
             // One span per call, continuing the caller's trace (W3C traceparent).
             .layer(TraceLayer::server(label))
@@ -219,13 +237,16 @@ impl GrpcServer {
             .layer(RpcMetricsLayer::new(label))
             // Every call gets a bounded deadline, and handlers find it in their extensions.
             .layer(DeadlineLayer::server(config.deadline.clone()))
+            // Decide the caller before admission: it is a hash lookup, admission must see the
+            // criticality clamped to what the caller may claim, and unauthenticated calls must
+            // not take admission slots from authenticated ones.
+            .layer(auth)
             // Shed the least critical calls first when the server is saturated.
             .layer(AdmissionLayer::with_controller(AdmissionController::named(
                 &config.admission,
                 label,
             )))
-            // Only the front door authenticates and rate-limits tenants.
-            .option_layer(self.auth)
+            // Only the front door rate-limits tenants.
             .option_layer(self.rate_limit);
         let drain_signal = {
             let shutdown = shutdown.clone();

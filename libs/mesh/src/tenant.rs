@@ -1,9 +1,10 @@
 //! The tenant a request belongs to.
 //!
-//! The router authenticates the caller and forwards the tenant in the `weir-tenant` metadata
-//! ([`crate::metadata::TENANT`]); every other service reads it with [`Tenant::from_metadata`] and
-//! puts it in every storage key, so one tenant can never name another's data. A request without
-//! the header belongs to [`DEFAULT_TENANT`], which is what `weir up` uses with no API keys.
+//! Every server's auth layer ([`crate::auth`]) decides the tenant from an API key or a mesh token
+//! (never from a bare `weir-tenant` header), stores it in the request's extensions and rewrites
+//! `weir-tenant` to it. Handlers read it with [`Tenant::authenticated`] and put it in every storage
+//! key, so one tenant can never name another's data. With no API keys configured every caller is
+//! [`DEFAULT_TENANT`] (what `weir up` uses).
 
 use std::fmt;
 
@@ -40,7 +41,22 @@ impl Tenant {
         }
     }
 
+    /// The tenant the auth layer authenticated, from a request's extensions. UNAUTHENTICATED when
+    /// no auth layer ran (a handler hosted outside [`crate::server::GrpcServer`]): a handler must
+    /// never fall back to a header the client chose.
+    pub fn authenticated(extensions: &http::Extensions) -> Result<Self, ApiError> {
+        extensions.get::<Tenant>().cloned().ok_or_else(|| {
+            ApiError::new(
+                tonic::Code::Unauthenticated,
+                "API_KEY_MISSING",
+                "this call was not authenticated: send `authorization: Bearer <key>` metadata",
+            )
+        })
+    }
+
     /// The tenant named by the `weir-tenant` metadata, or the default tenant when it is absent.
+    /// Only meaningful behind the auth layer, which replaces the header with the authenticated
+    /// tenant; prefer [`Tenant::authenticated`].
     pub fn from_metadata(metadata: &MetadataMap) -> Result<Self, ApiError> {
         match metadata.get(TENANT) {
             None => Ok(Self(DEFAULT_TENANT.to_string())),
@@ -79,6 +95,20 @@ mod tests {
     fn absent_header_is_the_default_tenant() {
         let tenant = Tenant::from_metadata(&MetadataMap::new()).ok();
         assert_eq!(tenant.as_ref().map(Tenant::as_str), Some(DEFAULT_TENANT));
+    }
+
+    #[test]
+    fn only_the_auth_layers_tenant_counts() {
+        let mut extensions = http::Extensions::new();
+        assert_eq!(
+            Tenant::authenticated(&extensions).err().map(|e| e.code()),
+            Some(tonic::Code::Unauthenticated)
+        );
+        extensions.insert(Tenant::new("acme").unwrap_or_default());
+        assert_eq!(
+            Tenant::authenticated(&extensions).ok().map(|t| t.0),
+            Some("acme".to_string())
+        );
     }
 
     #[test]

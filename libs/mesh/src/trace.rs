@@ -14,8 +14,10 @@
 //! (UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS); a client span for
 //! any code but OK. Client spans carry the call's backend (`weir.backend`, the model for the
 //! router's calls to inference) and, when a layer below refused the call, its reason
-//! (`weir.error.reason`, e.g. `CIRCUIT_OPEN`). The resilience layers' decisions (a retry, a shed
-//! request, a rate-limited tenant) are events inside these spans.
+//! (`weir.error.reason`, e.g. `CIRCUIT_OPEN`). Server spans name the caller's tenant
+//! (`weir.tenant`) only as the auth layer authenticated it, never from the raw header. The
+//! resilience layers' decisions (a retry, a shed request, a rate-limited tenant) are events inside
+//! these spans.
 //!
 //! The spans are `tracing` spans; [`crate::telemetry`] turns them into OpenTelemetry spans and
 //! exports them. Without it (a program that never called `telemetry::init`) the layers cost a
@@ -44,7 +46,6 @@ use crate::{
     admission::is_exempt_path,
     backend::BackendKey,
     error::code_name,
-    metadata::TENANT,
     outcome::find_status,
     rpc::{ObservedBody, Observer, RpcName},
 };
@@ -309,9 +310,8 @@ fn server_span(name: &RpcName, service: &'static str, headers: &http::HeaderMap)
         return span;
     }
     span.set_attribute("weir.service", service);
-    if let Some(tenant) = headers.get(TENANT).and_then(|v| v.to_str().ok()) {
-        span.set_attribute("weir.tenant", tenant.to_string());
-    }
+    // No `weir.tenant` here: the header is whatever the client claimed. The auth layer records
+    // the tenant it authenticated on this span.
     let parent = extract(headers);
     if parent.span().span_context().is_valid() {
         // Only fails when the span has already started, which it cannot have here.

@@ -1,4 +1,4 @@
-//! The server-side layers (admission → auth → rate limit) in a real tonic server over TCP: they
+//! The server-side layers (auth → admission → rate limit) in a real tonic server over TCP: they
 //! fit `Server::builder().layer(...)`, answer before routing, and let health checks through.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -31,7 +31,7 @@ async fn serve() -> Channel {
             }],
             ..AuthConfig::default()
         },
-        "router.auth",
+        "auth",
     )
     .unwrap();
     let limiter = TenantLimiter::from_config(
@@ -44,10 +44,10 @@ async fn serve() -> Channel {
     )
     .unwrap();
     let stack = ServiceBuilder::new()
+        // Decide the tenant (the client never names its own) before taking an admission slot.
+        .layer(AuthLayer::new(auth))
         // Refuse what the server cannot take before spending anything on it.
         .layer(AdmissionLayer::new(&AdmissionConfig::default()))
-        // Decide the tenant; the client never names its own.
-        .layer(AuthLayer::new(auth))
         // Hold each tenant to its rate.
         .layer(RateLimitLayer::new(limiter))
         .into_inner();
@@ -102,9 +102,15 @@ async fn layers_answer_in_order_before_routing() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
-    // A bad criticality is refused by admission, before auth.
+    // Auth answers first: a bad criticality without a key is UNAUTHENTICATED; with one, admission
+    // refuses it (it is not counted against the rate limit).
     let status = router
         .get_job(get_job(None, Some("URGENT")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let status = router
+        .get_job(get_job(Some(KEY), Some("URGENT")))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);

@@ -22,12 +22,10 @@ use weir_proto::budget::{self as pb, budget_service_client::BudgetServiceClient}
 const DURATION: Duration = Duration::from_secs(3);
 const LEVELS: [usize; 3] = [1, 16, 64];
 
+/// A request of the default tenant: the server runs without API keys (single-tenant dev mode),
+/// and no server believes a `weir-tenant` header.
 fn req<T>(message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("weir-tenant", "bench".parse().unwrap());
-    request
+    Request::new(message)
 }
 
 fn scope(kind: pb::ScopeKind, id: &str) -> pb::Scope {

@@ -728,10 +728,11 @@ impl BudgetApi {
     }
 }
 
-/// Runs a handler with the tenant of the request, turning its error into a `Status`.
+/// Runs a handler with the tenant the auth layer authenticated (never a header the client chose),
+/// turning its error into a `Status`.
 macro_rules! handle {
     ($self:ident, $request:ident, $method:ident) => {{
-        let tenant = Tenant::from_metadata($request.metadata())?;
+        let tenant = Tenant::authenticated($request.extensions())?;
         let result = $self.$method(&tenant, $request.into_inner()).await;
         result.map(Response::new).map_err(Status::from)
     }};
@@ -743,7 +744,7 @@ impl BudgetService for BudgetApi {
         &self,
         request: Request<pb::EstimateCostRequest>,
     ) -> Result<Response<pb::EstimateCostResponse>, Status> {
-        Tenant::from_metadata(request.metadata())?;
+        Tenant::authenticated(request.extensions())?;
         let result = self.estimate(request.into_inner()).await;
         result.map(Response::new).map_err(Status::from)
     }
@@ -794,7 +795,7 @@ impl BudgetService for BudgetApi {
         &self,
         request: Request<pb::ListPricesRequest>,
     ) -> Result<Response<pb::ListPricesResponse>, Status> {
-        Tenant::from_metadata(request.metadata())?;
+        Tenant::authenticated(request.extensions())?;
         self.list_prices_(request.get_ref())
             .map(Response::new)
             .map_err(Status::from)

@@ -49,6 +49,10 @@
 //! - **Failures**: Redis unreachable → UNAVAILABLE `REDIS_UNAVAILABLE`; nothing is held.
 //! - **Clocks**: periods and expiries use the service's clock; run replicas with synchronized
 //!   clocks (NTP).
+//! - **Who**: every RPC acts for the tenant the server's auth layer authenticated (an API key, or
+//!   the mesh token of the router calling on a user's behalf; see [`weir_mesh::auth`]); a bare
+//!   `weir-tenant` header is ignored. `SetBudget` raises or lowers what a tenant may spend, so it
+//!   needs a key with the `admin` role (PERMISSION_DENIED `ROLE_REQUIRED` otherwise).
 #![warn(missing_docs)]
 
 pub mod api;
@@ -63,12 +67,13 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
 use weir_mesh::{
+    auth::Role,
     catalog::Catalog,
     config::ConfigError,
     server::GrpcServer,
     store::{ConnectError, DEFAULT_PREFIX},
 };
-use weir_proto::budget::budget_service_server::BudgetServiceServer;
+use weir_proto::{budget::budget_service_server::BudgetServiceServer, service_names};
 
 pub use api::BudgetApi;
 pub use events::{Metrics, MetricsSnapshot, SoftLimitEvent};
@@ -242,8 +247,13 @@ pub async fn server(config: &Config, catalog: Arc<Catalog>) -> Result<GrpcServer
 }
 
 /// A server for an already built API (tests and benchmarks keep a clone to read its metrics).
+/// It authenticates in single-tenant dev mode until given the stack's keys with
+/// [`GrpcServer::with_auth`].
 pub fn server_with(api: BudgetApi) -> GrpcServer {
-    GrpcServer::default().add_service(BudgetServiceServer::new(api))
+    GrpcServer::default()
+        .add_service(BudgetServiceServer::new(api))
+        // A limit is set by an administrator, never by the tenant that spends against it.
+        .require_role(format!("/{}/SetBudget", service_names::BUDGET), Role::Admin)
 }
 
 /// Expires unsettled holds every `interval`. It holds only a weak reference, so it stops when the

@@ -26,6 +26,10 @@
 //! slow model fails fast and cannot take the capacity of the others. See `api.rs` for where the
 //! permits are taken and what is recorded, and [`Config`] for the settings.
 //!
+//! Callers: the router and the session service's summarizer call with mesh tokens naming the tenant
+//! they authenticated; anyone else authenticates with an API key, as at every Weir service (the
+//! launcher gives the server the stack's [`weir_mesh::auth::Authenticator`]).
+//!
 //! Logging: each call is logged at debug with its model, backend and token counts, never with
 //! prompt or answer text, and never with an API key.
 #![warn(missing_docs)]

@@ -3,13 +3,24 @@
 //! The API is defined in `proto/weir/review/v1/review.proto`. This version of Weir serves the service
 //! with health and reflection, and answers every RPC with UNIMPLEMENTED; its behaviour lands with
 //! its own issue.
+//!
+//! Callers authenticate as at every other service ([`weir_mesh::auth`]). The review decisions
+//! ([`REVIEWER_METHODS`]: `ClaimNext`, `RenewLease`, `SubmitDecision`, `CancelItem`) need a key with
+//! the `reviewer` (or `admin`) role, checked before the call reaches the service: without it they
+//! are PERMISSION_DENIED `ROLE_REQUIRED`, not UNIMPLEMENTED.
 #![warn(missing_docs)]
 
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
-use weir_mesh::server::GrpcServer;
-use weir_proto::review::review_service_server::{ReviewService, ReviewServiceServer};
+use weir_mesh::{auth::Role, server::GrpcServer};
+use weir_proto::{
+    review::review_service_server::{ReviewService, ReviewServiceServer},
+    service_names,
+};
+
+/// The RPCs that decide on review items: they need the `reviewer` (or `admin`) role.
+pub const REVIEWER_METHODS: [&str; 4] = ["ClaimNext", "RenewLease", "SubmitDecision", "CancelItem"];
 
 /// The `[review]` table of `weir.toml`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,7 +44,17 @@ pub struct ReviewApi;
 
 impl ReviewService for ReviewApi {}
 
-/// Builds the review server, ready to `serve`.
+/// Builds the review server, ready to `serve`. It authenticates in single-tenant dev mode until
+/// given the stack's keys with [`GrpcServer::with_auth`].
 pub fn server(_config: &Config) -> GrpcServer {
-    GrpcServer::default().add_service(ReviewServiceServer::new(ReviewApi))
+    REVIEWER_METHODS.into_iter().fold(
+        GrpcServer::default().add_service(ReviewServiceServer::new(ReviewApi)),
+        // Only people trusted to review may take, keep, decide or withdraw an item.
+        |server, method| {
+            server.require_role(
+                format!("/{}/{method}", service_names::REVIEW),
+                Role::Reviewer,
+            )
+        },
+    )
 }

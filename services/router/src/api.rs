@@ -688,7 +688,7 @@ mod tests {
     }
 
     fn api_with(config: Config) -> RouterApi {
-        crate::router_api(&config, Arc::new(Catalog::default())).unwrap()
+        crate::router_api(&config, Arc::new(Catalog::default()), Default::default()).unwrap()
     }
 
     fn request(model: &str) -> CompleteRequest {

@@ -43,10 +43,11 @@ pub mod spend;
 use std::sync::Arc;
 
 use weir_mesh::{
-    auth::{AuthLayer, Authenticator},
+    auth::{AuthConfig, Authenticator},
     catalog::Catalog,
     client::ClientStack,
     config::ConfigError,
+    identity::MeshIdentity,
     ratelimit::{RateLimitLayer, TenantLimiter},
     server::GrpcServer,
 };
@@ -58,17 +59,29 @@ pub use relay::CompleteStream;
 pub use route::{Plan, RouteTable};
 
 /// Validates `config` against `catalog` (naming the bad key, e.g. `router.routes.auto.models`)
-/// and builds the router server, ready to `serve(listener, shutdown)`.
+/// and builds the router server, ready to `serve(listener, shutdown)`. Callers authenticate with
+/// `authenticator` (the stack's `[auth]` keys), and the router's calls to other services are
+/// signed with its mesh identity, so they believe the tenant the router authenticated.
 ///
 /// The channels to the inference, session and budget services connect on first use, so those may
 /// start later; building them needs a Tokio runtime, so call this from within one.
-pub fn server(config: &Config, catalog: Arc<Catalog>) -> Result<GrpcServer, ConfigError> {
-    let api = router_api(config, catalog)?;
-    let authenticator = Authenticator::from_config(&config.auth, "router.auth")?;
+pub fn server(
+    config: &Config,
+    catalog: Arc<Catalog>,
+    authenticator: Authenticator,
+) -> Result<GrpcServer, ConfigError> {
+    if config.auth != AuthConfig::default() {
+        // Never ignore keys silently: they would not be checked.
+        return Err(ConfigError::invalid(
+            "router.auth",
+            "API keys are now shared by every service: move this table to the top-level [auth]",
+        ));
+    }
+    let api = router_api(config, catalog, authenticator.identity().clone())?;
     let limiter = TenantLimiter::from_config(&config.rate_limit, "router.rate_limit")?;
     Ok(GrpcServer::default()
         .add_service(RouterServiceServer::new(api))
-        .with_auth(AuthLayer::new(authenticator))
+        .with_auth(authenticator)
         .with_rate_limit(RateLimitLayer::new(limiter)))
 }
 
@@ -78,11 +91,17 @@ pub fn server(config: &Config, catalog: Arc<Catalog>) -> Result<GrpcServer, Conf
 /// Each service the router calls gets its own client stack built from its own table
 /// (`[router.client.inference]`, `.session`, `.budget`; see [`clients`]): its own settings,
 /// breakers, bulkheads and retry budget, so an outage or a burst at one never trips the others.
-pub fn router_api(config: &Config, catalog: Arc<Catalog>) -> Result<RouterApi, ConfigError> {
+/// Every call is signed with `identity`.
+pub fn router_api(
+    config: &Config,
+    catalog: Arc<Catalog>,
+    identity: MeshIdentity,
+) -> Result<RouterApi, ConfigError> {
     config.validate()?;
     config.client.validate()?;
     let routes = RouteTable::new(config, catalog)?;
-    let inference = client_stack(
+    let stack = |settings, key: &str, url: &str| client_stack(settings, key, url, &identity);
+    let inference = stack(
         &config.client.inference,
         "router.inference_url",
         &config.inference_url,
@@ -94,30 +113,28 @@ pub fn router_api(config: &Config, catalog: Arc<Catalog>) -> Result<RouterApi, C
     )?;
     let mut api = RouterApi::new(routes, inference).with_idempotency(records);
     if let Some(url) = config.session_url() {
-        api = api.with_sessions(client_stack(
-            &config.client.session,
-            "router.session_url",
-            url,
-        )?);
+        api = api.with_sessions(stack(&config.client.session, "router.session_url", url)?);
     }
     if let Some(url) = config.budget_url() {
         api = api.with_budget(
-            client_stack(&config.client.budget, "router.budget_url", url)?,
+            stack(&config.client.budget, "router.budget_url", url)?,
             config.budget.clone(),
         )?;
     }
     Ok(api)
 }
 
-/// A client stack with `settings` over a lazy channel to `url`, configured at `key`.
+/// A client stack with `settings` over a lazy channel to `url`, configured at `key`, signing
+/// every call with `identity`.
 fn client_stack(
     settings: &weir_mesh::client::ClientConfig,
     key: &str,
     url: &str,
+    identity: &MeshIdentity,
 ) -> Result<ClientStack, ConfigError> {
     let channel = weir_mesh::client::lazy_channel(url.trim())
         .map_err(|error| ConfigError::invalid(key, error.to_string()))?;
-    Ok(ClientStack::new(channel, settings))
+    Ok(ClientStack::signed(channel, settings, identity.clone()))
 }
 
 #[cfg(test)]
@@ -129,16 +146,37 @@ mod tests {
 
     #[tokio::test]
     async fn defaults_build_a_server_hosting_the_router() {
-        let server = server(&Config::default(), Arc::new(Catalog::default())).unwrap();
+        let server = server(
+            &Config::default(),
+            Arc::new(Catalog::default()),
+            Authenticator::default(),
+        )
+        .unwrap();
         assert_eq!(server.service_names(), [service_names::ROUTER]);
     }
 
     #[tokio::test]
     async fn defaults_provide_the_auto_route() {
-        let api = router_api(&Config::default(), Arc::new(Catalog::default())).unwrap();
+        let api = router_api(
+            &Config::default(),
+            Arc::new(Catalog::default()),
+            MeshIdentity::disabled(),
+        )
+        .unwrap();
         let auto = api.routes().get("auto").unwrap();
         let models: Vec<&str> = auto.candidates().iter().map(|c| c.model()).collect();
         assert_eq!(models, ["sim-large", "sim-small"]);
+    }
+
+    fn build_error(config: &Config) -> String {
+        server(
+            config,
+            Arc::new(Catalog::default()),
+            Authenticator::default(),
+        )
+        .err()
+        .unwrap()
+        .to_string()
     }
 
     #[tokio::test]
@@ -149,7 +187,7 @@ mod tests {
             ..Config::default()
         };
         config.client.inference.bulkhead.max_concurrent = 4;
-        let api = router_api(&config, Arc::new(Catalog::default())).unwrap();
+        let api = router_api(&config, Arc::new(Catalog::default()), Default::default()).unwrap();
         let limit = |stack: &ClientStack, backend: &str| {
             stack.bulkheads().get(&BackendKey::new(backend)).limit()
         };
@@ -165,10 +203,7 @@ mod tests {
             inference_url: "inference:50052".to_string(),
             ..Config::default()
         };
-        let error = server(&config, Arc::new(Catalog::default()))
-            .err()
-            .unwrap()
-            .to_string();
+        let error = build_error(&config);
         assert!(error.contains("router.inference_url"), "{error}");
 
         let mut config = Config::default();
@@ -179,10 +214,19 @@ mod tests {
                 ..RouteSpec::default()
             },
         );
-        let error = server(&config, Arc::new(Catalog::default()))
-            .err()
-            .unwrap()
-            .to_string();
+        let error = build_error(&config);
         assert!(error.contains("router.routes.auto.models"), "{error}");
+
+        // Keys are the stack's ([auth]), never silently ignored here.
+        let mut config = Config::default();
+        config
+            .auth
+            .api_keys
+            .push(weir_mesh::auth::ApiKeySpec::clear("acme", "k", &[]));
+        let error = build_error(&config);
+        assert!(
+            error.contains("router.auth") && error.contains("[auth]"),
+            "{error}"
+        );
     }
 }

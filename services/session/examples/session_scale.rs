@@ -78,9 +78,13 @@ async fn main() {
         max_turns_per_append: FILL_BATCH,
         ..weir_session::Config::default()
     };
-    let api = weir_session::api(&config, Arc::new(Catalog::default()))
-        .await
-        .unwrap();
+    let api = weir_session::api(
+        &config,
+        Arc::new(Catalog::default()),
+        weir_mesh::identity::MeshIdentity::disabled(),
+    )
+    .await
+    .unwrap();
     let listener = weir_mesh::server::bind(config.listen).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();

@@ -1,7 +1,8 @@
 //! The gRPC implementation of `weir.session.v1.SessionService`.
 //!
-//! Every RPC reads the tenant from the `weir-tenant` metadata ([`Tenant::from_metadata`]) and
-//! addresses the session within it only, so another tenant's session is simply NOT_FOUND. Input
+//! Every RPC acts for the tenant the server's auth layer authenticated ([`Tenant::authenticated`]:
+//! an API key, or the router's mesh token; never a bare `weir-tenant` header) and addresses the
+//! session within it only, so another tenant's session is simply NOT_FOUND. Input
 //! is validated first (INVALID_ARGUMENT naming the field, see [`crate::validate`]); store failures
 //! become statuses through [`crate::error`].
 //!
@@ -18,7 +19,8 @@
 //! - `ListTurns`: raw turns oldest first; `page_size` 0 means [`DEFAULT_PAGE_SIZE`], larger
 //!   than [`MAX_PAGE_SIZE`] is treated as that; `page_token` is opaque (it encodes the last
 //!   sequence number returned, so turns summarized away between pages are simply skipped).
-//! - `DeleteSession` / `DeleteUserSessions`: see [`crate::store`].
+//! - `DeleteSession` / `DeleteUserSessions`: see [`crate::store`]. `DeleteUserSessions` erases a
+//!   user's whole history (a data-protection request), so it needs a key with the `admin` role.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -110,7 +112,7 @@ impl SessionApi {
     }
 
     fn session_ref<T>(request: &Request<T>, id: &str) -> Result<SessionRef, ApiError> {
-        let tenant = Tenant::from_metadata(request.metadata())?;
+        let tenant = Tenant::authenticated(request.extensions())?;
         ids::check_session_id(id)?;
         Ok(SessionRef::new(tenant, id))
     }
@@ -124,7 +126,7 @@ impl SessionApi {
         &self,
         request: Request<CreateSessionRequest>,
     ) -> Result<CreateSessionResponse, ApiError> {
-        let tenant = Tenant::from_metadata(request.metadata())?;
+        let tenant = Tenant::authenticated(request.extensions())?;
         let body = request.into_inner();
         let config = &self.inner.config;
         let id = if body.session_id.is_empty() {
@@ -510,7 +512,7 @@ impl SessionService for SessionApi {
         &self,
         request: Request<DeleteUserSessionsRequest>,
     ) -> Result<Response<DeleteUserSessionsResponse>, Status> {
-        let tenant = Tenant::from_metadata(request.metadata())?;
+        let tenant = Tenant::authenticated(request.extensions())?;
         let user_id = request.into_inner().user_id;
         validate::user_id(&user_id, true)?;
         let deleted = self

@@ -30,12 +30,22 @@
 //! `AppendTurns { session_id, messages: [user message, answer], request_id }`, with a request id
 //! derived from the caller's, so a retried call appends once.
 //!
+//! # Who
+//!
+//! Every RPC acts for the tenant the server's auth layer authenticated ([`weir_mesh::auth`]: an
+//! API key, as at the router, or the router's mesh token); a bare `weir-tenant` header is
+//! ignored. `DeleteUserSessions` needs a key with the `admin` role. The summarizer signs its calls
+//! to inference with the process's mesh identity, so inference bills the session's tenant.
+//!
 //! Logging never includes message, summary or metadata content: only ids, counts and outcomes.
 #![warn(missing_docs)]
 
 use std::{sync::Arc, time::SystemTime};
 
-use weir_mesh::{catalog::Catalog, config::ConfigError, server::GrpcServer};
+use weir_mesh::{
+    auth::Role, catalog::Catalog, config::ConfigError, identity::MeshIdentity, server::GrpcServer,
+};
+use weir_proto::service_names;
 
 pub mod api;
 pub mod config;
@@ -77,8 +87,13 @@ pub enum StartError {
 
 /// Builds the service: validates `config` against `catalog`, connects to Redis (or creates the
 /// in-memory store when `redis_url` is unset) and prepares the (lazy) channel to the inference
-/// service. Keep a clone of the returned API to read its [`SessionApi::summary_stats`].
-pub async fn api(config: &Config, catalog: Arc<Catalog>) -> Result<SessionApi, StartError> {
+/// service, whose calls `identity` signs. Keep a clone of the returned API to read its
+/// [`SessionApi::summary_stats`].
+pub async fn api(
+    config: &Config,
+    catalog: Arc<Catalog>,
+    identity: MeshIdentity,
+) -> Result<SessionApi, StartError> {
     config.validate(&catalog)?;
     let store = match &config.redis_url {
         Some(url) => AnyStore::Redis(RedisStore::connect(url, &config.key_prefix).await?),
@@ -95,18 +110,35 @@ pub async fn api(config: &Config, catalog: Arc<Catalog>) -> Result<SessionApi, S
             source,
         }
     })?;
-    let summarizer = Summarizer::new(store.clone(), channel, catalog.clone(), config.clone());
+    let summarizer = Summarizer::new(
+        store.clone(),
+        channel,
+        identity,
+        catalog.clone(),
+        config.clone(),
+    );
     Ok(SessionApi::new(store, catalog, config.clone(), summarizer))
 }
 
-/// Hosts an existing [`SessionApi`] on a server, ready to `serve`.
+/// Hosts an existing [`SessionApi`] on a server, ready to `serve`. It authenticates in
+/// single-tenant dev mode until given the stack's keys with [`GrpcServer::with_auth`].
 pub fn server_with(api: SessionApi) -> GrpcServer {
-    GrpcServer::default().add_service(api.into_service())
+    GrpcServer::default()
+        .add_service(api.into_service())
+        // Erasing a user's whole history is an administrator's decision.
+        .require_role(
+            format!("/{}/DeleteUserSessions", service_names::SESSION),
+            Role::Admin,
+        )
 }
 
 /// Builds the session server for `config`, ready to `serve` (see [`api`]).
-pub async fn server(config: &Config, catalog: Arc<Catalog>) -> Result<GrpcServer, StartError> {
-    Ok(server_with(api(config, catalog).await?))
+pub async fn server(
+    config: &Config,
+    catalog: Arc<Catalog>,
+    identity: MeshIdentity,
+) -> Result<GrpcServer, StartError> {
+    Ok(server_with(api(config, catalog, identity).await?))
 }
 
 /// Now, in Unix milliseconds.

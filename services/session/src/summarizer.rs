@@ -46,6 +46,7 @@ use weir_mesh::{
     backend::BackendKey,
     catalog::{Catalog, ModelSpec},
     client::{BoxedClient, ClientConfig, ClientStack},
+    identity::MeshIdentity,
     metadata::TENANT,
     tokens,
 };
@@ -154,9 +155,15 @@ enum Round {
 impl Summarizer {
     /// A summarizer that calls the inference service on `channel`, through the mesh's client
     /// stack with its defaults (trace context, deadline, retry with a budget, breaker and bulkhead
-    /// per summary model).
-    pub fn new(store: AnyStore, channel: Channel, catalog: Arc<Catalog>, config: Config) -> Self {
-        let stack = ClientStack::new(channel, &ClientConfig::default());
+    /// per summary model), each call signed by `identity` so inference believes its tenant.
+    pub fn new(
+        store: AnyStore,
+        channel: Channel,
+        identity: MeshIdentity,
+        catalog: Arc<Catalog>,
+        config: Config,
+    ) -> Self {
+        let stack = ClientStack::signed(channel, &ClientConfig::default(), identity);
         Self {
             inner: Arc::new(Inner {
                 store,

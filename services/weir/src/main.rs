@@ -152,6 +152,16 @@ async fn serve(config: Option<PathBuf>, services: &[Service]) -> anyhow::Result<
     if let Some((addr, _)) = &metrics {
         println!("{:<10} http://{addr}/metrics", "metrics");
     }
+    match running.auth_mode() {
+        weir_mesh::auth::AuthMode::ApiKeys => println!(
+            "{:<10} API keys ([auth]): send `authorization: Bearer <key>`",
+            "auth"
+        ),
+        _ => println!(
+            "{:<10} none configured: every caller is the `default` tenant (dev mode)",
+            "auth"
+        ),
+    }
     println!("Weir is up. Try: weir chat \"hello\"   (Ctrl-C to stop)");
     let result = running
         .wait()

@@ -6,8 +6,10 @@ use clap::ValueEnum;
 use tokio::{net::TcpListener, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use weir_mesh::{
+    auth::{AuthConfig, AuthMode, Authenticator},
     catalog::Catalog,
     config::{ConfigError, Source},
+    identity::{MeshConfig, MeshIdentity},
     server::{GrpcServer, ServeError, ServerConfig},
     telemetry::TelemetryConfig,
 };
@@ -65,6 +67,10 @@ pub struct StackConfig {
     pub server: ServerConfig,
     /// `[telemetry]`: logs, trace export and the metrics endpoint of the process.
     pub telemetry: TelemetryConfig,
+    /// `[auth]`: the API keys (tenants, roles, criticality ceilings) every service accepts.
+    pub auth: AuthConfig,
+    /// `[mesh]`: the secret services vouch for each other's calls with.
+    pub mesh: MeshConfig,
     /// `[router]`.
     pub router: weir_router::Config,
     /// `[inference]`.
@@ -89,11 +95,31 @@ impl StackConfig {
         server.validate()?;
         let telemetry: TelemetryConfig = source.section("telemetry")?;
         telemetry.validate()?;
+        let mut router: weir_router::Config = source.section("router")?;
+        let mut auth: AuthConfig = source.section("auth")?;
+        if router.auth != AuthConfig::default() {
+            // Keys used to be the router's alone; they still work there, moved to where every
+            // service reads them.
+            if auth != AuthConfig::default() {
+                return Err(ConfigError::invalid(
+                    "router.auth",
+                    "both [auth] and [router.auth] are set: keys now live in [auth] only; \
+                     merge [router.auth] into it",
+                ));
+            }
+            tracing::warn!("[router.auth] is deprecated: move it to the top-level [auth] table");
+            auth = std::mem::take(&mut router.auth);
+        }
+        auth.validate("auth")?;
+        let mesh: MeshConfig = source.section("mesh")?;
+        mesh.validate("mesh")?;
         Ok(Self {
             catalog: Arc::new(Catalog::from_source(source)?),
             server,
             telemetry,
-            router: source.section("router")?,
+            auth,
+            mesh,
+            router,
             inference: source.section("inference")?,
             session: source.section("session")?,
             budget: source.section("budget")?,
@@ -154,6 +180,7 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct Running {
     addrs: BTreeMap<Service, SocketAddr>,
+    auth_mode: AuthMode,
     inference: Option<weir_inference::InferenceApi>,
     tasks: JoinSet<(Service, Result<(), ServeError>)>,
     shutdown: CancellationToken,
@@ -181,6 +208,12 @@ impl Running {
     /// models received, its breakers and bulkheads.
     pub fn inference(&self) -> Option<&weir_inference::InferenceApi> {
         self.inference.as_ref()
+    }
+
+    /// How the services authenticate callers: `api_keys`, or `default_tenant` (single-tenant dev
+    /// mode, no keys configured).
+    pub fn auth_mode(&self) -> AuthMode {
+        self.auth_mode
     }
 
     /// The token that stops every service.
@@ -214,6 +247,33 @@ impl Running {
         self.shutdown.cancel();
         self.wait().await
     }
+}
+
+/// The stack's authenticator: the `[auth]` keys, and the mesh identity services sign and verify
+/// calls with. The `[mesh]` secret when configured; else, when this process hosts every service
+/// (`weir up`), a random one (no other process needs to verify its tokens); else none, which is
+/// only allowed without API keys (every caller is the default tenant anyway).
+pub fn authenticator(
+    config: &StackConfig,
+    services: &[Service],
+) -> Result<Authenticator, ConfigError> {
+    let authenticator = Authenticator::from_config(&config.auth, "auth")?;
+    let identity = match config.mesh.configured_secret("mesh")? {
+        Some(secret) => MeshIdentity::new(&secret, &config.mesh),
+        None if Service::ALL.iter().all(|s| services.contains(s)) => {
+            MeshIdentity::random(&config.mesh)?
+        }
+        None if authenticator.mode() == AuthMode::ApiKeys => {
+            return Err(ConfigError::invalid(
+                "mesh.secret",
+                "API keys are configured ([auth]) and services run in separate processes, so \
+                 they need a shared mesh secret: set [mesh] secret_env (or WEIR_MESH__SECRET) to \
+                 the same random string of 32+ characters in every service",
+            ));
+        }
+        None => MeshIdentity::disabled(),
+    };
+    Ok(authenticator.with_identity(identity))
 }
 
 /// Starts `services` from `config`, each on its own listener, stopping when `shutdown` is
@@ -266,11 +326,17 @@ pub async fn start(
     }
 
     // Build every server before serving any, so a config error starts nothing.
+    let authenticator = authenticator(&config, services)?;
+    let identity = authenticator.identity().clone();
     let mut servers: Vec<(Service, GrpcServer, TcpListener)> = Vec::new();
     let mut inference = None;
     for (service, listener) in listeners {
         let server = match service {
-            Service::Router => weir_router::server(&config.router, config.catalog.clone())?,
+            Service::Router => weir_router::server(
+                &config.router,
+                config.catalog.clone(),
+                authenticator.clone(),
+            )?,
             Service::Inference => {
                 config.inference.validate()?;
                 let api = weir_inference::InferenceApi::with_config(
@@ -281,14 +347,17 @@ pub async fn start(
                 weir_inference::server_with(&config.inference, api)
             }
             Service::Session => {
-                weir_session::server(&config.session, config.catalog.clone()).await?
+                weir_session::server(&config.session, config.catalog.clone(), identity.clone())
+                    .await?
             }
             Service::Budget => weir_budget::server(&config.budget, config.catalog.clone()).await?,
             Service::Review => weir_review::server(&config.review),
         };
         let server = server
             .with_config(config.server.clone())
-            .with_label(service.name());
+            .with_label(service.name())
+            // Every service authenticates its callers with the same keys and mesh secret.
+            .with_auth(authenticator.clone());
         servers.push((service, server, listener));
     }
 
@@ -299,8 +368,69 @@ pub async fn start(
     }
     Ok(Running {
         addrs,
+        auth_mode: authenticator.mode(),
         inference,
         tasks,
         shutdown,
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    const KEYS: &str = "[[auth.api_keys]]\ntenant = \"acme\"\nkey = \"acme-key-0123456789\"\n";
+
+    fn load(toml: &str) -> Result<StackConfig, ConfigError> {
+        StackConfig::from_source(&Source::from_toml(toml))
+    }
+
+    #[test]
+    fn zero_config_is_dev_mode_with_a_generated_mesh_secret() {
+        let config = load("").unwrap();
+        let up = authenticator(&config, &Service::ALL).unwrap();
+        assert_eq!(up.mode(), AuthMode::DefaultTenant);
+        assert!(up.identity().is_enabled(), "weir up signs its own calls");
+        let alone = authenticator(&config, &[Service::Session]).unwrap();
+        assert!(
+            !alone.identity().is_enabled(),
+            "nothing to share a secret with"
+        );
+    }
+
+    #[test]
+    fn keys_in_separate_processes_need_a_mesh_secret() {
+        let config = load(KEYS).unwrap();
+        assert!(authenticator(&config, &Service::ALL).is_ok());
+        let error = authenticator(&config, &[Service::Budget])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("`mesh.secret`"), "{error}");
+        assert!(error.contains("WEIR_MESH__SECRET"), "{error}");
+        let with_secret = format!("{KEYS}[mesh]\nsecret = \"{}\"\n", "s".repeat(32));
+        let config = load(&with_secret).unwrap();
+        let serve = authenticator(&config, &[Service::Budget]).unwrap();
+        assert_eq!(serve.mode(), AuthMode::ApiKeys);
+        assert!(serve.identity().is_enabled());
+        let short = load("[mesh]\nsecret = \"short\"\n").unwrap();
+        let error = authenticator(&short, &Service::ALL)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("`mesh.secret`"), "{error}");
+    }
+
+    #[test]
+    fn router_auth_still_works_but_not_next_to_auth() {
+        let old = KEYS.replace("auth.api_keys", "router.auth.api_keys");
+        let config = load(&old).unwrap();
+        assert_eq!(config.auth.api_keys.len(), 1, "moved to [auth]");
+        assert_eq!(config.router.auth, AuthConfig::default());
+        let error = load(&format!("{KEYS}{old}")).unwrap_err().to_string();
+        assert!(error.contains("`router.auth`"), "{error}");
+        let error = load("[auth]\nmode = \"trust_header\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("auth.mode"), "{error}");
+    }
 }

@@ -7,7 +7,11 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, transport::Channel};
 use weir_budget::{BudgetApi, Config};
-use weir_mesh::{ApiError, catalog::Catalog};
+use weir_mesh::{
+    ApiError,
+    auth::{ApiKeySpec, AuthConfig, Authenticator, Role},
+    catalog::Catalog,
+};
 use weir_proto::budget::{self as pb, budget_service_client::BudgetServiceClient};
 
 pub type Client = BudgetServiceClient<Channel>;
@@ -52,7 +56,7 @@ pub async fn start_with(config: Config, catalog: Arc<Catalog>) -> Server {
     let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
-    let server = weir_budget::server_with(api.clone());
+    let server = weir_budget::server_with(api.clone()).with_auth(authenticator());
     tokio::spawn(server.serve(listener, shutdown.clone()));
     let client = connect(addr).await;
     Server {
@@ -73,12 +77,27 @@ pub async fn connect(addr: SocketAddr) -> Client {
     BudgetServiceClient::new(channel)
 }
 
-/// A request of `tenant`.
+/// The tenants the test server has admin keys for.
+pub const TENANTS: [&str; 2] = ["acme", "globex"];
+
+/// The API key of `tenant` (one of [`TENANTS`]).
+pub fn key(tenant: &str) -> String {
+    format!("{tenant}-budget-test-key-0123456789abcdef")
+}
+
+/// Keys with the `admin` role (for SetBudget) for every tenant of [`TENANTS`].
+pub fn authenticator() -> Authenticator {
+    let keys = TENANTS.map(|t| ApiKeySpec::clear(t, &key(t), &[Role::Admin]));
+    Authenticator::from_config(&AuthConfig::with_keys(keys.to_vec()), "auth").unwrap()
+}
+
+/// A request of `tenant`, authenticated with its API key as an external caller would.
 pub fn req<T>(tenant: &str, message: T) -> Request<T> {
     let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("weir-tenant", tenant.parse().unwrap());
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", key(tenant)).parse().unwrap(),
+    );
     request
 }
 

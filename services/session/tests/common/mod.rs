@@ -20,8 +20,10 @@ use tonic::{Request, Status, transport::Channel};
 use weir_inference::InferenceApi;
 use weir_mesh::{
     ApiError,
+    auth::{self, ApiKeySpec, AuthConfig, Authenticator},
     catalog::{Catalog, ModelSpec, SimSpec},
-    metadata::TENANT,
+    identity::MeshIdentity,
+    metadata::AUTHORIZATION,
     tenant::Tenant,
 };
 use weir_proto::{
@@ -340,11 +342,13 @@ async fn serve(
     CancellationToken,
     JoinHandle<()>,
 ) {
-    let api = weir_session::api(config, catalog).await.unwrap();
+    let api = weir_session::api(config, catalog, MeshIdentity::disabled())
+        .await
+        .unwrap();
     let listener = weir_mesh::server::bind(config.listen).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
-    let server = weir_session::server_with(api.clone());
+    let server = weir_session::server_with(api.clone()).with_auth(authenticator());
     let token = shutdown.clone();
     let task = tokio::spawn(async move {
         server.serve(listener, token).await.unwrap();
@@ -359,12 +363,27 @@ pub fn session_ref(tenant: &str, id: &str) -> SessionRef {
     SessionRef::new(Tenant::new(tenant).unwrap(), id)
 }
 
-/// A request carrying `weir-tenant: tenant`.
+/// The tenants the test server has admin keys for.
+pub const TENANTS: [&str; 4] = ["acme", "globex", "tenant-a", "tenant-b"];
+
+/// The API key of `tenant` (one of [`TENANTS`]).
+pub fn key(tenant: &str) -> String {
+    format!("{tenant}-session-test-key-0123456789abcdef")
+}
+
+/// Keys with the `admin` role (for DeleteUserSessions) for every tenant of [`TENANTS`].
+pub fn authenticator() -> Authenticator {
+    let keys = TENANTS.map(|t| ApiKeySpec::clear(t, &key(t), &[auth::Role::Admin]));
+    Authenticator::from_config(&AuthConfig::with_keys(keys.to_vec()), "auth").unwrap()
+}
+
+/// A request of `tenant`, authenticated with its API key as an external caller would.
 pub fn req<T>(tenant: &str, body: T) -> Request<T> {
     let mut request = Request::new(body);
-    request
-        .metadata_mut()
-        .insert(TENANT, tenant.parse().unwrap());
+    request.metadata_mut().insert(
+        AUTHORIZATION,
+        format!("Bearer {}", key(tenant)).parse().unwrap(),
+    );
     request
 }
 
