@@ -159,7 +159,12 @@ impl RouterApi {
             .routes
             .resolve(&completion.model, completion.session())?;
         let history = self.sessions.history(&completion)?;
-        let call = Call::new(metadata, deadline, completion.criticality());
+        // The body's criticality overrides the header's, within what the caller's key may claim
+        // (the auth layer already lowered the header to that ceiling).
+        let criticality = completion
+            .criticality()
+            .map(|claimed| claimed.max(weir_mesh::auth::criticality_ceiling(extensions)));
+        let call = Call::new(metadata, deadline, criticality);
         let tenant = extensions
             .get::<Tenant>()
             .cloned()

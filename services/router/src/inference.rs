@@ -18,6 +18,7 @@ use tonic::{
     Streaming,
     metadata::{MetadataMap, MetadataValue},
 };
+use weir_mesh::criticality::Criticality;
 use weir_mesh::{
     ApiError,
     backend::BackendKey,
@@ -25,12 +26,9 @@ use weir_mesh::{
     deadline::Deadline,
     metadata::{CRITICALITY, TENANT},
 };
-use weir_proto::{
-    common::Criticality,
-    inference::{
-        GenerateRequest, GenerateResponse, GenerateStreamRequest, GenerateStreamResponse,
-        inference_service_client::InferenceServiceClient,
-    },
+use weir_proto::inference::{
+    GenerateRequest, GenerateResponse, GenerateStreamRequest, GenerateStreamResponse,
+    inference_service_client::InferenceServiceClient,
 };
 
 /// Metadata copied from the caller's request onto each inference call, when present.
@@ -57,8 +55,8 @@ impl Call {
                 metadata.insert(key, value.clone());
             }
         }
-        if let Some(name) = criticality.and_then(criticality_name) {
-            metadata.insert(CRITICALITY, MetadataValue::from_static(name));
+        if let Some(criticality) = criticality {
+            criticality.insert_into_metadata(&mut metadata);
         }
         Self { metadata, deadline }
     }
@@ -110,8 +108,7 @@ impl Call {
 }
 
 /// The criticality of every bookkeeping call (see [`Call::bookkeeping`]).
-pub const BOOKKEEPING_CRITICALITY: weir_mesh::criticality::Criticality =
-    weir_mesh::criticality::Criticality::Critical;
+pub const BOOKKEEPING_CRITICALITY: Criticality = Criticality::Critical;
 
 /// A cheap-to-clone client of the inference service.
 #[derive(Debug, Clone)]
@@ -161,14 +158,6 @@ impl Inference {
             Ok(response) => Ok(response.into_inner()),
             Err(status) => Err(ApiError::from_status(&status)),
         }
-    }
-}
-
-/// The `weir-criticality` spelling of a criticality (`CRITICAL_PLUS`, ...); none for UNSPECIFIED.
-fn criticality_name(criticality: Criticality) -> Option<&'static str> {
-    match criticality {
-        Criticality::Unspecified => None,
-        known => known.as_str_name().strip_prefix("CRITICALITY_"),
     }
 }
 
@@ -239,17 +228,7 @@ mod tests {
             get(&call.request((), "m"), CRITICALITY),
             Some("CRITICAL_PLUS")
         );
-        let call = Call::new(&incoming, None, Some(Criticality::Unspecified));
+        let call = Call::new(&incoming, None, None);
         assert_eq!(get(&call.request((), "m"), CRITICALITY), Some("SHEDDABLE"));
-    }
-
-    #[test]
-    fn criticality_names_match_the_metadata_spelling() {
-        assert_eq!(criticality_name(Criticality::Critical), Some("CRITICAL"));
-        assert_eq!(
-            criticality_name(Criticality::SheddablePlus),
-            Some("SHEDDABLE_PLUS")
-        );
-        assert_eq!(criticality_name(Criticality::Unspecified), None);
     }
 }

@@ -134,10 +134,8 @@ impl Completion {
     }
 
     /// The criticality set in the body, if any; it overrides the `weir-criticality` metadata.
-    pub fn criticality(&self) -> Option<Criticality> {
-        Criticality::try_from(self.criticality)
-            .ok()
-            .filter(|c| *c != Criticality::Unspecified)
+    pub fn criticality(&self) -> Option<weir_mesh::criticality::Criticality> {
+        weir_mesh::criticality::Criticality::from_proto(self.criticality)
     }
 
     /// The session id, if the request names one.
@@ -322,7 +320,10 @@ mod tests {
         let mut request = valid();
         assert_eq!(request.criticality(), None);
         request.criticality = Criticality::Sheddable.into();
-        assert_eq!(request.criticality(), Some(Criticality::Sheddable));
+        assert_eq!(
+            request.criticality(),
+            Some(weir_mesh::criticality::Criticality::Sheddable)
+        );
     }
 
     #[test]
