@@ -228,3 +228,107 @@ async fn cancelled_client_stream_cancels_the_upstream_request() {
     );
     mesh.stop().await;
 }
+
+#[tokio::test]
+async fn without_max_tokens_the_reserved_limit_is_sent_upstream_and_spend_stays_within_the_limit() {
+    const LIMIT: i64 = 300;
+    // Each answer reports 10 prompt tokens and 8 completion tokens: 18 micro-USD at one per token.
+    let upstream = Upstream::start(Reply::answer("one two three four five six seven eight"))
+        .await
+        .unwrap();
+    let prefix = weir_tests::unique_prefix();
+    let toml = format!(
+        r#"
+[models.gpt-priced]
+backend = "openai"
+context_window = 4096
+max_output_tokens = 64
+openai = {{ base_url = "{url}", upstream_model = "upstream-model" }}
+price = {{ input_micros_per_mtok = 1000000, output_micros_per_mtok = 1000000 }}
+
+[router]
+budget_url = "http://127.0.0.1:50054"
+session_url = ""
+
+[router.rate_limit]
+enabled = false
+
+[budget]
+redis_url = "{redis}"
+key_prefix = "{prefix}"
+"#,
+        url = upstream.base_url(),
+        redis = weir_tests::redis_url(),
+    );
+    let mesh = Mesh::start(&toml).await;
+    let tenant = weir_proto::budget::Scope {
+        kind: weir_proto::budget::ScopeKind::Tenant.into(),
+        id: String::new(),
+    };
+    mesh.budget()
+        .set_budget(weir_proto::budget::SetBudgetRequest {
+            scope: Some(tenant.clone()),
+            hard_limit_micros: LIMIT,
+            soft_limit_fraction: 0.0,
+            period: Some(weir_proto::budget::Period {
+                kind: Some(weir_proto::budget::period::Kind::Calendar(
+                    weir_proto::budget::CalendarPeriod {
+                        unit: weir_proto::budget::PeriodUnit::Daily.into(),
+                        time_zone: String::new(),
+                    },
+                )),
+            }),
+        })
+        .await
+        .unwrap();
+
+    // No max_tokens from the client: each request reserves the model's 64 output tokens, and
+    // exactly that limit goes upstream, so no answer can cost more than its hold.
+    let mut served = 0;
+    let mut refused = 0;
+    for i in 0..30 {
+        match mesh
+            .router()
+            .complete(complete("gpt-priced", &format!("question {i}")))
+            .await
+        {
+            Ok(_) => served += 1,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                refused += 1;
+            }
+        }
+    }
+    let sent = upstream.received();
+    assert_eq!(
+        sent.len(),
+        served,
+        "only served requests reached the upstream"
+    );
+    assert!(
+        sent.iter().all(|body| body["max_tokens"] == 64),
+        "the reserved limit is sent: {:?}",
+        sent.iter().map(|b| &b["max_tokens"]).collect::<Vec<_>>()
+    );
+    assert!(
+        served > 0 && refused > 0,
+        "served {served}, refused {refused}"
+    );
+    let budget = mesh
+        .budget()
+        .get_budget(weir_proto::budget::GetBudgetRequest {
+            scope: Some(tenant),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .budget
+        .unwrap();
+    assert!(
+        budget.spent_micros + budget.held_micros <= LIMIT,
+        "spent {} + held {} within {LIMIT}",
+        budget.spent_micros,
+        budget.held_micros
+    );
+    mesh.stop().await;
+}
