@@ -387,6 +387,23 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_config_loads() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/weir.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        load(&text).unwrap();
+        // Its commented-out tables are valid too, once uncommented.
+        let uncommented: String = text
+            .lines()
+            .map(|line| match line.strip_prefix("# ") {
+                Some(rest) if rest.starts_with('[') || rest.contains(" = ") => rest,
+                _ => line,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        load(&uncommented).unwrap();
+    }
+
+    #[test]
     fn zero_config_is_dev_mode_with_a_generated_mesh_secret() {
         let config = load("").unwrap();
         let up = authenticator(&config, &Service::ALL).unwrap();
