@@ -139,29 +139,33 @@ fn class_of(n: u64, critical: u64) -> usize {
     }
 }
 
-/// Closed loop: as many CRITICAL calls as [`CLOSED_LOOP_CALLERS`] callers complete in `time`.
-async fn capacity(routers: &[RouterServiceClient<Channel>], time: Duration) -> f64 {
+/// Closed loop: as many CRITICAL calls as [`CLOSED_LOOP_CALLERS`] callers complete in `time`
+/// (calls per second), and what the calls saw.
+async fn capacity(routers: &[RouterServiceClient<Channel>], time: Duration) -> (f64, Stats) {
+    let stats = Arc::new(Mutex::new(Stats::default()));
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..CLOSED_LOOP_CALLERS {
         let router = routers[i % routers.len()].clone();
+        let stats = stats.clone();
         tasks.spawn(async move {
-            let mut ok = 0usize;
             let mut n = 0;
             while start.elapsed() < time {
                 n += 1;
-                if call(router.clone(), "CRITICAL", n).await.is_ok() {
-                    ok += 1;
-                }
+                let started = Instant::now();
+                let result = call(router.clone(), "CRITICAL", n).await;
+                let mut stats = stats.lock().unwrap();
+                stats.classes[0].sent += 1;
+                stats.record(0, result, started.elapsed());
             }
-            ok
         });
     }
-    let mut ok = 0;
-    while let Some(done) = tasks.join_next().await {
-        ok += done.unwrap();
-    }
-    ok as f64 / start.elapsed().as_secs_f64()
+    while tasks.join_next().await.is_some() {}
+    let stats = std::mem::take(&mut *stats.lock().unwrap());
+    (
+        stats.classes[0].ok as f64 / start.elapsed().as_secs_f64(),
+        stats,
+    )
 }
 
 /// Open loop: `rate` calls per second for `time`, at most [`MAX_OUTSTANDING`] outstanding.
@@ -286,11 +290,19 @@ fn main() {
             .collect();
         // Warm up connections and code paths.
         capacity(&routers, Duration::from_secs(1)).await;
-        let capacity = capacity(&routers, Duration::from_secs(3)).await;
+        let (capacity, closed) = capacity(&routers, Duration::from_secs(3)).await;
+        let c = &closed.classes[0];
         println!(
-            "closed-loop capacity: {capacity:.0} rps ({CLOSED_LOOP_CALLERS} callers); admission limit {}",
+            "closed-loop capacity: {capacity:.0} rps ({CLOSED_LOOP_CALLERS} callers; {} ok, {} shed, \
+             {} other); admission limit {}",
+            c.ok,
+            c.shed,
+            c.other,
             router_limit(&metrics)
         );
+        for example in &closed.other_examples {
+            println!("      other: {example}");
+        }
         println!(
             "open loop: {step_time:?} per step, {critical}% CRITICAL, the rest SHEDDABLE_PLUS / \
              SHEDDABLE half and half, deadline {CALL_DEADLINE:?}, at most {MAX_OUTSTANDING} outstanding"
