@@ -14,6 +14,9 @@
 //! ```text
 //! cargo run --release -p weir-tests --example overload_curve -- [seconds per step] [critical %]
 //! ```
+//!
+//! `OVERLOAD_CURVE_ADMISSION` (TOML lines, e.g. `algorithm = "static"`) is added to the
+//! `[server.admission]` table every service of the run shares, to compare settings.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
@@ -35,7 +38,7 @@ const MAX_OUTSTANDING: usize = 4000;
 /// The deadline of every call: an interactive client's patience.
 const CALL_DEADLINE: Duration = Duration::from_secs(1);
 /// Concurrent callers of the closed-loop capacity measurement.
-const CLOSED_LOOP_CALLERS: usize = 64;
+const CLOSED_LOOP_CALLERS: usize = 256;
 /// Connections the generator spreads its calls over.
 const CONNECTIONS: usize = 4;
 
@@ -66,8 +69,12 @@ key_prefix = "{prefix}-rl"
 [budget]
 redis_url = "{redis}"
 key_prefix = "{prefix}"
+
+[server.admission]
+{admission}
 "#,
-        redis = redis_url()
+        redis = redis_url(),
+        admission = std::env::var("OVERLOAD_CURVE_ADMISSION").unwrap_or_default(),
     )
 }
 

@@ -1,6 +1,6 @@
 //! Channels to other Weir services, and the client stack every call to them goes through.
 //!
-//! [`ClientStack`] assembles the client layers in the order of DESIGN.md section 5, so every
+//! [`ClientStack`] assembles the client layers in the order of docs/resilience.md, so every
 //! service gets the same behaviour by construction: trace context ([`crate::trace`]) → deadline
 //! propagation → retry (with a budget)
 //! → circuit breaker → bulkhead → per-attempt timeout → the channel.
@@ -45,7 +45,7 @@ pub fn lazy_channel(url: &str) -> Result<Channel, tonic::transport::Error> {
 
 /// The settings of a client stack: what a service does to every call it makes to another
 /// service (`[router.client]` for the router's calls to inference). Every part has its documented
-/// defaults (RESILIENCE.md).
+/// defaults (docs/resilience.md).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClientConfig {
@@ -106,7 +106,7 @@ pub struct ClientStack {
 }
 
 impl ClientStack {
-    /// Builds the stack of DESIGN.md section 5 over `channel`, outermost first. Calls tagged with a
+    /// Builds the stack of docs/resilience.md over `channel`, outermost first. Calls tagged with a
     /// [`crate::backend::BackendKey`] get their own breaker, bulkhead and retry budget.
     pub fn new(channel: Channel, config: &ClientConfig) -> Self {
         let breakers = Breakers::new(config.breaker.clone());

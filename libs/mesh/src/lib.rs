@@ -20,19 +20,21 @@
 //! - [`tenant`]: the tenant of a request, from the `weir-tenant` metadata.
 //! - [`backend`]: the per-backend key that keyed layers (breaker, bulkhead) isolate by.
 //! - [`store`]: Redis connections and tenant-scoped key spaces.
-//! - [`outcome`]: how a client layer reads an attempt's result from its response headers.
+//! - [`outcome`]: failure classification, shared by breaker, retry, bulkhead and admission:
+//!   success, backend failure, caller gone, local rejection or the caller's mistake.
 //! - [`breaker`]: circuit breaker per backend (closed / open / half-open), failing fast when open.
 //! - [`bulkhead`]: concurrency limit per backend, so one slow backend cannot take every slot.
 //! - [`timeout`]: per-attempt timeout, bounded by the call's remaining deadline.
 //! - [`retry`]: retries with full-jitter backoff, server pushback and a per-backend retry budget,
 //!   never after the response has started.
 //! - [`criticality`]: request criticality from `weir-criticality` (CRITICAL_PLUS .. SHEDDABLE).
-//! - [`admission`]: server concurrency limit (AIMD) that sheds the lowest criticality first.
+//! - [`admission`]: server concurrency limit (an adaptive latency gradient) that sheds the lowest
+//!   criticality first and keeps goodput at capacity.
 //! - [`auth`]: API keys mapped to tenants; the client never picks its own `weir-tenant`.
 //! - [`ratelimit`]: per-tenant GCRA rate limits, shared by replicas through Redis, local fallback.
 //!
 //! The resilience layers (deadline, retry, breaker, rate limit, bulkhead, admission) are added here
-//! as one module per concern, each a tower `Layer` + `Service`.
+//! as one module per concern, each a tower `Layer` + `Service`; docs/resilience.md describes them.
 #![warn(missing_docs)]
 
 pub mod admission;
