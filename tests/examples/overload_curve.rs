@@ -139,7 +139,7 @@ fn class_of(n: u64, critical: u64) -> usize {
     let slot = n % 100;
     if slot < critical {
         0
-    } else if (slot - critical) % 2 == 0 {
+    } else if (slot - critical).is_multiple_of(2) {
         1
     } else {
         2
