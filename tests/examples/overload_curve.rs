@@ -15,7 +15,9 @@
 //! cargo run --release -p weir-tests --example overload_curve -- [seconds per step] [critical %]
 //! ```
 //!
-//! `OVERLOAD_CURVE_ADMISSION` (TOML lines, e.g. `algorithm = "static"`) is added to the
+//! `OVERLOAD_CURVE_CAPACITY` (requests per second) replaces the measured capacity as the base of
+//! the steps, to offer two builds the same load (a build whose closed loop collapses measures
+//! nothing). `OVERLOAD_CURVE_ADMISSION` (TOML lines, e.g. `algorithm = "static"`) is added to the
 //! `[server.admission]` table every service of the run shares, to compare settings.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -310,6 +312,14 @@ fn main() {
         for example in &closed.other_examples {
             println!("      other: {example}");
         }
+        let capacity = match std::env::var("OVERLOAD_CURVE_CAPACITY") {
+            Ok(given) => {
+                let given = given.parse().expect("OVERLOAD_CURVE_CAPACITY is a number");
+                println!("steps are multiples of OVERLOAD_CURVE_CAPACITY = {given:.0} rps");
+                given
+            }
+            Err(_) => capacity,
+        };
         println!(
             "open loop: {step_time:?} per step, {critical}% CRITICAL, the rest SHEDDABLE_PLUS / \
              SHEDDABLE half and half, deadline {CALL_DEADLINE:?}, at most {MAX_OUTSTANDING} outstanding"
