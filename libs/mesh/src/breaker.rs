@@ -34,8 +34,7 @@
 //!
 //! - Failures ([`failure_codes`](BreakerConfig::failure_codes)): UNAVAILABLE, INTERNAL, UNKNOWN,
 //!   DATA_LOSS and DEADLINE_EXCEEDED while the caller still had time (a transport error counts as
-//!   UNAVAILABLE, see
-//!   [`crate::outcome`]).
+//!   UNAVAILABLE, see [`crate::outcome`]).
 //! - Successes: OK, which for a call seen by the tower layer means "the response started" (HTTP
 //!   200 without `grpc-status` in the headers); the final status of a stream comes later and is not
 //!   waited for.
