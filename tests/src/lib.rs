@@ -245,3 +245,24 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[index.min(sorted.len().saturating_sub(1))]
 }
+
+/// The ErrorInfo reason of `status` (`OVERLOADED`, `CIRCUIT_OPEN`, ...), empty when it has none.
+pub fn reason(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_error_details()
+        .error_info()
+        .map(|info| info.reason.clone())
+        .unwrap_or_default()
+}
+
+/// The value of `weir_admission_limit{service="<service>"}` in a Prometheus text exposition (from
+/// `weir_mesh::telemetry::install_metrics_recorder().render()`).
+pub fn admission_limit(exposition: &str, service: &str) -> Option<f64> {
+    let label = format!("service=\"{service}\"");
+    exposition
+        .lines()
+        .find(|l| l.starts_with("weir_admission_limit{") && l.contains(&label))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}

@@ -16,10 +16,9 @@ use std::{
 
 use tokio::time::Instant;
 use tonic::{Code, metadata::MetadataValue, transport::Channel};
-use tonic_types::StatusExt;
 use weir::stack::Service;
 use weir_proto::router::router_service_client::RouterServiceClient;
-use weir_tests::{Mesh, complete};
+use weir_tests::{Mesh, complete, reason};
 
 /// The router's fixed concurrency limit.
 const LIMIT: usize = 16;
@@ -128,14 +127,6 @@ impl Outcomes {
             }
         }
     }
-}
-
-fn reason(status: &tonic::Status) -> String {
-    status
-        .get_error_details()
-        .error_info()
-        .map(|i| i.reason.clone())
-        .unwrap_or_default()
 }
 
 /// One client: a request at most every [`MODEL_TIME`] (at once again when an answer took that

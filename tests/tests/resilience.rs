@@ -1,5 +1,5 @@
-//! The resilience layers across real processes (RESILIENCE.md, "Tests that prove it", the
-//! cross-process list): router → inference → a real HTTP upstream or a simulated model, with
+//! The resilience layers across real processes (docs/resilience.md), the
+//! cross-process tests: router → inference → a real HTTP upstream or a simulated model, with
 //! faults injected at the far end and only what a caller can see asserted — status codes, the
 //! google.rpc ErrorInfo reason, the model that served, how long the call took, and how many
 //! requests the upstream received.

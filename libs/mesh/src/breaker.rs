@@ -33,8 +33,8 @@
 //! # What counts
 //!
 //! - Failures ([`failure_codes`](BreakerConfig::failure_codes)): UNAVAILABLE, INTERNAL, UNKNOWN,
-//!   DATA_LOSS and DEADLINE_EXCEEDED of the attempt (a transport error counts as UNAVAILABLE, see
-//!   [`crate::outcome`]).
+//!   DATA_LOSS and DEADLINE_EXCEEDED while the caller still had time (a transport error counts as
+//!   UNAVAILABLE, see [`crate::outcome`]).
 //! - Successes: OK, which for a call seen by the tower layer means "the response started" (HTTP
 //!   200 without `grpc-status` in the headers); the final status of a stream comes later and is not
 //!   waited for.
@@ -45,6 +45,10 @@
 //!   A call dropped before its outcome (the caller went away) is ignored too. So is a local
 //!   `BULKHEAD_FULL` rejection from the bulkhead below this layer: it says *we* sent too much, not
 //!   that the backend failed, and counting it would let our own burst cut off a healthy backend.
+//!   So is a call that ended because the *caller's* deadline passed (one impatient tenant must not
+//!   open a breaker for everyone), while our own attempt timeout (`ATTEMPT_TIMEOUT`) is a failure;
+//!   and so is a backend's refusal for load (UNAVAILABLE `OVERLOADED` or `BULKHEAD_FULL` from
+//!   elsewhere): it works, and says when to come back. The rules are [`crate::outcome`]'s.
 //! - Slow calls: a counted call whose time to the first response byte (the response headers) is
 //!   longer than [`slow_call_threshold`](BreakerConfig::slow_call_threshold) (default 10 s; `0s`
 //!   disables) is slow, whether it succeeded or failed. In HALF_OPEN the slow-call rate is judged
@@ -85,6 +89,7 @@ use crate::{
     ApiError,
     backend::{BackendKey, PerBackend},
     config::ConfigError,
+    deadline::Deadline,
     error::parse_code,
     outcome,
 };
@@ -118,6 +123,8 @@ pub const DEFAULT_FAILURE_CODES: [&str; 5] = [
     "DATA_LOSS",
     "DEADLINE_EXCEEDED",
 ];
+/// ErrorInfo reason of a call refused by an open circuit.
+pub const CIRCUIT_OPEN: &str = "CIRCUIT_OPEN";
 /// The key of requests that carry no [`BackendKey`], unless the registry is given another.
 pub const DEFAULT_BACKEND: &str = "default";
 
@@ -302,7 +309,7 @@ pub struct CircuitOpen {
 
 impl From<CircuitOpen> for ApiError {
     fn from(open: CircuitOpen) -> Self {
-        ApiError::unavailable("CIRCUIT_OPEN", open.to_string())
+        ApiError::unavailable(CIRCUIT_OPEN, open.to_string())
             .with_retry_after(open.retry_after)
             .with_metadata("backend", open.backend.as_str())
     }
@@ -310,11 +317,10 @@ impl From<CircuitOpen> for ApiError {
 
 impl CircuitOpen {
     /// The `Status` a gRPC caller gets (UNAVAILABLE, reason `CIRCUIT_OPEN`, RetryInfo, metadata
-    /// `backend`), with this error as its source so layers above can recognise it by type.
+    /// `backend`), marked [`outcome::Local::Rejected`] so layers above recognise it as a local
+    /// refusal (and a remote `CIRCUIT_OPEN` is not mistaken for ours).
     pub fn into_status(self) -> Status {
-        let mut status = Status::from(ApiError::from(self.clone()));
-        status.set_source(Arc::new(self));
-        status
+        outcome::Local::Rejected(CIRCUIT_OPEN).attach(Status::from(ApiError::from(self)))
     }
 }
 
@@ -827,17 +833,13 @@ where
 
     fn call(&mut self, request: GrpcRequest) -> Self::Future {
         match self.breakers.for_request(&request).try_acquire() {
-            Ok(permit) => future::ResponseFuture::called(self.inner.call(request), permit),
+            Ok(permit) => {
+                let deadline = Deadline::of_http(&request).map(|d| d.instant());
+                future::ResponseFuture::called(self.inner.call(request), permit, deadline)
+            }
             Err(open) => future::ResponseFuture::rejected(Box::new(open.into_status())),
         }
     }
-}
-
-/// Whether an inner error is a local rejection that says nothing about the backend's health.
-fn is_local_rejection(error: &BoxError) -> bool {
-    outcome::find_status(&**error)
-        .and_then(std::error::Error::source)
-        .is_some_and(|source| source.is::<crate::bulkhead::BulkheadFull>())
 }
 
 /// The circuit breaker's response future.
@@ -855,17 +857,18 @@ pub mod future {
     pin_project! {
         #[project = KindProj]
         enum Kind<F> {
-            Called { #[pin] future: F, permit: Option<Permit> },
+            Called { #[pin] future: F, permit: Option<Permit>, deadline: Option<Instant> },
             Rejected { error: Option<BoxError> },
         }
     }
 
     impl<F> ResponseFuture<F> {
-        pub(super) fn called(future: F, permit: Permit) -> Self {
+        pub(super) fn called(future: F, permit: Permit, deadline: Option<Instant>) -> Self {
             Self {
                 kind: Kind::Called {
                     future,
                     permit: Some(permit),
+                    deadline,
                 },
             }
         }
@@ -886,12 +889,19 @@ pub mod future {
 
         fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
             match self.project().kind.project() {
-                KindProj::Called { future, permit } => {
+                KindProj::Called {
+                    future,
+                    permit,
+                    deadline,
+                } => {
                     let result = std::task::ready!(future.poll(cx)).map_err(Into::into);
                     if let Some(permit) = permit.take() {
-                        let local = result.as_ref().err().is_some_and(is_local_rejection);
-                        if !local {
-                            permit.record(outcome::classify(&result).code);
+                        // Only backend failures and successes count: a caller whose deadline
+                        // passed, or our own bulkhead's refusal, says nothing about the backend
+                        // (the permit is dropped unrecorded).
+                        let outcome = outcome::classify(&result);
+                        if outcome.class(*deadline).feeds_breaker() {
+                            permit.record(outcome.code);
                         }
                     }
                     Poll::Ready(result)

@@ -146,20 +146,20 @@ pub struct BulkheadFull {
     pub limit: usize,
 }
 
+pub use crate::outcome::BULKHEAD_FULL;
+
 impl From<BulkheadFull> for ApiError {
     fn from(full: BulkheadFull) -> Self {
-        ApiError::unavailable("BULKHEAD_FULL", full.to_string())
+        ApiError::unavailable(BULKHEAD_FULL, full.to_string())
             .with_metadata("backend", full.backend.as_str())
     }
 }
 
 impl BulkheadFull {
     /// The `Status` a gRPC caller gets (UNAVAILABLE, reason `BULKHEAD_FULL`, metadata `backend`),
-    /// with this error as its source so layers above recognise it by type.
+    /// marked [`crate::outcome::Local::Rejected`] so layers above recognise it as a local refusal.
     pub fn into_status(self) -> Status {
-        let mut status = Status::from(ApiError::from(self.clone()));
-        status.set_source(Arc::new(self));
-        status
+        crate::outcome::Local::Rejected(BULKHEAD_FULL).attach(Status::from(ApiError::from(self)))
     }
 }
 

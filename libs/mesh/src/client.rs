@@ -1,6 +1,6 @@
 //! Channels to other Weir services, and the client stack every call to them goes through.
 //!
-//! [`ClientStack`] assembles the client layers in one fixed order, so every
+//! [`ClientStack`] assembles the client layers in the order of docs/resilience.md, so every
 //! service gets the same behaviour by construction: trace context ([`crate::trace`]) → deadline
 //! propagation → retry (with a budget) → circuit breaker → bulkhead → per-attempt timeout → mesh
 //! token ([`crate::identity`], with [`ClientStack::signed`]) → the channel.
@@ -47,7 +47,7 @@ pub fn lazy_channel(url: &str) -> Result<Channel, tonic::transport::Error> {
 
 /// The settings of a client stack: what a service does to every call it makes to another
 /// service (`[router.client]` for the router's calls to inference). Every part has its documented
-/// defaults (RESILIENCE.md).
+/// defaults (docs/resilience.md).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClientConfig {
@@ -108,10 +108,10 @@ pub struct ClientStack {
 }
 
 impl ClientStack {
-    /// Builds the stack over `channel`, outermost first, without a mesh identity: calls carry no
-    /// mesh token, so the callee treats them as an external caller (for tools and tests; services
-    /// use [`ClientStack::signed`]). Calls tagged with a [`crate::backend::BackendKey`] get their
-    /// own breaker, bulkhead and retry budget.
+    /// Builds the stack of docs/resilience.md over `channel`, outermost first, without a mesh
+    /// identity: calls carry no mesh token, so the callee treats them as an external caller (for
+    /// tools and tests; services use [`ClientStack::signed`]). Calls tagged with a
+    /// [`crate::backend::BackendKey`] get their own breaker, bulkhead and retry budget.
     pub fn new(channel: Channel, config: &ClientConfig) -> Self {
         Self::signed(channel, config, MeshIdentity::disabled())
     }

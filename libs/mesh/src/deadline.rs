@@ -67,7 +67,7 @@ use tokio::time::{Instant, Sleep};
 use tonic::{Status, metadata::MetadataMap};
 use tower::{BoxError, Layer, Service};
 
-use crate::{ApiError, config::ConfigError, metadata::GRPC_TIMEOUT};
+use crate::{ApiError, config::ConfigError, metadata::GRPC_TIMEOUT, outcome::is_tonic_timeout};
 
 /// Most digits the gRPC spec allows in a `grpc-timeout` value.
 pub const MAX_TIMEOUT_DIGITS: usize = 8;
@@ -155,19 +155,6 @@ pub(crate) fn set_header_timeout(headers: &mut HeaderMap, timeout: Duration) {
     if let Ok(value) = HeaderValue::try_from(format_grpc_timeout(timeout)) {
         headers.insert(GRPC_TIMEOUT, value);
     }
-}
-
-/// Whether `error` is (or wraps) tonic's own timeout, which a tonic channel raises when the
-/// `grpc-timeout` it was given runs out, and which tonic turns into CANCELLED.
-pub(crate) fn is_tonic_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(error);
-    while let Some(error) = source {
-        if error.is::<tonic::TimeoutExpired>() {
-            return true;
-        }
-        source = error.source();
-    }
-    false
 }
 
 /// An absolute deadline: the instant by which a call's answer must be back.

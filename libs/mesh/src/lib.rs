@@ -24,14 +24,16 @@
 //! - [`store`]: Redis connections and tenant-scoped key spaces.
 //! - [`idempotency`]: idempotency keys: a retried request is run once and answered the same way,
 //!   shared by replicas through Redis.
-//! - [`outcome`]: how a client layer reads an attempt's result from its response headers.
+//! - [`outcome`]: failure classification, shared by breaker, retry, bulkhead and admission:
+//!   success, backend failure, caller gone, local rejection or the caller's mistake.
 //! - [`breaker`]: circuit breaker per backend (closed / open / half-open), failing fast when open.
 //! - [`bulkhead`]: concurrency limit per backend, so one slow backend cannot take every slot.
 //! - [`timeout`]: per-attempt timeout, bounded by the call's remaining deadline.
 //! - [`retry`]: retries with full-jitter backoff, server pushback and a per-backend retry budget,
 //!   never after the response has started.
 //! - [`criticality`]: request criticality from `weir-criticality` (CRITICAL_PLUS .. SHEDDABLE).
-//! - [`admission`]: server concurrency limit (AIMD) that sheds the lowest criticality first.
+//! - [`admission`]: server concurrency limit (an adaptive latency gradient) that sheds the lowest
+//!   criticality first and keeps goodput at capacity.
 //! - [`auth`]: every server's caller: API keys (tenant, roles, criticality ceiling) or a mesh
 //!   token; a bare `weir-tenant` is never believed.
 //! - [`identity`]: mesh tokens (HMAC-SHA256) that let services vouch for a call's tenant to each
@@ -41,7 +43,7 @@
 //!   tonic's UNKNOWN.
 //!
 //! The resilience layers (deadline, retry, breaker, rate limit, bulkhead, admission) are added here
-//! as one module per concern, each a tower `Layer` + `Service`.
+//! as one module per concern, each a tower `Layer` + `Service`; docs/resilience.md describes them.
 #![warn(missing_docs)]
 
 pub mod admission;

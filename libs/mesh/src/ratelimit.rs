@@ -65,7 +65,7 @@
 //! burst = 5
 //! ```
 //!
-//! # Where this differs from RESILIENCE.md
+//! # Details beyond docs/resilience.md
 //!
 //! - Per-key limits exist only for the key ids listed under `api_keys`, and apply on top of the
 //!   tenant's limit (a key cannot raise its tenant's limit).

@@ -27,8 +27,6 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tonic::Code;
 
-use crate::outcome::GRPC_STATUS;
-
 /// The fully qualified service and the method of a call, from its `:path`
 /// (`/weir.router.v1.RouterService/Complete`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,16 +73,7 @@ pub trait Observer {
     fn end(self, code: Code, started: Instant);
 }
 
-/// The `grpc-status` in a header map (response headers or trailers), if any.
-pub fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
-    let value = headers.get(GRPC_STATUS)?;
-    Some(
-        std::str::from_utf8(value.as_bytes())
-            .ok()
-            .and_then(|v| v.trim().parse::<i32>().ok())
-            .map_or(Code::Unknown, Code::from_i32),
-    )
-}
+pub use crate::outcome::grpc_status;
 
 /// Calls the observer when the body is dropped before it ended: with the code of a trailers-only
 /// response (whose status was sent with the headers: a server does not even poll its empty body),
@@ -228,6 +217,7 @@ mod tests {
     use http_body_util::{BodyExt, Empty, StreamBody};
 
     use super::*;
+    use crate::outcome::GRPC_STATUS;
 
     #[derive(Clone, Default)]
     struct Seen(Arc<Mutex<Vec<Code>>>);

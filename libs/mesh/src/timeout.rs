@@ -5,7 +5,7 @@
 //! The deadline bounds the whole call, retries included. If a single attempt may use all of it, a
 //! hung backend turns every call into DEADLINE_EXCEEDED with no time left to retry elsewhere or
 //! fall back. The attempt timeout cuts a hung attempt early enough for the retry layer above to try
-//! again, and the breaker above counts it as a failure (DEADLINE_EXCEEDED of an attempt is one),
+//! again, and the breaker above counts it as a failure (an [`ATTEMPT_TIMEOUT`] is one),
 //! so a hanging backend opens the breaker instead of silently eating deadlines. The attempt must
 //! also never outlive the call: its bound is
 //! `min(attempt_timeout, time remaining before the call's deadline)`.
@@ -29,9 +29,13 @@
 //!   between two body frames (two streamed tokens), so a stream that stalls mid-way ends instead of
 //!   hanging. The attempt timeout does not apply to the body: a stream may legitimately run longer
 //!   than one attempt's budget for its headers.
-//! - On expiry the attempt fails with DEADLINE_EXCEEDED (reason `DEADLINE_EXCEEDED`, ErrorInfo
-//!   metadata `backend`), from the future before headers or as the body's error after, and the
-//!   inner call is dropped (its HTTP/2 stream is reset, so the backend stops working on it).
+//! - On expiry the attempt fails with DEADLINE_EXCEEDED (ErrorInfo metadata `backend`), from the
+//!   future before headers or as the body's error after, and the inner call is dropped (its HTTP/2
+//!   stream is reset, so the backend stops working on it). The reason says which bound it was:
+//!   [`ATTEMPT_TIMEOUT`] when this layer's own attempt (or idle) timeout fired while the caller
+//!   still had time, a backend failure the breaker counts; `DEADLINE_EXCEEDED` when the caller's
+//!   deadline was the bound, which the breaker ignores (the caller's impatience says nothing about
+//!   the backend; see [`crate::outcome`]).
 //!
 //! # Metrics
 //!
@@ -48,7 +52,7 @@ use std::{
 use pin_project_lite::pin_project;
 use serde::{Deserialize, Serialize};
 use tokio::time::{Instant, Sleep, sleep_until};
-use tonic::Status;
+use tonic::{Code, Status};
 use tower::{BoxError, Layer, Service};
 
 use crate::{
@@ -57,7 +61,7 @@ use crate::{
     breaker::{DEFAULT_BACKEND, join_key},
     config::ConfigError,
     deadline::Deadline,
-    outcome::GRPC_STATUS,
+    outcome::{ATTEMPT_TIMEOUT, GRPC_STATUS, Local},
 };
 
 /// Longest time to response headers of one attempt.
@@ -168,6 +172,7 @@ where
             return future::ResponseFuture::expired(expired(
                 &backend,
                 "the call's deadline had passed before the attempt started".to_string(),
+                false,
             ));
         }
         let remaining = deadline.map(|d| d.remaining());
@@ -193,7 +198,7 @@ where
     }
 }
 
-/// Which limit an expiry hit, for the error message.
+/// Which limit an expiry hit: the error's reason and message depend on it.
 #[derive(Debug, Clone, Copy)]
 enum Bound {
     Attempt(Duration),
@@ -207,13 +212,22 @@ struct BodyBounds {
     idle: Option<Duration>,
 }
 
-/// The DEADLINE_EXCEEDED error of an expiry, counted in the metric.
-fn expired(backend: &BackendKey, message: String) -> BoxError {
+/// The DEADLINE_EXCEEDED error of an expiry, counted in the metric. `own` marks an expiry of
+/// this layer's own bound (attempt or idle timeout) while the caller still had time: reason
+/// [`ATTEMPT_TIMEOUT`], marked [`Local::AttemptTimeout`], a backend failure
+/// ([`crate::outcome`]). An expiry of the caller's deadline keeps reason `DEADLINE_EXCEEDED`.
+fn expired(backend: &BackendKey, message: String, own: bool) -> BoxError {
     metrics::counter!("weir_attempt_timeouts_total", "backend" => backend.to_string()).increment(1);
     tracing::debug!(%backend, "{message}");
-    Box::new(Status::from(
-        ApiError::deadline_exceeded(message).with_metadata("backend", backend.as_str()),
-    ))
+    if own {
+        let error = ApiError::new(Code::DeadlineExceeded, ATTEMPT_TIMEOUT, message)
+            .with_metadata("backend", backend.as_str());
+        Box::new(Local::AttemptTimeout.attach(Status::from(error)))
+    } else {
+        Box::new(Status::from(
+            ApiError::deadline_exceeded(message).with_metadata("backend", backend.as_str()),
+        ))
+    }
 }
 
 /// The per-attempt timeout's response future and response body.
@@ -298,7 +312,8 @@ pub mod future {
                 std::task::ready!(sleep.poll(cx));
                 // Drop the attempt now: its HTTP/2 stream is reset and the backend can stop.
                 this.inner.set(None);
-                let message = match this.bound.take() {
+                let bound = this.bound.take();
+                let message = match bound {
                     Some(Bound::Attempt(limit)) => {
                         format!("attempt to {} timed out after {limit:?}", this.backend)
                     }
@@ -308,7 +323,8 @@ pub mod future {
                     ),
                     _ => format!("deadline exceeded calling {}", this.backend),
                 };
-                return Poll::Ready(Err(expired(this.backend, message)));
+                let own = matches!(bound, Some(Bound::Attempt(_)));
+                return Poll::Ready(Err(expired(this.backend, message, own)));
             }
             Poll::Pending
         }
@@ -375,7 +391,8 @@ pub mod future {
             }
             std::task::ready!(this.sleep.poll(cx));
             *this.done = true;
-            let message = if this.bounds.deadline.is_some_and(|d| d <= Instant::now()) {
+            let caller = this.bounds.deadline.is_some_and(|d| d <= Instant::now());
+            let message = if caller {
                 format!("deadline exceeded while streaming from {}", this.backend)
             } else {
                 format!(
@@ -384,7 +401,7 @@ pub mod future {
                     this.bounds.idle.unwrap_or_default()
                 )
             };
-            Poll::Ready(Some(Err(expired(this.backend, message))))
+            Poll::Ready(Some(Err(expired(this.backend, message, !caller))))
         }
 
         fn is_end_stream(&self) -> bool {
@@ -450,7 +467,15 @@ mod tests {
         let status = outcome::find_status(&**result.as_ref().err().unwrap()).unwrap();
         assert_eq!(status.code(), Code::DeadlineExceeded);
         let error = ApiError::from_status(status);
-        assert_eq!(error.reason(), "DEADLINE_EXCEEDED");
+        assert_eq!(
+            error.reason(),
+            ATTEMPT_TIMEOUT,
+            "our own bound, not the caller's"
+        );
+        assert_eq!(
+            outcome::classify(&result).class(None),
+            outcome::Class::BackendFailure
+        );
         assert_eq!(
             error.metadata().get("backend").map(String::as_str),
             Some("gpt-4o")
@@ -664,6 +689,50 @@ mod tests {
             .await;
         assert_eq!(code_of(&result), Code::Unavailable);
         assert_eq!(calls.load(Ordering::SeqCst), 20);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_breaker_ignores_callers_out_of_time_but_counts_backend_timeouts() {
+        let breaker = CircuitBreakerLayer::new(BreakerConfig {
+            jitter: 0.0,
+            ..BreakerConfig::default()
+        });
+        let (inner, _) = backend();
+        let mut service = tower::ServiceBuilder::new()
+            .layer(breaker.clone())
+            .layer(layer(30_000, 0))
+            .service(inner);
+        let key = BackendKey::new("slow");
+        let mut call = async |code: Code, delay: u64, deadline: &'static str| {
+            let request = with_deadline(
+                request(Some("slow"), Some(code), Duration::from_millis(delay)),
+                deadline,
+            );
+            let result = service.ready().await.unwrap().call(request).await;
+            code_of(&result)
+        };
+        for _ in 0..40 {
+            // Our attempt, bound by the caller's 50 ms, expires while the backend takes 200 ms.
+            assert_eq!(call(Code::Ok, 200, "50m").await, Code::DeadlineExceeded);
+            // The next hop answers DEADLINE_EXCEEDED a few ms before our deadline: the
+            // `grpc-timeout` we sent ran out.
+            assert_eq!(
+                call(Code::DeadlineExceeded, 40, "50m").await,
+                Code::DeadlineExceeded
+            );
+            // The caller cancelled.
+            assert_eq!(call(Code::Cancelled, 1, "5S").await, Code::Cancelled);
+        }
+        assert_eq!(
+            breaker.breakers().state(&key),
+            BreakerState::Closed,
+            "the caller's impatience says nothing about the backend"
+        );
+        // An upstream that times out on its own while the caller still has seconds: a failure.
+        for _ in 0..20 {
+            call(Code::DeadlineExceeded, 10, "5S").await;
+        }
+        assert_eq!(breaker.breakers().state(&key), BreakerState::Open);
     }
 
     #[test]

@@ -77,7 +77,7 @@ fn to_status(error: BoxError, reason: &'static str, what: &str) -> Status {
         // Ours or the peer's: tonic takes it out of the chain with its code and details.
         return Status::from_error(error);
     }
-    if crate::deadline::is_tonic_timeout(&*error) {
+    if crate::outcome::is_tonic_timeout(&*error) {
         // tonic calls its own expiry CANCELLED; it is the deadline it was given running out.
         return ApiError::deadline_exceeded(format!("{what}: the deadline passed ({error})"))
             .into();

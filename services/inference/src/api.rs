@@ -24,9 +24,10 @@
 //! - `GenerateStream` records at the first event: OK at the first token (with the time to first
 //!   token, which is what "slow" means for a model; an answer without tokens counts at its end),
 //!   or the error code when the stream fails before its first token (including at the start, or
-//!   the caller's deadline). After the first token the outcome is recorded already, so a stream
-//!   cut later is not counted again. A caller that cancels before an outcome drops the permit
-//!   unrecorded: ignored.
+//!   a backend timeout). After the first token the outcome is recorded already, so a stream
+//!   cut later is not counted again. A caller that cancels before an outcome, or whose deadline
+//!   passes first, drops the permit unrecorded: ignored (only successes and backend failures
+//!   count, see [`weir_mesh::outcome`]).
 //! - The bulkhead slot is held for the whole call: for a stream it moves into the response stream
 //!   and is released when the stream ends, fails, or is dropped (cancelled).
 //!
@@ -61,6 +62,7 @@ use weir_mesh::{
     bulkhead::{BulkheadConfig, BulkheadPermit, Bulkheads, Compartment},
     catalog::Catalog,
     deadline,
+    outcome::Class,
 };
 use weir_proto::inference::{
     GenerateRequest, GenerateResponse, GenerateStreamRequest, GenerateStreamResponse,
@@ -108,11 +110,13 @@ struct Model {
 }
 
 /// What a call holds while its backend works: the breaker permit (until the outcome is recorded)
-/// and the bulkhead slot (until the call ends).
+/// and the bulkhead slot (until the call ends), and the caller's deadline, to tell a caller who
+/// ran out of time from a failing backend.
 #[derive(Debug)]
 struct Guard {
     breaker: Option<Permit>,
     _slot: BulkheadPermit,
+    deadline: Option<Instant>,
 }
 
 impl Model {
@@ -127,7 +131,7 @@ impl Model {
     }
 
     /// Takes the breaker permit, then the bulkhead slot, or says why the call must fail fast.
-    fn admit(&self) -> Result<Guard, ApiError> {
+    fn admit(&self, deadline: Option<Instant>) -> Result<Guard, ApiError> {
         let permit = self.breaker.try_acquire().map_err(|open| {
             tracing::debug!(
                 model = self.name,
@@ -148,15 +152,20 @@ impl Model {
         Ok(Guard {
             breaker: Some(permit),
             _slot: slot,
+            deadline,
         })
     }
 }
 
 impl Guard {
     /// Records the outcome on the breaker with the call's time to first token (or to its error),
-    /// once; later calls do nothing.
+    /// once; later calls do nothing. Only successes and backend failures count
+    /// ([`weir_mesh::outcome::Class`]): a call that ended because the caller's deadline passed
+    /// drops the permit unrecorded, since the caller's impatience says nothing about the model.
     fn record(&mut self, code: Code, elapsed: Duration) {
-        if let Some(permit) = self.breaker.take() {
+        if let Some(permit) = self.breaker.take()
+            && Class::of(code, None, self.deadline, Instant::now()).feeds_breaker()
+        {
             permit.record_elapsed(code, elapsed);
         }
     }
@@ -290,7 +299,7 @@ impl InferenceApi {
         let (model, call) = self.prepare(input, received, deadline)?;
         let observed = model.observe(&call, false);
         let result = async {
-            let mut guard = model.admit()?;
+            let mut guard = model.admit(deadline)?;
             let started = Instant::now();
             let result = within(deadline, received, model.backend.generate(call)).await;
             match &result {
@@ -334,7 +343,7 @@ impl InferenceApi {
         let (model, call) = self.prepare(input, received, deadline)?;
         let observed = model.observe(&call, true);
         let opened = async {
-            let mut guard = model.admit()?;
+            let mut guard = model.admit(deadline)?;
             let started = Instant::now();
             match within(deadline, received, model.backend.stream(call)).await {
                 Ok(events) => Ok((events, guard, started)),
