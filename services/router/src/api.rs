@@ -33,6 +33,7 @@ use tonic::{Request, Response, Status, metadata::MetadataMap};
 use tracing::Instrument;
 use weir_mesh::{
     ApiError,
+    admission::Admitted,
     auth::ApiKeyId,
     client::ClientStack,
     config::ConfigError,
@@ -164,6 +165,13 @@ impl RouterApi {
         let criticality = completion
             .criticality()
             .map(|claimed| claimed.max(weir_mesh::auth::criticality_ceiling(extensions)));
+        // Admission ran on the header before the body was read: the body's criticality must pass
+        // it too, so that this router sheds the request by the criticality it forwards.
+        if let (Some(criticality), Some(admitted)) = (criticality, extensions.get::<Admitted>())
+            && admitted.criticality() != criticality
+        {
+            admitted.readmit(criticality)?;
+        }
         let call = Call::new(metadata, deadline, criticality);
         let tenant = extensions
             .get::<Tenant>()
