@@ -146,23 +146,37 @@ async fn serve(config: Option<PathBuf>, services: &[Service]) -> anyhow::Result<
         None => None,
     };
     let running = stack::start(config, services, shutdown.clone()).await?;
+    let mut banner = String::new();
     for (service, addr) in running.addrs() {
-        println!("{service:<10} grpc://{addr}");
+        banner.push_str(&format!("{service:<10} grpc://{addr}\n"));
     }
     if let Some((addr, _)) = &metrics {
-        println!("{:<10} http://{addr}/metrics", "metrics");
+        banner.push_str(&format!("{:<10} http://{addr}/metrics\n", "metrics"));
     }
-    match running.auth_mode() {
-        weir_mesh::auth::AuthMode::ApiKeys => println!(
-            "{:<10} API keys ([auth]): send `authorization: Bearer <key>`",
+    banner.push_str(&match running.auth_mode() {
+        weir_mesh::auth::AuthMode::ApiKeys => format!(
+            "{:<10} API keys ([auth]): send `authorization: Bearer <key>`\n",
             "auth"
         ),
-        _ => println!(
-            "{:<10} none configured: every caller is the `default` tenant (dev mode)",
+        _ => format!(
+            "{:<10} none configured: every caller is the `default` tenant (dev mode)\n",
             "auth"
         ),
+    });
+    banner.push_str("Weir is up. Try: weir chat \"hello\"   (Ctrl-C to stop)\n");
+    // The addresses are for whoever started us; a closed stdout (a supervisor that stopped
+    // reading, `weir up | head -1`) must not take the services down, as `println!` would.
+    {
+        use std::io::Write;
+        let mut stdout = std::io::stdout().lock();
+        if stdout
+            .write_all(banner.as_bytes())
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            tracing::warn!("stdout is closed; the services keep running");
+        }
     }
-    println!("Weir is up. Try: weir chat \"hello\"   (Ctrl-C to stop)");
     let result = running
         .wait()
         .await
