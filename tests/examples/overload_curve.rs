@@ -348,4 +348,10 @@ fn main() {
         }
     });
     servers.block_on(mesh.stop());
+    // Hundreds of thousands of reservations and their idempotency keys: not left behind in a Redis
+    // that tests share.
+    for prefix in [prefix.clone(), format!("{prefix}-rl")] {
+        let deleted = servers.block_on(weir_tests::delete_prefix(&prefix));
+        println!("deleted {deleted} Redis keys under {prefix}:");
+    }
 }

@@ -167,6 +167,28 @@ pub fn with_key<T>(body: T, key: &str) -> tonic::Request<T> {
     request
 }
 
+/// Deletes every key under `<prefix>:` from the test Redis ([`redis_url`]), with SCAN and UNLINK
+/// so that a large database is never blocked; returns how many were deleted. For benchmarks that
+/// write far more than a test.
+pub async fn delete_prefix(prefix: &str) -> usize {
+    let client = redis::Client::open(redis_url()).expect("valid Redis URL");
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis is up");
+    let keys = weir_mesh::store::scan_keys(&mut connection, &format!("{prefix}:*"))
+        .await
+        .expect("SCAN");
+    for batch in keys.chunks(10_000) {
+        let _: () = redis::cmd("UNLINK")
+            .arg(batch)
+            .query_async(&mut connection)
+            .await
+            .expect("UNLINK");
+    }
+    keys.len()
+}
+
 /// A user message.
 pub fn user(text: &str) -> Message {
     Message {

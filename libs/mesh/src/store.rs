@@ -51,6 +51,32 @@ pub async fn connect(url: &str) -> Result<ConnectionManager, ConnectError> {
         })
 }
 
+/// Every key matching `pattern` (a Redis glob), with SCAN: unlike KEYS, it never blocks the server
+/// for the whole keyspace at once, so it is safe on a large shared Redis. For tests, benchmarks and
+/// maintenance; a request path should name its keys instead of searching for them.
+pub async fn scan_keys<C>(connection: &mut C, pattern: &str) -> redis::RedisResult<Vec<String>>
+where
+    C: redis::aio::ConnectionLike + Send,
+{
+    let mut cursor: u64 = 0;
+    let mut keys = Vec::new();
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(connection)
+            .await?;
+        keys.extend(batch);
+        if next == 0 {
+            return Ok(keys);
+        }
+        cursor = next;
+    }
+}
+
 /// `url` with any password replaced by `***`, for logs and errors.
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {

@@ -158,9 +158,7 @@ async fn main() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:*"))
-        .query_async(&mut conn)
+    let keys = weir_mesh::store::scan_keys(&mut conn, &format!("{prefix}:*"))
         .await
         .unwrap_or_default();
     if !keys.is_empty() {

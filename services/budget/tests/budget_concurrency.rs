@@ -32,9 +32,7 @@ async fn thousand_concurrent_reservations_never_overspend() {
             let mut conn = redis().await;
             let (mut samples, mut max_seen) = (0u64, 0i64);
             while !stop.load(Ordering::Relaxed) {
-                let keys: Vec<String> = redis::cmd("KEYS")
-                    .arg(&pattern)
-                    .query_async(&mut conn)
+                let keys = weir_mesh::store::scan_keys(&mut conn, &pattern)
                     .await
                     .unwrap();
                 for key in keys {

@@ -244,9 +244,7 @@ pub async fn redis() -> redis::aio::MultiplexedConnection {
 /// Deletes every key under `prefix` (best effort).
 pub async fn cleanup(prefix: &str) {
     let mut conn = redis().await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:*"))
-        .query_async(&mut conn)
+    let keys = weir_mesh::store::scan_keys(&mut conn, &format!("{prefix}:*"))
         .await
         .unwrap_or_default();
     if !keys.is_empty() {

@@ -230,24 +230,9 @@ impl Harness {
     pub async fn scan_session_keys(&self, tenant: &str, id: &str) -> Vec<String> {
         let pattern = format!("{}:{tenant}:session:s:{id}:*", self.config.key_prefix);
         let mut conn = self.redis.clone();
-        let mut cursor: u64 = 0;
-        let mut keys = Vec::new();
-        loop {
-            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            keys.extend(batch);
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
+        let mut keys = weir_mesh::store::scan_keys(&mut conn, &pattern)
+            .await
+            .unwrap();
         keys.sort();
         keys
     }
