@@ -10,10 +10,9 @@ use std::time::Duration;
 
 use tokio_stream::StreamExt;
 use tonic::{Code, metadata::MetadataValue};
-use tonic_types::StatusExt;
 use weir::stack::Service;
 use weir_proto::common::Criticality;
-use weir_tests::{Mesh, complete, complete_stream, eventually};
+use weir_tests::{Mesh, complete, complete_stream, eventually, reason};
 
 const MODELS: &str = r#"
 [models.slow]
@@ -21,14 +20,6 @@ sim = { output_tokens = 100, tokens_per_second = 10.0 }
 [models.fast]
 sim = { output_tokens = 4 }
 "#;
-
-fn reason(status: &tonic::Status) -> String {
-    status
-        .get_error_details()
-        .error_info()
-        .map(|i| i.reason.clone())
-        .unwrap_or_default()
-}
 
 /// A `Complete` to `fast` with `criticality` in its body (and none in its header): whether it was
 /// shed.

@@ -5,12 +5,11 @@
 
 use tokio_stream::StreamExt;
 use tonic::Code;
-use tonic_types::StatusExt;
 use weir_proto::{
     common::GenerationParams,
     router::{ServedBy, complete_stream_response::Event},
 };
-use weir_tests::{Mesh, complete, complete_stream};
+use weir_tests::{Mesh, complete, complete_stream, reason};
 
 const CONFIG: &str = r#"
 [models.broken]
@@ -46,14 +45,6 @@ models = ["cut", "healthy"]
 models = ["healthy"]
 canary = { model = "new", weight = 0.5 }
 "#;
-
-fn reason(status: &tonic::Status) -> String {
-    status
-        .get_error_details()
-        .error_info()
-        .map(|i| i.reason.clone())
-        .unwrap_or_default()
-}
 
 #[tokio::test]
 async fn failing_models_fall_back_down_the_chain_and_say_so() {

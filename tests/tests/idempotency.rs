@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use tokio_stream::StreamExt;
 use tonic::Code;
-use tonic_types::StatusExt;
 use weir::stack::Service;
 use weir_proto::{
     budget::{GetSpendRequest, Scope, ScopeKind},
@@ -17,7 +16,7 @@ use weir_proto::{
         CompleteRequest, CompleteResponse, CompleteStreamResponse, complete_stream_response::Event,
     },
 };
-use weir_tests::{Mesh, complete, complete_stream, eventually, redis_url, unique_prefix};
+use weir_tests::{Mesh, complete, complete_stream, eventually, reason, redis_url, unique_prefix};
 
 /// One micro-USD per token, so a cost is a token count.
 const PRICE: &str = "price = { input_micros_per_mtok = 1000000, output_micros_per_mtok = 1000000 }";
@@ -89,14 +88,6 @@ fn without_notices(mut response: CompleteResponse) -> CompleteResponse {
 
 fn reasons(response: &CompleteResponse) -> Vec<&str> {
     response.notices.iter().map(|n| n.reason.as_str()).collect()
-}
-
-fn reason(status: &tonic::Status) -> String {
-    status
-        .get_error_details()
-        .error_info()
-        .map(|i| i.reason.clone())
-        .unwrap_or_default()
 }
 
 #[tokio::test]

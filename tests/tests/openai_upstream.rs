@@ -9,7 +9,7 @@ use tonic::Code;
 use tonic_types::StatusExt;
 use weir_proto::router::complete_stream_response::Event;
 use weir_tests::{
-    Mesh, complete, complete_stream, eventually,
+    Mesh, complete, complete_stream, eventually, reason,
     upstream::{Reply, Upstream},
 };
 
@@ -23,14 +23,6 @@ openai = {{ base_url = "{}", upstream_model = "upstream-model" }}
 "#,
         upstream.base_url()
     )
-}
-
-fn reason(status: &tonic::Status) -> String {
-    status
-        .get_error_details()
-        .error_info()
-        .map(|info| info.reason.clone())
-        .unwrap_or_default()
 }
 
 #[tokio::test]

@@ -21,7 +21,7 @@ use tonic::{Code, transport::Channel};
 use tonic_types::StatusExt;
 use weir::stack::Service;
 use weir_proto::router::router_service_client::RouterServiceClient;
-use weir_tests::{Mesh, complete, eventually};
+use weir_tests::{Mesh, complete, eventually, reason};
 
 /// Global limit of the tests: bursts of 10, then one request per second.
 const BURST: usize = 10;
@@ -66,14 +66,6 @@ redis_timeout = "{redis_timeout}"
 /// One router replica: a router and the inference service it calls, in a stack of their own.
 async fn replica(config: &str) -> Mesh {
     Mesh::start_services(config, &[Service::Inference, Service::Router]).await
-}
-
-fn reason(status: &tonic::Status) -> String {
-    status
-        .get_error_details()
-        .error_info()
-        .map(|i| i.reason.clone())
-        .unwrap_or_default()
 }
 
 /// The `limit` the refusal names (e.g. `1/s (burst 10)`): the shared limit or the local share.

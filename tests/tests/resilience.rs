@@ -27,7 +27,7 @@ use tonic::Code;
 use tonic_types::StatusExt;
 use weir_proto::router::{ServedBy, complete_stream_response::Event};
 use weir_tests::{
-    Mesh, complete, complete_stream, eventually,
+    Mesh, complete, complete_stream, eventually, reason,
     upstream::{Reply, Upstream},
 };
 
@@ -37,14 +37,6 @@ const NO_RATE_LIMIT: &str = "
 [router.rate_limit]
 enabled = false
 ";
-
-fn reason(status: &tonic::Status) -> String {
-    status
-        .get_error_details()
-        .error_info()
-        .map(|info| info.reason.clone())
-        .unwrap_or_default()
-}
 
 /// A model served by `upstream` through inference's OpenAI backend.
 fn openai_model(name: &str, upstream: &Upstream) -> String {

@@ -4,12 +4,11 @@
 //! refuses to start.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::{
-    io::{BufRead, BufReader},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-    time::{Duration, Instant},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
 };
 
 use tonic::{Code, Request, transport::Channel};
@@ -21,7 +20,7 @@ use weir_proto::{
     },
 };
 
-const WEIR: &str = env!("CARGO_BIN_EXE_weir");
+use common::{Serve, serve_command};
 const KEY: &str = "acme-process-key-0123456789abcdef";
 const SECRET: &str = "process-mesh-secret-0123456789abcdef0123";
 
@@ -49,76 +48,14 @@ fn config_file(name: &str, mesh: bool) -> PathBuf {
     path
 }
 
-/// `weir serve <service>` on a free port; killed on drop.
-struct Serve {
-    child: Child,
-    url: String,
-}
-
-impl Serve {
-    fn command(service: &str, config: &PathBuf, secret: Option<&str>) -> Command {
-        let mut command = Command::new(WEIR);
-        command
-            .args(["serve", service, "--config"])
-            .arg(config)
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .env_remove("WEIR_MESH__SECRET")
-            .env("RUST_LOG", "warn")
-            .env("WEIR_TELEMETRY__METRICS_LISTEN", "")
-            .env(
-                format!("WEIR_{}__LISTEN", service.to_ascii_uppercase()),
-                "127.0.0.1:0",
-            );
-        match secret {
-            Some(secret) => command.env("WEIR_TEST_MESH_SECRET", secret),
-            None => command.env_remove("WEIR_TEST_MESH_SECRET"),
-        };
-        command
-    }
-
-    fn start(mut command: Command, service: &str) -> Self {
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("weir serve starts");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut url = None;
-        while Instant::now() < deadline && url.is_none() {
-            if let Ok(line) = rx.recv_timeout(Duration::from_millis(200))
-                && line.starts_with(service)
-            {
-                let addr = line.split("grpc://").nth(1).unwrap().trim().to_string();
-                url = Some(format!("http://{addr}"));
-            }
-        }
-        Self {
-            child,
-            url: url.unwrap_or_else(|| panic!("weir serve {service} prints its address")),
-        }
-    }
-
-    fn channel(&self) -> Channel {
-        Channel::from_shared(self.url.clone())
-            .unwrap()
-            .connect_lazy()
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `weir serve <service>` with the test's config and, if given, the mesh secret.
+fn command(service: &str, config: &Path, secret: Option<&str>) -> Command {
+    let mut command = serve_command(service, config);
+    match secret {
+        Some(secret) => command.env("WEIR_TEST_MESH_SECRET", secret),
+        None => command.env_remove("WEIR_TEST_MESH_SECRET"),
+    };
+    command
 }
 
 fn with_key<T>(body: T) -> Request<T> {
@@ -145,8 +82,8 @@ fn complete(session: &str) -> CompleteRequest {
     }
 }
 
-fn router(config: &PathBuf, secret: &str, inference: &Serve, session: &Serve) -> Serve {
-    let mut command = Serve::command("router", config, Some(secret));
+fn router(config: &Path, secret: &str, inference: &Serve, session: &Serve) -> Serve {
+    let mut command = command("router", config, Some(secret));
     command
         .env("WEIR_ROUTER__INFERENCE_URL", &inference.url)
         .env("WEIR_ROUTER__SESSION_URL", &session.url);
@@ -156,11 +93,8 @@ fn router(config: &PathBuf, secret: &str, inference: &Serve, session: &Serve) ->
 #[tokio::test]
 async fn services_in_separate_processes_share_keys_and_the_mesh_secret() {
     let config = config_file("shared", true);
-    let inference = Serve::start(
-        Serve::command("inference", &config, Some(SECRET)),
-        "inference",
-    );
-    let session = Serve::start(Serve::command("session", &config, Some(SECRET)), "session");
+    let inference = Serve::start(command("inference", &config, Some(SECRET)), "inference");
+    let session = Serve::start(command("session", &config, Some(SECRET)), "session");
     let mut sessions = SessionServiceClient::new(session.channel());
 
     // Directly at the session service: the key decides, the named tenant does not.
@@ -219,7 +153,7 @@ async fn services_in_separate_processes_share_keys_and_the_mesh_secret() {
 #[test]
 fn keys_without_a_mesh_secret_fail_at_start_up_naming_the_key() {
     let config = config_file("no-secret", false);
-    let output = Serve::command("budget", &config, None)
+    let output = command("budget", &config, None)
         .stdout(Stdio::null())
         .output()
         .unwrap();

@@ -4,11 +4,10 @@
 //! would run them, on real sockets.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::{
-    io::{BufRead, BufReader},
     net::{IpAddr, Ipv4Addr},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
     time::{Duration, Instant},
 };
 
@@ -25,7 +24,7 @@ use weir_proto::{
     },
 };
 
-const WEIR: &str = env!("CARGO_BIN_EXE_weir");
+use common::{Serve, serve_command};
 
 /// 200 tokens at 20 a second: ten seconds of answer, time enough to kill its process mid-way.
 /// One micro-USD per token, so a cost is a token count.
@@ -35,82 +34,18 @@ sim = { output_tokens = 200, tokens_per_second = 20.0 }
 price = { input_micros_per_mtok = 1000000, output_micros_per_mtok = 1000000 }
 "#;
 
-/// A `weir serve <service>` process on a free port; killed on drop.
-struct Serve {
-    child: Child,
-    url: String,
-}
-
-impl Serve {
-    fn start(service: &str, toml: &str) -> Self {
-        let path = std::env::temp_dir().join(format!(
-            "weir-process-faults-{}-{service}.toml",
-            std::process::id()
-        ));
-        std::fs::write(&path, toml).unwrap();
-        let mut child = Command::new(WEIR)
-            .args(["serve", service, "--config"])
-            .arg(&path)
-            .env(
-                format!("WEIR_{}__LISTEN", service.to_ascii_uppercase()),
-                "127.0.0.1:0",
-            )
-            .env("WEIR_TELEMETRY__METRICS_LISTEN", "")
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("weir serve starts");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            match rx.recv_timeout(Duration::from_millis(200)) {
-                Ok(line) if line.starts_with(service) => {
-                    let addr = line.split("grpc://").nth(1).unwrap().trim().to_string();
-                    return Self {
-                        child,
-                        url: format!("http://{addr}"),
-                    };
-                }
-                Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            }
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("weir serve {service} did not print its address");
-    }
-
-    /// SIGKILL: the process dies at once, mid-write, as in a crash or an OOM kill.
-    fn kill(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn redis_url() -> String {
     std::env::var("WEIR_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string())
 }
 
 #[tokio::test]
 async fn a_killed_inference_process_ends_the_stream_unavailable_and_what_was_relayed_is_paid() {
-    let mut inference = Serve::start("inference", MODELS);
+    let config = std::env::temp_dir().join(format!(
+        "weir-process-faults-{}-inference.toml",
+        std::process::id()
+    ));
+    std::fs::write(&config, MODELS).unwrap();
+    let mut inference = Serve::start(serve_command("inference", &config), "inference");
     let prefix = format!("wtest-faults-{}", std::process::id());
     let toml = format!(
         r#"{MODELS}

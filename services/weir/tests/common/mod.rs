@@ -1,0 +1,97 @@
+//! `weir serve` processes for the tests that need a real process boundary.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use tonic::transport::Channel;
+
+/// The `weir` binary of this build.
+pub const WEIR: &str = env!("CARGO_BIN_EXE_weir");
+
+/// `weir serve <service> --config <config>` on a free port of 127.0.0.1, with no metrics
+/// endpoint, no trace export and warnings only; add what a test needs before [`Serve::start`].
+pub fn serve_command(service: &str, config: &Path) -> Command {
+    let mut command = Command::new(WEIR);
+    command
+        .args(["serve", service, "--config"])
+        .arg(config)
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("WEIR_MESH__SECRET")
+        .env("RUST_LOG", "warn")
+        .env("WEIR_TELEMETRY__METRICS_LISTEN", "")
+        .env(
+            format!("WEIR_{}__LISTEN", service.to_ascii_uppercase()),
+            "127.0.0.1:0",
+        );
+    command
+}
+
+/// A running `weir serve` process; killed on drop.
+pub struct Serve {
+    child: Child,
+    /// `http://<addr>` of the service.
+    pub url: String,
+}
+
+impl Serve {
+    /// Spawns `command` and waits (30 s at most) for it to print `<service> grpc://<addr>`. Its
+    /// stdout is read to the end on a thread of its own, so the process never writes to a closed
+    /// pipe.
+    pub fn start(mut command: Command, service: &str) -> Self {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("weir serve starts");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(line) if line.starts_with(service) => {
+                    let addr = line.split("grpc://").nth(1).unwrap().trim().to_string();
+                    return Self {
+                        child,
+                        url: format!("http://{addr}"),
+                    };
+                }
+                Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("weir serve {service} did not print its address");
+    }
+
+    /// A channel to the service.
+    pub fn channel(&self) -> Channel {
+        Channel::from_shared(self.url.clone())
+            .unwrap()
+            .connect_lazy()
+    }
+
+    /// SIGKILL: the process dies at once, mid-write, as in a crash or an OOM kill.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
