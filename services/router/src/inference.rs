@@ -107,7 +107,7 @@ impl Call {
     }
 }
 
-/// The criticality of every bookkeeping call (see [`Call::bookkeeping`]).
+/// The criticality of every bookkeeping call (budget, session): see `Call::bookkeeping`.
 pub const BOOKKEEPING_CRITICALITY: Criticality = Criticality::Critical;
 
 /// A cheap-to-clone client of the inference service.

@@ -5,7 +5,7 @@
 //! router's replicas through Redis (`[router.idempotency]`). What this module adds is what a
 //! router answer *is*, so that it can be recorded and replayed:
 //!
-//! - The **fingerprint** of a request ([`fingerprint`]) is a hash of everything that changes its
+//! - The **fingerprint** of a request (`fingerprint`) is a hash of everything that changes its
 //!   answer: the RPC, `model`, `messages`, `session_id`, `params` and `labels`. Not `request_id`
 //!   itself, nor `criticality` (a retry may be sent at another priority and is still the same
 //!   request). The same id with another fingerprint is refused (INVALID_ARGUMENT

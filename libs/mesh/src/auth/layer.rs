@@ -111,7 +111,7 @@ impl Authenticator {
     /// Decides the caller of a request and rewrites its headers and extensions accordingly (see
     /// the module doc): drops `weir-tenant`, `authorization` and `weir-mesh-token`, sets
     /// `weir-tenant` to the authenticated tenant, clamps `weir-criticality` to the caller's
-    /// ceiling, and stores the [`Caller`], its [`Tenant`] and [`ApiKeyId`] in the extensions.
+    /// ceiling, and stores the [`Caller`], its [`Tenant`] and [`ApiKeyId`](super::ApiKeyId) in the extensions.
     pub fn authenticate<B>(&self, request: &mut Request<B>) -> Result<Caller, ApiError> {
         let headers = request.headers_mut();
         // A client never picks its tenant.
