@@ -8,11 +8,11 @@
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use weir::stack::Service;
 use weir_proto::inference::GenerateRequest;
-use weir_tests::{Mesh, percentile, time_completes, user};
+use weir_tests::{Mesh, report, time_completes, user};
 
 const CONFIG: &str = r#"
 [models.sim-zero]
@@ -22,18 +22,6 @@ sim = { output_tokens = 16 }
 [router.rate_limit]
 enabled = false
 "#;
-
-fn report(name: &str, mut samples: Vec<Duration>) {
-    samples.sort();
-    println!(
-        "{name:<32} n={:<6} p50={:>8.1?} p90={:>8.1?} p99={:>8.1?} max={:>8.1?}",
-        samples.len(),
-        percentile(&samples, 0.50),
-        percentile(&samples, 0.90),
-        percentile(&samples, 0.99),
-        samples[samples.len() - 1],
-    );
-}
 
 #[tokio::main]
 async fn main() {

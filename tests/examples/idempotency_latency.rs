@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use weir::stack::Service;
-use weir_tests::{Mesh, complete, percentile, redis_url, unique_prefix};
+use weir_tests::{Mesh, complete, redis_url, report, unique_prefix};
 
 fn config(redis: bool) -> String {
     let store = if redis {
@@ -37,17 +37,6 @@ enabled = false
 {store}
 "#
     )
-}
-
-fn report(name: &str, mut samples: Vec<Duration>) {
-    samples.sort();
-    println!(
-        "{name:<44} n={:<6} p50={:>8.1?} p90={:>8.1?} p99={:>8.1?}",
-        samples.len(),
-        percentile(&samples, 0.50),
-        percentile(&samples, 0.90),
-        percentile(&samples, 0.99),
-    );
 }
 
 async fn run(mesh: &Mesh, calls: usize, id: impl Fn(usize) -> Option<String>) -> Vec<Duration> {

@@ -262,6 +262,19 @@ pub async fn time_completes(
     samples
 }
 
+/// Prints one benchmark line: `name`, the number of samples, p50, p90, p99 and the largest.
+pub fn report(name: &str, mut samples: Vec<Duration>) {
+    samples.sort();
+    println!(
+        "{name:<44} n={:<6} p50={:>8.1?} p90={:>8.1?} p99={:>8.1?} max={:>8.1?}",
+        samples.len(),
+        percentile(&samples, 0.50),
+        percentile(&samples, 0.90),
+        percentile(&samples, 0.99),
+        samples.last().copied().unwrap_or_default(),
+    );
+}
+
 /// The `p` quantile (0 to 1) of `sorted` durations.
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;

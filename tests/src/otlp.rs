@@ -8,6 +8,7 @@ use opentelemetry_proto::tonic::{
         ExportTraceServiceRequest, ExportTraceServiceResponse,
         trace_service_server::{TraceService, TraceServiceServer},
     },
+    common::v1::any_value::Value,
     trace::v1::Span,
 };
 use tonic::{Request, Response, Status};
@@ -75,4 +76,21 @@ impl Collector {
             .cloned()
             .collect()
     }
+}
+
+/// The value of `span`'s attribute `key`, if it has one.
+pub fn attribute<'a>(span: &'a Span, key: &str) -> Option<&'a Value> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref())
+        .and_then(|v| v.value.as_ref())
+}
+
+/// The bytes of a hex string (a trace or span id as `traceparent` writes it).
+pub fn unhex(text: &str) -> Vec<u8> {
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex digits"))
+        .collect()
 }

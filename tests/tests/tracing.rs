@@ -8,22 +8,17 @@
 use std::time::Duration;
 
 use opentelemetry_proto::tonic::{
-    common::v1::{AnyValue, KeyValue, any_value::Value},
+    common::v1::any_value::Value,
     trace::v1::{Span, span::SpanKind, status::StatusCode},
 };
 use tokio_stream::StreamExt;
 use weir::stack::Service;
 use weir_mesh::telemetry::{self, TelemetryConfig};
 use weir_proto::{router::complete_stream_response::Event, session::CreateSessionRequest};
-use weir_tests::{Mesh, complete, complete_stream, eventually, otlp::Collector};
-
-fn attribute<'a>(span: &'a Span, key: &str) -> Option<&'a Value> {
-    span.attributes
-        .iter()
-        .find(|kv: &&KeyValue| kv.key == key)
-        .and_then(|kv| kv.value.as_ref())
-        .and_then(|v: &AnyValue| v.value.as_ref())
-}
+use weir_tests::{
+    Mesh, complete, complete_stream, eventually,
+    otlp::{Collector, attribute, unhex},
+};
 
 fn string(span: &Span, key: &str) -> String {
     match attribute(span, key) {
@@ -41,13 +36,6 @@ fn int(span: &Span, key: &str) -> i64 {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Vec<u8> {
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
-        .collect()
 }
 
 /// The spans of one trace, once spans named `names` have all arrived.

@@ -10,17 +10,13 @@ use std::{collections::HashSet, time::Duration};
 use tonic::metadata::MetadataValue;
 use weir::stack::Service;
 use weir_mesh::telemetry::{self, TelemetryConfig};
-use weir_tests::{Mesh, complete, eventually, otlp::Collector};
+use weir_tests::{
+    Mesh, complete, eventually,
+    otlp::{Collector, unhex},
+};
 
 const CALLER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";
-
-fn unhex(text: &str) -> Vec<u8> {
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_traces_follow_the_ratio_and_callers_decisions_are_kept() {

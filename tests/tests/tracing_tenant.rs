@@ -15,7 +15,11 @@ use weir_mesh::{
     metadata::TENANT,
     telemetry::{self, TelemetryConfig},
 };
-use weir_tests::{Mesh, complete, eventually, otlp::Collector, with_key};
+use weir_tests::{
+    Mesh, complete, eventually,
+    otlp::{Collector, attribute, unhex},
+    with_key,
+};
 
 const KEY: &str = "tracing-tenant-key-0123456789abcdef";
 
@@ -23,21 +27,10 @@ fn tenant_of(spans: &[Span], name: &str) -> Option<String> {
     let span = spans
         .iter()
         .find(|s| s.name == name && s.kind == SpanKind::Server as i32)?;
-    span.attributes
-        .iter()
-        .find(|kv| kv.key == "weir.tenant")
-        .and_then(|kv| kv.value.as_ref()?.value.clone())
-        .map(|value| match value {
-            Value::StringValue(s) => s,
-            other => format!("{other:?}"),
-        })
-}
-
-fn unhex(text: &str) -> Vec<u8> {
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
-        .collect()
+    attribute(span, "weir.tenant").map(|value| match value {
+        Value::StringValue(s) => s.clone(),
+        other => format!("{other:?}"),
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
