@@ -174,6 +174,9 @@ pub enum StartError {
     /// The budget service could not start (its config or its Redis).
     #[error("budget service: {0}")]
     Budget(#[from] weir_budget::StartError),
+    /// The review service could not start (its config or its Redis).
+    #[error("review service: {0}")]
+    Review(#[from] weir_review::StartError),
 }
 
 /// A running set of services.
@@ -351,7 +354,7 @@ pub async fn start(
                     .await?
             }
             Service::Budget => weir_budget::server(&config.budget, config.catalog.clone()).await?,
-            Service::Review => weir_review::server(&config.review),
+            Service::Review => weir_review::server(&config.review).await?,
         };
         let server = server
             .with_config(config.server.clone())
