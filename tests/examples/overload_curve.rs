@@ -287,6 +287,7 @@ fn start_separate(config: &str) -> (Separate, String, String) {
     }
     let mut child = command
         .env("WEIR_TELEMETRY__METRICS_LISTEN", "127.0.0.1:0")
+        .env("WEIR_REVIEW__CONSOLE__LISTEN", "")
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
         .env("RUST_LOG", "error")
         .stdout(std::process::Stdio::piped())

@@ -109,6 +109,8 @@ pub struct Config {
     pub sweep_interval: Duration,
     /// Per-queue settings.
     pub queues: BTreeMap<String, QueueConfig>,
+    /// The reviewer console (`[review.console]`; on by default at `127.0.0.1:50056`).
+    pub console: crate::console::ConsoleConfig,
 }
 
 impl Default for Config {
@@ -122,6 +124,7 @@ impl Default for Config {
             default_sla: DEFAULT_SLA,
             sweep_interval: DEFAULT_SWEEP_INTERVAL,
             queues: BTreeMap::new(),
+            console: crate::console::ConsoleConfig::default(),
         }
     }
 }

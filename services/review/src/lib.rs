@@ -11,6 +11,7 @@
 //! - [`api`]: the RPCs and their semantics; [`error`]: how failures become statuses.
 //! - [`sweeper`]: lapsed leases and SLA timeout actions, exactly once across replicas.
 //! - [`config`]: the `[review]` table; [`metrics`]: the Prometheus series.
+//! - [`console`]: the reviewer console, a web page on a port of its own.
 //!
 //! # States
 //!
@@ -40,6 +41,7 @@ use weir_proto::{review::review_service_server::ReviewServiceServer, service_nam
 
 pub mod api;
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod metrics;
 pub mod store;

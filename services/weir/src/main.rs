@@ -156,6 +156,12 @@ async fn serve(config: Option<PathBuf>, services: &[Service]) -> anyhow::Result<
     for (service, addr) in running.addrs() {
         banner.push_str(&format!("{service:<10} grpc://{addr}\n"));
     }
+    if let Some(addr) = running.console_addr() {
+        banner.push_str(&format!(
+            "{:<10} http://{addr}/   reviewer console\n",
+            "console"
+        ));
+    }
     if let Some((addr, _)) = &metrics {
         banner.push_str(&format!("{:<10} http://{addr}/metrics\n", "metrics"));
     }
