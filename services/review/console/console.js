@@ -284,8 +284,10 @@ function mine(item) {
 state.leases = new Map(); // id -> lease_id of the leases this tab holds
 
 function showDetail(item) {
+  // A fresh copy of the same item (its own claim arriving live) keeps an edit or reason open.
+  const same = item && state.detail && state.detail.id === item.id;
   state.detail = item;
-  setMode("browse");
+  if (!same) setMode("browse");
   $("no-item").hidden = !!item;
   $("item").hidden = !item;
   if (!item) return;
