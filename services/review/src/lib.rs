@@ -8,7 +8,7 @@
 //! - [`store`]: the [`store::Store`] trait, its Redis implementation (key layout and Lua scripts
 //!   documented there) and the in-memory one used when no `redis_url` is set; the state machine
 //!   and its guarantees.
-//! - [`api`]: the RPCs and their semantics; [`error`]: how failures become statuses.
+//! - [`mod@api`]: the RPCs and their semantics; [`error`]: how failures become statuses.
 //! - [`sweeper`]: lapsed leases and SLA timeout actions, exactly once across replicas.
 //! - [`config`]: the `[review]` table; [`metrics`]: the Prometheus series.
 //! - [`console`]: the reviewer console, a web page on a port of its own.
@@ -109,7 +109,7 @@ pub fn server_with(api: ReviewApi) -> GrpcServer {
     )
 }
 
-/// Builds the review server for `config`, ready to `serve` (see [`api`]).
+/// Builds the review server for `config`, ready to `serve` (see [`api()`]).
 pub async fn server(config: &Config) -> Result<GrpcServer, StartError> {
     Ok(server_with(api(config).await?))
 }

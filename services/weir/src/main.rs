@@ -5,12 +5,14 @@
 //! - `weir serve <service>`: one service, as deployed in production.
 //! - `weir chat "prompt"`: stream an answer from the router.
 //! - `weir models`: list the models the inference service can call.
+//! - `weir review list|show|approve|reject`: the human review queue.
 
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use weir::{
     chat::{self, ChatOptions},
+    review_cli::{self, ReviewCommand, ReviewOptions},
     stack::{self, Service, StackConfig},
 };
 use weir_mesh::telemetry;
@@ -85,6 +87,13 @@ enum Command {
         )]
         inference: String,
     },
+    /// The human review queue: list, show, approve or reject items.
+    Review {
+        #[command(flatten)]
+        options: ReviewOptions,
+        #[command(subcommand)]
+        command: ReviewCommand,
+    },
 }
 
 #[tokio::main]
@@ -116,6 +125,9 @@ async fn main() -> ExitCode {
                 .map_err(anyhow::Error::from)
         }
         Command::Models { inference } => list_models(&inference).await,
+        Command::Review { options, command } => {
+            review_cli::run(options, command, &mut std::io::stdout().lock()).await
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
