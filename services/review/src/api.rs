@@ -13,6 +13,8 @@
 //! - `SubmitDecision`: `VERDICT_UNSPECIFIED` counts as a rejection (fail closed), as the API
 //!   says; `VERDICT_EDIT` needs `edited_content`.
 //! - `WatchItem`: the current state, then the item after every change, until a terminal state.
+//! - `GetItem`, `ListItems`, `WatchItem` and `CreateItem` answer a caller without the reviewer
+//!   role with a blocking item's output withheld until it is approved ([`crate::reveal`]).
 //!   The stream re-reads the item when the change feed names it (and every
 //!   [`WATCH_POLL`] regardless), so two changes in quick succession may arrive as one.
 //! - `WatchQueue`: every item of the queue after each change, from the moment of the call (list
@@ -48,7 +50,7 @@ use weir_proto::review::{
 use crate::{
     config::{self, Config, MAX_SLA},
     error::{api_error, edit_without_content},
-    metrics,
+    metrics, reveal,
     store::{
         AnyStore, Change, Claim, Decide, ItemRecord, LeaseRecord, NewItem, Store, actor, state,
     },
@@ -251,6 +253,7 @@ impl ReviewApi {
 
     async fn create(&self, request: Request<CreateItemRequest>) -> Result<CreateItemResponse> {
         let tenant = Tenant::authenticated(request.extensions())?;
+        let reviewer = reveal::may_review(request.extensions());
         let label = key_label(request.extensions());
         let body = request.into_inner();
         let queue = queue_name(&body.queue, "queue")?;
@@ -309,12 +312,13 @@ impl ReviewApi {
             tracing::debug!(item = %record.id, %tenant, queue = %record.queue, "review item created");
         }
         Ok(CreateItemResponse {
-            item: Some(item_proto(&record)),
+            item: Some(reveal::for_caller(item_proto(&record), reviewer)),
         })
     }
 
     async fn get(&self, request: Request<GetItemRequest>) -> Result<GetItemResponse> {
         let tenant = Tenant::authenticated(request.extensions())?;
+        let reviewer = reveal::may_review(request.extensions());
         let id = &request.get_ref().item_id;
         item_id(id, "item_id")?;
         let record = self
@@ -324,12 +328,13 @@ impl ReviewApi {
             .await
             .map_err(|e| api_error(e, id))?;
         Ok(GetItemResponse {
-            item: Some(item_proto(&record)),
+            item: Some(reveal::for_caller(item_proto(&record), reviewer)),
         })
     }
 
     async fn list(&self, request: Request<ListItemsRequest>) -> Result<ListItemsResponse> {
         let tenant = Tenant::authenticated(request.extensions())?;
+        let reviewer = reveal::may_review(request.extensions());
         let body = request.into_inner();
         let queue = queue_name(&body.queue, "queue")?;
         if !(0..=state::EXPIRED).contains(&body.state) {
@@ -360,7 +365,11 @@ impl ReviewApi {
             .await
             .map_err(|e| api_error(e, ""))?;
         Ok(ListItemsResponse {
-            items: page.items.iter().map(item_proto).collect(),
+            items: page
+                .items
+                .iter()
+                .map(|record| reveal::for_caller(item_proto(record), reviewer))
+                .collect(),
             next_page_token: page.next,
         })
     }
@@ -597,6 +606,7 @@ impl ReviewApi {
         request: Request<WatchItemRequest>,
     ) -> Result<WatchStream<WatchItemResponse>> {
         let tenant = Tenant::authenticated(request.extensions())?;
+        let reviewer = reveal::may_review(request.extensions());
         let id = request.into_inner().item_id;
         item_id(&id, "item_id")?;
         // Subscribe before reading, so no change falls between the read and the feed.
@@ -614,6 +624,7 @@ impl ReviewApi {
             first,
             changes,
             tx,
+            reviewer,
         ));
         Ok(Box::pin(ReceiverStream::new(rx)))
     }
@@ -645,12 +656,13 @@ async fn watch_item(
     first: ItemRecord,
     mut changes: broadcast::Receiver<Change>,
     tx: Sender<WatchItemResponse>,
+    reviewer: bool,
 ) {
     let id = first.id.clone();
     let mut version = first.version;
     let mut done = state::is_terminal(first.state);
     let send = |record: &ItemRecord| WatchItemResponse {
-        item: Some(item_proto(record)),
+        item: Some(reveal::for_caller(item_proto(record), reviewer)),
     };
     if tx.send(Ok(send(&first))).await.is_err() || done {
         return;

@@ -12,6 +12,7 @@
 //! - [`sweeper`]: lapsed leases and SLA timeout actions, exactly once across replicas.
 //! - [`config`]: the `[review]` table; [`metrics`]: the Prometheus series.
 //! - [`console`]: the reviewer console, a web page on a port of its own.
+//! - [`reveal`]: a blocking item's output is for reviewers until it is approved.
 //!
 //! # States
 //!
@@ -44,6 +45,7 @@ pub mod config;
 pub mod console;
 pub mod error;
 pub mod metrics;
+pub mod reveal;
 pub mod store;
 pub mod sweeper;
 
