@@ -25,7 +25,7 @@
 //! `trace_id` names the request's trace (the router's server span's, [`weir_mesh::trace`]), so
 //! a user can find it in Jaeger. `review_status` is NOT_REQUIRED until the review step lands.
 //!
-//! Jobs and batches answer UNIMPLEMENTED (the generated defaults) until their issue lands.
+//! Jobs are served by [`crate::jobs`]; batches answer UNIMPLEMENTED (the generated defaults).
 
 use std::sync::Arc;
 
@@ -73,6 +73,8 @@ pub struct RouterApi {
     sessions: Sessions,
     spend: Spend,
     idempotency: Idempotency,
+    /// Asynchronous jobs, when on ([`crate::jobs`]).
+    pub(crate) jobs: Option<crate::jobs::api::Jobs>,
 }
 
 impl RouterApi {
@@ -86,7 +88,19 @@ impl RouterApi {
             sessions: Sessions::off(),
             spend: Spend::off(),
             idempotency: Idempotency::in_memory("router"),
+            jobs: None,
         }
+    }
+
+    /// Serves the job RPCs from `jobs` (they answer FAILED_PRECONDITION until this is called).
+    pub fn with_jobs(mut self, jobs: crate::jobs::api::Jobs) -> Self {
+        self.jobs = Some(jobs);
+        self
+    }
+
+    /// The jobs this router serves, when on.
+    pub fn jobs(&self) -> Option<&crate::jobs::api::Jobs> {
+        self.jobs.as_ref()
     }
 
     /// Keeps the idempotency records of requests with a `request_id` in `records` (in the
@@ -573,6 +587,42 @@ impl RouterService for RouterApi {
                 Err(status)
             }
         }
+    }
+
+    async fn submit_job(
+        &self,
+        request: Request<weir_proto::router::SubmitJobRequest>,
+    ) -> Result<Response<weir_proto::router::SubmitJobResponse>, Status> {
+        crate::jobs::api::submit(self, request).await
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<weir_proto::router::GetJobRequest>,
+    ) -> Result<Response<weir_proto::router::GetJobResponse>, Status> {
+        crate::jobs::api::get(self, request).await
+    }
+
+    async fn watch_job(
+        &self,
+        request: Request<weir_proto::router::WatchJobRequest>,
+    ) -> Result<Response<tonic::codegen::BoxStream<weir_proto::router::WatchJobResponse>>, Status>
+    {
+        crate::jobs::api::watch(self, request).await
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<weir_proto::router::CancelJobRequest>,
+    ) -> Result<Response<weir_proto::router::CancelJobResponse>, Status> {
+        crate::jobs::api::cancel(self, request).await
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<weir_proto::router::ListJobsRequest>,
+    ) -> Result<Response<weir_proto::router::ListJobsResponse>, Status> {
+        crate::jobs::api::list(self, request).await
     }
 }
 

@@ -123,6 +123,8 @@ pub struct Config {
     /// (`[router.idempotency]`: `retention` 24 h, `redis_url` to share them between replicas; in
     /// the process by default). See [`crate::replay`].
     pub idempotency: IdempotencyConfig,
+    /// Asynchronous jobs (`[router.jobs]`: queue, workers, capacity; see [`crate::jobs`]).
+    pub jobs: crate::jobs::JobsConfig,
 }
 
 impl Default for Config {
@@ -138,6 +140,7 @@ impl Default for Config {
             rate_limit: RateLimitConfig::default(),
             client: Clients::default(),
             idempotency: IdempotencyConfig::default(),
+            jobs: crate::jobs::JobsConfig::default(),
         }
     }
 }

@@ -19,8 +19,9 @@
 //!   tier ([`spend`]); both are settled when the answer ends ([`settlement`]).
 //!
 //! Errors from the inference, session and budget services reach the client with their code and
-//! `google.rpc` details (reason, RetryInfo, BadRequest, QuotaFailure) intact. Review, jobs and
-//! batches land with their own issues; until then the job and batch RPCs answer UNIMPLEMENTED.
+//! `google.rpc` details (reason, RetryInfo, BadRequest, QuotaFailure) intact. Asynchronous jobs
+//! ([`jobs`]) are queued and run by workers through `Complete`; review and batches land with their
+//! own issues, and the batch RPCs answer UNIMPLEMENTED until then.
 //!
 //! [`server`] validates the `[router]` table ([`Config`]) against the model catalog and builds the
 //! server; the same library is served alone by `weir serve router` and together by `weir up`.
@@ -31,6 +32,7 @@ pub mod clients;
 pub mod config;
 pub mod fallback;
 pub mod inference;
+pub mod jobs;
 pub mod prices;
 pub mod relay;
 pub mod replay;
@@ -70,6 +72,16 @@ pub fn server(
     catalog: Arc<Catalog>,
     authenticator: Authenticator,
 ) -> Result<GrpcServer, ConfigError> {
+    server_with_jobs(config, catalog, authenticator).map(|(server, _)| server)
+}
+
+/// [`server`], and the jobs it serves (when `[router.jobs]` is on), for the caller to run
+/// workers on ([`jobs::worker::spawn`]) once the router listens.
+pub fn server_with_jobs(
+    config: &Config,
+    catalog: Arc<Catalog>,
+    authenticator: Authenticator,
+) -> Result<(GrpcServer, Option<jobs::api::Jobs>), ConfigError> {
     if config.auth != AuthConfig::default() {
         // Never ignore keys silently: they would not be checked.
         return Err(ConfigError::invalid(
@@ -78,11 +90,13 @@ pub fn server(
         ));
     }
     let api = router_api(config, catalog, authenticator.identity().clone())?;
+    let jobs = api.jobs().cloned();
     let limiter = TenantLimiter::from_config(&config.rate_limit, "router.rate_limit")?;
     Ok(GrpcServer::default()
         .add_service(RouterServiceServer::new(api))
         .with_auth(authenticator)
         .with_rate_limit(RateLimitLayer::new(limiter)))
+    .map(|server| (server, jobs))
 }
 
 /// Validates `config` against `catalog` and builds the gRPC implementation, for callers that host
@@ -112,6 +126,9 @@ pub fn router_api(
         "router",
     )?;
     let mut api = RouterApi::new(routes, inference).with_idempotency(records);
+    if let Some(store) = jobs::JobStore::from_config(&config.jobs, "router.jobs")? {
+        api = api.with_jobs(jobs::api::Jobs::new(store, config.jobs.clone()));
+    }
     if let Some(url) = config.session_url() {
         api = api.with_sessions(stack(&config.client.session, "router.session_url", url)?);
     }

@@ -1,0 +1,550 @@
+//! The job store on Redis: job records in hashes, deliveries in a stream with a consumer group.
+//!
+//! The key layout is documented at the top of `lua/prelude.lua`. Every transition is one Lua
+//! script (`lua/*.lua`, each starting with the prelude) that checks the job's state and applies
+//! atomically: moving the job, counting the queue's open jobs, acknowledging (XACK, then XDEL)
+//! the delivery and publishing the change. Reads of the stream (XREADGROUP, XAUTOCLAIM) are plain
+//! commands: a delivery read twice is harmless, because `start` checks the job.
+//!
+//! A worker's blocking XREADGROUP runs on a connection of its own (one per consumer name), so
+//! it never holds up the scripts on the shared connection.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex as StdMutex},
+    time::Duration,
+};
+
+use prost::Message as _;
+use redis::{
+    Client, Script, Value,
+    aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
+    streams::{StreamAutoClaimReply, StreamId, StreamReadReply},
+};
+use weir_mesh::{store::redact, tenant::Tenant};
+use weir_proto::router::{CompleteResponse, Job, JobError};
+
+use super::{Delivery, JobPage, JobRecord, JobsConfig, JobsError, ListQuery, NewJob, Submitted};
+
+const PRELUDE: &str = include_str!("lua/prelude.lua");
+/// The consumer group of the workers.
+pub const GROUP: &str = "workers";
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most jobs moved from the delayed set to the stream per reclaim.
+const PROMOTE_BATCH: u32 = 100;
+/// Most deliveries reclaimed at once.
+const RECLAIM_BATCH: u32 = 16;
+
+struct Scripts {
+    submit: Script,
+    start: Script,
+    succeed: Script,
+    fail: Script,
+    retry: Script,
+    cancel: Script,
+    promote: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        let script = |body: &str| Script::new(&format!("{PRELUDE}\n{body}"));
+        Self {
+            submit: script(include_str!("lua/submit.lua")),
+            start: script(include_str!("lua/start.lua")),
+            succeed: script(include_str!("lua/succeed.lua")),
+            fail: script(include_str!("lua/fail.lua")),
+            retry: script(include_str!("lua/retry.lua")),
+            cancel: script(include_str!("lua/cancel.lua")),
+            promote: script(include_str!("lua/promote.lua")),
+        }
+    }
+}
+
+/// The job store on Redis. Cheap to clone (clones share the connections).
+#[derive(Clone)]
+pub struct RedisJobs {
+    client: Client,
+    conn: ConnectionManager,
+    prefix: Arc<str>,
+    scripts: Arc<Scripts>,
+    /// Each consumer's connection for blocking reads.
+    readers: Arc<StdMutex<HashMap<String, MultiplexedConnection>>>,
+}
+
+impl std::fmt::Debug for RedisJobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisJobs")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisJobs {
+    /// A store connecting on first use, so Redis may start after the router.
+    pub fn lazy(url: &str, prefix: &str) -> Result<Self, String> {
+        let invalid = |error: redis::RedisError| format!("{}: {error}", redact(url));
+        let client = Client::open(url).map_err(invalid)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(1);
+        let conn =
+            ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(invalid)?;
+        Ok(Self {
+            client,
+            conn,
+            prefix: prefix.into(),
+            scripts: Arc::new(Scripts::new()),
+            readers: Arc::default(),
+        })
+    }
+
+    /// `<prefix>:jobs:async`, the queue's stream.
+    pub fn stream_key(&self) -> String {
+        format!("{}:jobs:async", self.prefix)
+    }
+
+    fn invocation<'a>(
+        &self,
+        script: &'a Script,
+        tenant: &str,
+        now_ms: i64,
+    ) -> redis::ScriptInvocation<'a> {
+        let mut invocation = script.prepare_invoke();
+        invocation.arg(&*self.prefix).arg(tenant).arg(now_ms);
+        invocation
+    }
+
+    async fn run(&self, invocation: &redis::ScriptInvocation<'_>) -> Result<Reply, JobsError> {
+        let mut conn = self.conn.clone();
+        let value: Value = invocation.invoke_async(&mut conn).await?;
+        Reply::parse(value)
+    }
+
+    pub(super) async fn submit(
+        &self,
+        tenant: &Tenant,
+        new: NewJob,
+        config: &JobsConfig,
+        now_ms: i64,
+    ) -> Result<Submitted, JobsError> {
+        let mut invocation = self.invocation(&self.scripts.submit, tenant.as_str(), now_ms);
+        invocation
+            .arg(&new.id)
+            .arg(&new.request_id)
+            .arg(new.body.encode_to_vec())
+            .arg(new.expire_ms)
+            .arg(config.capacity)
+            .arg(millis(config.retention));
+        let reply = self.run(&invocation).await?;
+        match reply.status.as_str() {
+            "full" => Err(JobsError::Full(config.capacity)),
+            "ok" | "exists" => Ok(Submitted {
+                created: reply.status == "ok",
+                job: reply.record()?,
+            }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub(super) async fn get(
+        &self,
+        tenant: &Tenant,
+        id: &str,
+    ) -> Result<Option<JobRecord>, JobsError> {
+        let mut conn = self.conn.clone();
+        let flat: HashMap<String, Vec<u8>> = redis::cmd("HGETALL")
+            .arg(self.job_key(tenant, id))
+            .query_async(&mut conn)
+            .await?;
+        if flat.is_empty() {
+            return Ok(None);
+        }
+        record(flat).map(Some)
+    }
+
+    fn job_key(&self, tenant: &Tenant, id: &str) -> String {
+        format!("{}:{tenant}:job:{id}", self.prefix)
+    }
+
+    pub(super) async fn list(
+        &self,
+        tenant: &Tenant,
+        query: ListQuery,
+    ) -> Result<JobPage, JobsError> {
+        let index = format!("{}:{tenant}:job:_index", self.prefix);
+        let mut conn = self.conn.clone();
+        let mut page = JobPage::default();
+        let mut max = query.before.map_or("+inf".to_string(), |b| format!("({b}"));
+        loop {
+            let batch: Vec<(String, u64)> = redis::cmd("ZRANGE")
+                .arg(&index)
+                .arg(&max)
+                .arg("-inf")
+                .arg("BYSCORE")
+                .arg("REV")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(query.limit.max(1))
+                .arg("WITHSCORES")
+                .query_async(&mut conn)
+                .await?;
+            let Some(&(_, last)) = batch.last() else {
+                return Ok(page);
+            };
+            for (id, seq) in batch {
+                let Some(job) = self.get(tenant, &id).await? else {
+                    continue; // Expired past its retention.
+                };
+                if query.state == 0 || job.state == query.state {
+                    page.jobs.push(job);
+                    if page.jobs.len() == query.limit {
+                        page.next = Some(seq);
+                        return Ok(page);
+                    }
+                }
+            }
+            max = format!("({last}");
+        }
+    }
+
+    pub(super) async fn cancel(
+        &self,
+        tenant: &Tenant,
+        id: &str,
+        config: &JobsConfig,
+        now_ms: i64,
+    ) -> Result<Option<JobRecord>, JobsError> {
+        let mut invocation = self.invocation(&self.scripts.cancel, tenant.as_str(), now_ms);
+        invocation.arg(id).arg(millis(config.retention));
+        let reply = self.run(&invocation).await?;
+        match reply.status.as_str() {
+            "not_found" => Ok(None),
+            "ok" => reply.record().map(Some),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The consumer's own connection for blocking reads.
+    async fn reader(&self, consumer: &str) -> Result<MultiplexedConnection, JobsError> {
+        if let Some(conn) = self.readers.lock().map_err(poisoned)?.get(consumer) {
+            return Ok(conn.clone());
+        }
+        let conn = self.client.get_multiplexed_async_connection().await?;
+        self.readers
+            .lock()
+            .map_err(poisoned)?
+            .insert(consumer.to_string(), conn.clone());
+        Ok(conn)
+    }
+
+    /// Creates the stream and its group, if they do not exist yet.
+    async fn ensure_group(&self) -> Result<(), JobsError> {
+        let mut conn = self.conn.clone();
+        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(self.stream_key())
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await;
+        match created {
+            Err(error) if error.code() != Some("BUSYGROUP") => Err(error.into()),
+            _ => Ok(()),
+        }
+    }
+
+    pub(super) async fn next(
+        &self,
+        consumer: &str,
+        wait: Duration,
+    ) -> Result<Option<Delivery>, JobsError> {
+        let mut conn = self.reader(consumer).await?;
+        let read: redis::RedisResult<Option<StreamReadReply>> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(1)
+            .arg("BLOCK")
+            .arg(millis(wait))
+            .arg("STREAMS")
+            .arg(self.stream_key())
+            .arg(">")
+            .query_async(&mut conn)
+            .await;
+        let reply = match read {
+            Err(error) if error.code() == Some("NOGROUP") => {
+                self.ensure_group().await?;
+                return Ok(None);
+            }
+            other => other?,
+        };
+        Ok(reply
+            .into_iter()
+            .flat_map(|r| r.keys)
+            .flat_map(|k| k.ids)
+            .find_map(|entry| delivery(&entry)))
+    }
+
+    pub(super) async fn reclaim(
+        &self,
+        consumer: &str,
+        idle: Duration,
+        now_ms: i64,
+    ) -> Result<Vec<Delivery>, JobsError> {
+        let mut invocation = self.invocation(&self.scripts.promote, "", now_ms);
+        invocation.arg(PROMOTE_BATCH);
+        let mut conn = self.conn.clone();
+        let _: Value = invocation.invoke_async(&mut conn).await?;
+        let claimed: redis::RedisResult<StreamAutoClaimReply> = redis::cmd("XAUTOCLAIM")
+            .arg(self.stream_key())
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(millis(idle))
+            .arg("0-0")
+            .arg("COUNT")
+            .arg(RECLAIM_BATCH)
+            .query_async(&mut conn)
+            .await;
+        let claimed = match claimed {
+            Err(error) if error.code() == Some("NOGROUP") => {
+                self.ensure_group().await?;
+                return Ok(Vec::new());
+            }
+            other => other?,
+        };
+        // An entry deleted since it was read (its job ended) has nothing left to run.
+        Ok(claimed.claimed.iter().filter_map(delivery).collect())
+    }
+
+    pub(super) async fn start(
+        &self,
+        delivery: &Delivery,
+        consumer: &str,
+        config: &JobsConfig,
+        now_ms: i64,
+    ) -> Result<Option<JobRecord>, JobsError> {
+        let mut invocation = self.invocation(&self.scripts.start, delivery.tenant.as_str(), now_ms);
+        invocation
+            .arg(&delivery.id)
+            .arg(&delivery.entry)
+            .arg(consumer)
+            .arg(config.max_deliveries)
+            .arg(millis(config.retention));
+        let reply = self.run(&invocation).await?;
+        match reply.status.as_str() {
+            "skip" => Ok(None),
+            "ok" => reply.record().map(Some),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub(super) async fn succeed(
+        &self,
+        delivery: &Delivery,
+        result: &CompleteResponse,
+        config: &JobsConfig,
+        now_ms: i64,
+    ) -> Result<bool, JobsError> {
+        let mut invocation =
+            self.invocation(&self.scripts.succeed, delivery.tenant.as_str(), now_ms);
+        invocation
+            .arg(&delivery.id)
+            .arg(&delivery.entry)
+            .arg(result.encode_to_vec())
+            .arg(millis(config.retention));
+        Ok(self.run(&invocation).await?.status == "ok")
+    }
+
+    pub(super) async fn fail(
+        &self,
+        delivery: &Delivery,
+        error: &JobError,
+        config: &JobsConfig,
+        now_ms: i64,
+    ) -> Result<bool, JobsError> {
+        let mut invocation = self.invocation(&self.scripts.fail, delivery.tenant.as_str(), now_ms);
+        invocation
+            .arg(&delivery.id)
+            .arg(&delivery.entry)
+            .arg(error.code)
+            .arg(&error.message)
+            .arg(&error.reason)
+            .arg(millis(config.retention));
+        Ok(self.run(&invocation).await?.status == "ok")
+    }
+
+    pub(super) async fn retry(
+        &self,
+        delivery: &Delivery,
+        error: &JobError,
+        backoff: Duration,
+        config: &JobsConfig,
+        now_ms: i64,
+    ) -> Result<(), JobsError> {
+        let due = now_ms.saturating_add(i64::try_from(backoff.as_millis()).unwrap_or(i64::MAX));
+        let mut invocation = self.invocation(&self.scripts.retry, delivery.tenant.as_str(), now_ms);
+        invocation
+            .arg(&delivery.id)
+            .arg(&delivery.entry)
+            .arg(error.code)
+            .arg(&error.message)
+            .arg(&error.reason)
+            .arg(due)
+            .arg(config.max_deliveries)
+            .arg(millis(config.retention));
+        self.run(&invocation).await.map(|_| ())
+    }
+
+    pub(super) async fn pending(&self) -> Result<u64, JobsError> {
+        let mut conn = self.conn.clone();
+        let reply: redis::RedisResult<Value> = redis::cmd("XPENDING")
+            .arg(self.stream_key())
+            .arg(GROUP)
+            .query_async(&mut conn)
+            .await;
+        match reply {
+            Err(error) if error.code() == Some("NOGROUP") => Ok(0),
+            Ok(Value::Array(items)) => match items.first() {
+                Some(Value::Int(count)) => Ok(u64::try_from(*count).unwrap_or(0)),
+                _ => Ok(0),
+            },
+            Ok(_) => Ok(0),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    pub(super) async fn dead_letters(&self) -> Result<Vec<(String, String)>, JobsError> {
+        let mut conn = self.conn.clone();
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(format!("{}:dead", self.stream_key()))
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await?;
+        Ok(reply
+            .ids
+            .iter()
+            .filter_map(|entry| {
+                let tenant: String = entry.get("tenant")?;
+                let id: String = entry.get("id")?;
+                Some((tenant, id))
+            })
+            .collect())
+    }
+}
+
+/// The delivery of a stream entry `{tenant, id}` (None for a malformed entry).
+fn delivery(entry: &StreamId) -> Option<Delivery> {
+    let tenant: String = entry.get("tenant")?;
+    let id: String = entry.get("id")?;
+    Some(Delivery {
+        tenant: Tenant::new(&tenant).ok()?,
+        id,
+        entry: entry.id.clone(),
+    })
+}
+
+/// A script's answer: a status and, for most, the job's hash.
+struct Reply {
+    status: String,
+    fields: Option<HashMap<String, Vec<u8>>>,
+}
+
+impl Reply {
+    fn parse(value: Value) -> Result<Self, JobsError> {
+        let Value::Array(mut items) = value else {
+            return Err(JobsError::Corrupt(format!("unexpected reply {value:?}")));
+        };
+        let fields = if items.len() > 1 {
+            Some(
+                redis::from_redis_value::<HashMap<String, Vec<u8>>>(items.remove(1))
+                    .map_err(parsing)?,
+            )
+        } else {
+            None
+        };
+        let status = items
+            .into_iter()
+            .next()
+            .map(redis::from_redis_value::<String>)
+            .transpose()
+            .map_err(parsing)?
+            .unwrap_or_default();
+        Ok(Self { status, fields })
+    }
+
+    fn record(self) -> Result<JobRecord, JobsError> {
+        match self.fields {
+            Some(fields) => record(fields),
+            None => Err(JobsError::Corrupt(format!("{} without a job", self.status))),
+        }
+    }
+}
+
+/// A job record from its hash.
+fn record(mut fields: HashMap<String, Vec<u8>>) -> Result<JobRecord, JobsError> {
+    let text = |fields: &HashMap<String, Vec<u8>>, name: &str| {
+        fields
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default()
+    };
+    let number = |fields: &HashMap<String, Vec<u8>>, name: &str| -> i64 {
+        text(fields, name).parse().unwrap_or(0)
+    };
+    let corrupt = |error: prost::DecodeError| JobsError::Corrupt(error.to_string());
+    let body =
+        Job::decode(fields.remove("body").unwrap_or_default().as_slice()).map_err(corrupt)?;
+    let result = fields
+        .remove("result")
+        .map(|bytes| CompleteResponse::decode(bytes.as_slice()))
+        .transpose()
+        .map_err(corrupt)?;
+    let error_of = |code: &str, message: &str, reason: &str| {
+        fields.contains_key(code).then(|| JobError {
+            code: i32::try_from(number(&fields, code)).unwrap_or(2),
+            message: text(&fields, message),
+            reason: text(&fields, reason),
+        })
+    };
+    let error = error_of("err_code", "err_msg", "err_reason");
+    let last_error = error_of("last_code", "last_msg", "last_reason");
+    Ok(JobRecord {
+        id: text(&fields, "id"),
+        state: i32::try_from(number(&fields, "state")).unwrap_or(0),
+        attempts: u32::try_from(number(&fields, "attempts")).unwrap_or(0),
+        create_ms: number(&fields, "created"),
+        start_ms: number(&fields, "started"),
+        end_ms: number(&fields, "ended"),
+        expire_ms: number(&fields, "expire"),
+        seq: u64::try_from(number(&fields, "seq")).unwrap_or(0),
+        entry: text(&fields, "entry"),
+        lease: text(&fields, "lease"),
+        body,
+        result,
+        error,
+        last_error,
+    })
+}
+
+fn parsing(error: impl std::fmt::Display) -> JobsError {
+    JobsError::Corrupt(error.to_string())
+}
+
+fn unexpected(status: &str) -> JobsError {
+    JobsError::Corrupt(format!("unexpected script status {status:?}"))
+}
+
+fn poisoned<T>(_: T) -> JobsError {
+    JobsError::Corrupt("a lock was poisoned".to_string())
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}

@@ -1,0 +1,358 @@
+//! One suite for both stores: the in-memory one always, the Redis one against
+//! `WEIR_TEST_REDIS_URL` (default `redis://127.0.0.1:6379`) under a unique key prefix, deleted
+//! afterwards.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use weir_mesh::tenant::Tenant;
+use weir_proto::router::{CompleteRequest, CompleteResponse, Job, JobError};
+
+use super::*;
+
+fn config() -> JobsConfig {
+    JobsConfig {
+        capacity: 3,
+        max_deliveries: 2,
+        backoff: Duration::from_millis(1),
+        ..JobsConfig::default()
+    }
+}
+
+fn tenant(name: &str) -> Tenant {
+    Tenant::new(name).unwrap()
+}
+
+fn new_job(request_id: &str) -> NewJob {
+    let id = format!("job-{}", uuid::Uuid::new_v4().simple());
+    NewJob {
+        id: id.clone(),
+        request_id: request_id.to_string(),
+        body: Job {
+            id,
+            request: Some(CompleteRequest {
+                model: "sim-small".to_string(),
+                ..CompleteRequest::default()
+            }),
+            ..Job::default()
+        },
+        expire_ms: now_ms() + 60_000,
+    }
+}
+
+async fn next(store: &JobStore, consumer: &str) -> Delivery {
+    store
+        .next(consumer, Duration::from_millis(200))
+        .await
+        .unwrap()
+        .expect("a delivery")
+}
+
+async fn submit_is_idempotent_and_bounded(store: &JobStore) {
+    let acme = tenant("acme");
+    let config = config();
+    let first = store.submit(&acme, new_job("r-1"), &config).await.unwrap();
+    assert!(first.created);
+    assert_eq!(first.job.state, state::QUEUED);
+    let again = store.submit(&acme, new_job("r-1"), &config).await.unwrap();
+    assert!(!again.created);
+    assert_eq!(again.job.id, first.job.id, "same request_id, same job");
+    // Another tenant's request_id is its own.
+    let other = store
+        .submit(&tenant("globex"), new_job("r-1"), &config)
+        .await
+        .unwrap();
+    assert!(other.created);
+    assert_ne!(other.job.id, first.job.id);
+    store.submit(&acme, new_job(""), &config).await.unwrap();
+    let full = store.submit(&acme, new_job(""), &config).await.unwrap_err();
+    assert!(matches!(full, JobsError::Full(3)), "{full}");
+    // The retried submit of a known job is still answered when the queue is full.
+    let known = store.submit(&acme, new_job("r-1"), &config).await.unwrap();
+    assert_eq!(known.job.id, first.job.id);
+    // Tenant isolation: the id names nothing for another tenant.
+    assert!(
+        store
+            .get(&tenant("globex"), &first.job.id)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .cancel(&tenant("globex"), &first.job.id, &config)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // A cancelled job frees its place.
+    store.cancel(&acme, &first.job.id, &config).await.unwrap();
+    store.submit(&acme, new_job(""), &config).await.unwrap();
+}
+
+async fn a_job_runs_once_to_one_terminal_state(store: &JobStore) {
+    let acme = tenant("acme");
+    let config = config();
+    let submitted = store.submit(&acme, new_job(""), &config).await.unwrap();
+    let delivery = next(store, "w1").await;
+    assert_eq!(delivery.id, submitted.job.id);
+    let job = store
+        .start(&delivery, "w1", &config)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((job.state, job.attempts), (state::RUNNING, 1));
+    assert_eq!(store.pending().await.unwrap(), 1);
+    let result = CompleteResponse {
+        model: "sim-small".to_string(),
+        ..CompleteResponse::default()
+    };
+    assert!(store.succeed(&delivery, &result, &config).await.unwrap());
+    assert_eq!(
+        store.pending().await.unwrap(),
+        0,
+        "acknowledged with the result"
+    );
+    // Terminal states never change: a late cancel or a second outcome changes nothing.
+    let cancelled = store.cancel(&acme, &delivery.id, &config).await.unwrap();
+    assert_eq!(cancelled.unwrap().state, state::SUCCEEDED);
+    assert!(
+        !store
+            .fail(&delivery, &JobError::default(), &config)
+            .await
+            .unwrap()
+    );
+    let job = store.get(&acme, &delivery.id).await.unwrap().unwrap();
+    assert_eq!(job.state, state::SUCCEEDED);
+    assert_eq!(job.to_job().result.unwrap().model, "sim-small");
+    assert!(job.end_ms > 0);
+}
+
+async fn cancel_racing_completion_ends_once(store: &JobStore) {
+    let acme = tenant("acme");
+    let config = config();
+    let submitted = store.submit(&acme, new_job(""), &config).await.unwrap();
+    let delivery = next(store, "w1").await;
+    store
+        .start(&delivery, "w1", &config)
+        .await
+        .unwrap()
+        .unwrap();
+    let result = CompleteResponse::default();
+    let (cancelled, succeeded) = tokio::join!(
+        store.cancel(&acme, &submitted.job.id, &config),
+        store.succeed(&delivery, &result, &config)
+    );
+    let state = cancelled.unwrap().unwrap().state;
+    let succeeded = succeeded.unwrap();
+    let end = store.get(&acme, &submitted.job.id).await.unwrap().unwrap();
+    if succeeded {
+        assert_eq!(end.state, state::SUCCEEDED);
+    } else {
+        assert_eq!((state, end.state), (state::CANCELLED, state::CANCELLED));
+    }
+    assert_eq!(store.pending().await.unwrap(), 0);
+}
+
+async fn a_lost_delivery_is_reclaimed_and_a_poison_job_dead_lettered(store: &JobStore) {
+    let acme = tenant("acme");
+    let config = config();
+    let submitted = store.submit(&acme, new_job(""), &config).await.unwrap();
+    // w1 takes the job and dies without a word.
+    let lost = next(store, "w1").await;
+    store.start(&lost, "w1", &config).await.unwrap().unwrap();
+    let reclaimed = store.reclaim("w2", Duration::ZERO).await.unwrap();
+    assert_eq!(reclaimed.len(), 1);
+    let job = store
+        .start(&reclaimed[0], "w2", &config)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((job.state, job.attempts), (state::RUNNING, 2));
+    // Its second attempt fails retryably: max_deliveries (2) reached, so it is dead-lettered.
+    let error = JobError {
+        code: 14,
+        message: "model down".to_string(),
+        reason: "UPSTREAM_UNAVAILABLE".to_string(),
+    };
+    store
+        .retry(&reclaimed[0], &error, Duration::ZERO, &config)
+        .await
+        .unwrap();
+    let job = store.get(&acme, &submitted.job.id).await.unwrap().unwrap();
+    assert_eq!(job.state, state::FAILED);
+    let error = job.error.unwrap();
+    assert_eq!((error.code, error.reason.as_str()), (14, MAX_DELIVERIES));
+    assert!(error.message.contains("model down"), "{}", error.message);
+    assert_eq!(
+        store.dead_letters().await.unwrap(),
+        [("acme".to_string(), submitted.job.id.clone())]
+    );
+    assert_eq!(store.pending().await.unwrap(), 0);
+}
+
+async fn a_retried_job_is_queued_again_after_its_backoff(store: &JobStore) {
+    let acme = tenant("acme");
+    let config = config();
+    let submitted = store.submit(&acme, new_job(""), &config).await.unwrap();
+    let first = next(store, "w1").await;
+    store.start(&first, "w1", &config).await.unwrap().unwrap();
+    store
+        .retry(&first, &JobError::default(), Duration::ZERO, &config)
+        .await
+        .unwrap();
+    let job = store.get(&acme, &submitted.job.id).await.unwrap().unwrap();
+    assert_eq!((job.state, job.attempts), (state::QUEUED, 1));
+    assert!(
+        store
+            .reclaim("w1", Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let second = next(store, "w1").await;
+    assert_eq!(second.id, submitted.job.id);
+    assert_ne!(second.entry, first.entry);
+    let job = store.start(&second, "w1", &config).await.unwrap().unwrap();
+    assert_eq!(job.attempts, 2);
+    let error = JobError {
+        code: 3,
+        ..JobError::default()
+    };
+    assert!(store.fail(&second, &error, &config).await.unwrap());
+    assert_eq!(store.pending().await.unwrap(), 0);
+}
+
+async fn lists_are_newest_first_paginated_and_tenant_scoped(store: &JobStore) {
+    let acme = tenant("acme");
+    let config = JobsConfig {
+        capacity: 100,
+        ..config()
+    };
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(
+            store
+                .submit(&acme, new_job(""), &config)
+                .await
+                .unwrap()
+                .job
+                .id,
+        );
+    }
+    store
+        .submit(&tenant("globex"), new_job(""), &config)
+        .await
+        .unwrap();
+    store.cancel(&acme, &ids[1], &config).await.unwrap();
+    let query = ListQuery {
+        limit: 2,
+        ..ListQuery::default()
+    };
+    let first = store.list(&acme, query).await.unwrap();
+    let listed: Vec<&str> = first.jobs.iter().map(|j| j.id.as_str()).collect();
+    assert_eq!(listed, [ids[4].as_str(), ids[3].as_str()]);
+    let second = store
+        .list(
+            &acme,
+            ListQuery {
+                before: first.next,
+                ..query
+            },
+        )
+        .await
+        .unwrap();
+    let listed: Vec<&str> = second.jobs.iter().map(|j| j.id.as_str()).collect();
+    assert_eq!(listed, [ids[2].as_str(), ids[1].as_str()]);
+    let cancelled = store
+        .list(
+            &acme,
+            ListQuery {
+                limit: 10,
+                state: state::CANCELLED,
+                before: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(cancelled.jobs.len(), 1);
+    assert_eq!(cancelled.jobs[0].id, ids[1]);
+    assert_eq!(cancelled.next, None);
+}
+
+async fn an_unstarted_job_expires(store: &JobStore) {
+    let acme = tenant("acme");
+    let config = config();
+    let mut job = new_job("");
+    job.expire_ms = now_ms() - 1;
+    let submitted = store.submit(&acme, job, &config).await.unwrap();
+    let delivery = next(store, "w1").await;
+    assert!(
+        store
+            .start(&delivery, "w1", &config)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let job = store.get(&acme, &submitted.job.id).await.unwrap().unwrap();
+    assert_eq!(job.state, state::EXPIRED);
+    assert_eq!(store.pending().await.unwrap(), 0);
+}
+
+/// Runs `suite` on a fresh store of each kind.
+macro_rules! both_stores {
+    ($($suite:ident),* $(,)?) => {
+        mod memory_store {
+            $(
+                #[tokio::test]
+                async fn $suite() {
+                    super::$suite(&super::JobStore::Memory(super::MemoryJobs::default())).await;
+                }
+            )*
+        }
+        mod redis_store {
+            $(
+                #[tokio::test]
+                async fn $suite() {
+                    let (store, prefix) = super::redis_store().await;
+                    super::$suite(&store).await;
+                    super::delete_prefix(&prefix).await;
+                }
+            )*
+        }
+    };
+}
+
+both_stores!(
+    submit_is_idempotent_and_bounded,
+    a_job_runs_once_to_one_terminal_state,
+    cancel_racing_completion_ends_once,
+    a_lost_delivery_is_reclaimed_and_a_poison_job_dead_lettered,
+    a_retried_job_is_queued_again_after_its_backoff,
+    lists_are_newest_first_paginated_and_tenant_scoped,
+    an_unstarted_job_expires,
+);
+
+fn redis_url() -> String {
+    std::env::var("WEIR_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string())
+}
+
+async fn redis_store() -> (JobStore, String) {
+    let prefix = format!("weirtest-jobs-{}", uuid::Uuid::new_v4().simple());
+    let store = RedisJobs::lazy(&redis_url(), &prefix).unwrap();
+    (JobStore::Redis(store), prefix)
+}
+
+async fn delete_prefix(prefix: &str) {
+    let mut conn = weir_mesh::store::connect(&redis_url()).await.unwrap();
+    let keys = weir_mesh::store::scan_keys(&mut conn, &format!("{prefix}:*"))
+        .await
+        .unwrap();
+    for key in keys {
+        let _: () = ::redis::cmd("DEL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+}
