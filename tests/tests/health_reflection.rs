@@ -24,6 +24,7 @@ fn service_name(service: Service) -> &'static str {
         Service::Session => service_names::SESSION,
         Service::Budget => service_names::BUDGET,
         Service::Review => service_names::REVIEW,
+        Service::Worker => unreachable!("job workers serve no gRPC service"),
     }
 }
 

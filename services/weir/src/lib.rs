@@ -9,3 +9,4 @@
 pub mod chat;
 pub mod review_cli;
 pub mod stack;
+pub mod worker;

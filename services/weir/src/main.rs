@@ -168,6 +168,11 @@ async fn serve(config: Option<PathBuf>, services: &[Service]) -> anyhow::Result<
     for (service, addr) in running.addrs() {
         banner.push_str(&format!("{service:<10} grpc://{addr}\n"));
     }
+    if let Some(router) = running.worker_router() {
+        let router = router.trim_start_matches("http://");
+        // The router the job workers call.
+        banner.push_str(&format!("{:<10} grpc://{router}\n", "worker"));
+    }
     if let Some(addr) = running.console_addr() {
         banner.push_str(&format!(
             "{:<10} http://{addr}/   reviewer console\n",

@@ -27,6 +27,9 @@ pub enum Service {
     Budget,
     /// Human review (`weir.review.v1.ReviewService`).
     Review,
+    /// Job workers only, calling a router (`weir serve worker`; no port of its own, and not
+    /// part of `weir up`, whose router runs workers itself).
+    Worker,
 }
 
 impl Service {
@@ -47,6 +50,7 @@ impl Service {
             Service::Session => "session",
             Service::Budget => "budget",
             Service::Review => "review",
+            Service::Worker => "worker",
         }
     }
 }
@@ -81,6 +85,8 @@ pub struct StackConfig {
     pub budget: weir_budget::Config,
     /// `[review]`.
     pub review: weir_review::Config,
+    /// `[worker]`: the `weir serve worker` process.
+    pub worker: crate::worker::WorkerConfig,
 }
 
 impl StackConfig {
@@ -124,6 +130,7 @@ impl StackConfig {
             session: source.section("session")?,
             budget: source.section("budget")?,
             review: source.section("review")?,
+            worker: source.section("worker")?,
         })
     }
 
@@ -135,6 +142,8 @@ impl StackConfig {
             Service::Session => self.session.listen,
             Service::Budget => self.budget.listen,
             Service::Review => self.review.listen,
+            // Never bound: workers call the router and listen on nothing.
+            Service::Worker => self.router.listen,
         }
     }
 
@@ -196,6 +205,8 @@ pub enum StartError {
 /// A running set of services.
 #[derive(Debug)]
 pub struct Running {
+    /// The router `weir serve worker` calls, when this process runs workers alone.
+    worker_router: Option<String>,
     addrs: BTreeMap<Service, SocketAddr>,
     console: Option<SocketAddr>,
     auth_mode: AuthMode,
@@ -213,6 +224,12 @@ impl Running {
     /// `http://` URL of `service`, if it was started.
     pub fn url(&self, service: Service) -> Option<String> {
         self.addr(service).map(|addr| format!("http://{addr}"))
+    }
+
+    /// The router the job workers of `weir serve worker` call (None when this process runs no
+    /// workers of its own besides a router's).
+    pub fn worker_router(&self) -> Option<&str> {
+        self.worker_router.as_deref()
     }
 
     /// Where the reviewer console listens, when the review service was started with one.
@@ -381,13 +398,18 @@ pub async fn start(
     let identity = authenticator.identity().clone();
     let mut servers: Vec<(Service, GrpcServer, TcpListener)> = Vec::new();
     let mut inference = None;
+    let mut router_jobs = None;
     for (service, listener) in listeners {
         let server = match service {
-            Service::Router => weir_router::server(
-                &config.router,
-                config.catalog.clone(),
-                authenticator.clone(),
-            )?,
+            Service::Router => {
+                let (server, jobs) = weir_router::server_with_jobs(
+                    &config.router,
+                    config.catalog.clone(),
+                    authenticator.clone(),
+                )?;
+                router_jobs = jobs;
+                server
+            }
             Service::Inference => {
                 config.inference.validate()?;
                 let api = weir_inference::InferenceApi::with_config(
@@ -403,6 +425,7 @@ pub async fn start(
             }
             Service::Budget => weir_budget::server(&config.budget, config.catalog.clone()).await?,
             Service::Review => weir_review::server(&config.review).await?,
+            Service::Worker => continue,
         };
         let server = server
             .with_config(config.server.clone())
@@ -412,7 +435,39 @@ pub async fn start(
         servers.push((service, server, listener));
     }
 
+    let mut workers = Vec::new();
+    // The router's own workers call it on its own port, as any client would.
+    if let (Some(jobs), Some(router)) = (&router_jobs, addrs.get(&Service::Router)) {
+        let url = format!("http://{}", loopback(*router));
+        let count = jobs.config().workers;
+        workers.extend(weir_router::jobs::worker::spawn(
+            jobs,
+            count,
+            &url,
+            identity.clone(),
+            shutdown.clone(),
+        )?);
+    }
+    let worker_router = services
+        .contains(&Service::Worker)
+        .then(|| config.worker.router_url.clone());
+    if worker_router.is_some() {
+        workers.extend(crate::worker::start(
+            &config.worker,
+            &config.router.jobs,
+            identity.clone(),
+            shutdown.clone(),
+        )?);
+    }
     let mut tasks = JoinSet::new();
+    for worker in workers {
+        tasks.spawn(async move {
+            if let Err(error) = worker.await {
+                tracing::error!(%error, "a job worker panicked");
+            }
+            (Service::Worker, Ok(()))
+        });
+    }
     for (service, server, listener) in servers {
         let token = shutdown.clone();
         tasks.spawn(async move { (service, server.serve(listener, token).await) });
@@ -428,6 +483,7 @@ pub async fn start(
         });
     }
     Ok(Running {
+        worker_router,
         addrs,
         console,
         auth_mode: authenticator.mode(),
