@@ -359,3 +359,66 @@ async fn a_poison_job_is_dead_lettered_while_others_complete() {
     mesh.stop().await;
     delete_prefix(&prefix).await;
 }
+
+#[tokio::test]
+async fn without_redis_the_queue_lives_in_the_router_process() {
+    let toml = r#"
+[models.sim-instant]
+sim = { output_tokens = 4 }
+[router]
+session_url = ""
+"#;
+    let mesh = Mesh::start(toml).await;
+    let mut router = mesh.router();
+    let job = router
+        .submit_job(submit("sim-instant", "in-memory-1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
+    let again = router
+        .submit_job(submit("sim-instant", "in-memory-1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
+    assert_eq!(again.id, job.id);
+    let request = WatchJobRequest {
+        job_id: job.id.clone(),
+    };
+    let mut stream = router.watch_job(request).await.unwrap().into_inner();
+    let mut last = None;
+    while let Some(message) = stream.next().await {
+        last = message.unwrap().job;
+    }
+    let done = last.unwrap();
+    assert_eq!(done.state, JobState::Succeeded as i32, "{done:?}");
+    assert!(done.result.is_some());
+
+    // Callbacks are not built yet: refused, not silently dropped.
+    let mut with_callback = submit("sim-instant", "");
+    with_callback.callback = Some(weir_proto::router::Callback {
+        url: "https://example.com/hook".to_string(),
+    });
+    let status = router.submit_job(with_callback).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    mesh.stop().await;
+}
+
+#[tokio::test]
+async fn jobs_turned_off_answer_failed_precondition() {
+    let toml = "[router]\nsession_url = \"\"\n[router.jobs]\nenabled = false\n";
+    let mesh = Mesh::start(toml).await;
+    let status = mesh
+        .router()
+        .get_job(GetJobRequest {
+            job_id: "job-1".to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(reason(&status), "JOBS_DISABLED");
+    mesh.stop().await;
+}

@@ -19,15 +19,15 @@
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
 use tonic::{Code, Status};
+use tower::Layer;
 use weir_mesh::{
     ApiError,
-    client::{ClientConfig, ClientStack},
     config::ConfigError,
     criticality::Criticality,
-    identity::MeshIdentity,
+    identity::{MeshIdentity, Sign, SignLayer},
     metadata::TENANT,
-    timeout::TimeoutConfig,
 };
 use weir_proto::router::{JobError, router_service_client::RouterServiceClient};
 
@@ -39,27 +39,27 @@ pub const JANITOR_INTERVAL: Duration = Duration::from_millis(500);
 pub const READ_WAIT: Duration = Duration::from_millis(500);
 /// How often a running job is checked for cancellation.
 pub const CANCEL_CHECK: Duration = Duration::from_millis(250);
+/// Pause before calling a router that could not be reached again.
+const UNREACHED_PAUSE: Duration = Duration::from_millis(500);
 /// Pause after the queue could not be read.
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
 
-/// A client of the router the workers call, signed with `identity`, with no attempt timeout
-/// shorter than the handler limit.
+/// The client the workers call the router with: a channel whose calls are signed with the
+/// mesh identity. No retry, breaker or bulkhead of its own: the router applies those to each
+/// model, and a failed job is retried by the queue, so a poison job cannot trip a breaker that
+/// would stop every other job.
+pub type RouterClient = RouterServiceClient<Sign<Channel>>;
+
+/// A [`RouterClient`] of the router at `router_url`, signed with `identity`.
 pub fn router_client(
     router_url: &str,
     identity: MeshIdentity,
-    config: &JobsConfig,
-) -> Result<RouterServiceClient<weir_mesh::client::BoxedClient>, ConfigError> {
+) -> Result<RouterClient, ConfigError> {
     let channel = weir_mesh::client::lazy_channel(router_url.trim())
-        .map_err(|error| ConfigError::invalid("router.jobs.router_url", error.to_string()))?;
-    let settings = ClientConfig {
-        timeout: TimeoutConfig {
-            attempt_timeout: config.handler_limit,
-            ..TimeoutConfig::default()
-        },
-        ..ClientConfig::default()
-    };
-    let stack = ClientStack::signed(channel, &settings, identity);
-    Ok(RouterServiceClient::new(stack.service()))
+        .map_err(|error| ConfigError::invalid("worker.router_url", error.to_string()))?;
+    Ok(RouterServiceClient::new(
+        SignLayer::new(identity).layer(channel),
+    ))
 }
 
 /// Starts `count` workers on `jobs`, calling the router at `router_url` signed with `identity`,
@@ -71,7 +71,7 @@ pub fn spawn(
     identity: MeshIdentity,
     shutdown: CancellationToken,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, ConfigError> {
-    let client = router_client(router_url, identity, jobs.config())?;
+    let client = router_client(router_url, identity)?;
     let process = format!(
         "{}-{}-{}",
         std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".to_string()),
@@ -95,7 +95,7 @@ pub fn spawn(
 struct Worker {
     store: JobStore,
     config: JobsConfig,
-    client: RouterServiceClient<weir_mesh::client::BoxedClient>,
+    client: RouterClient,
     consumer: String,
 }
 
@@ -203,17 +203,29 @@ impl Worker {
         let mut body = job.body.request.clone().unwrap_or_default();
         body.request_id.clone_from(&job.id);
         body.criticality = weir_proto::common::Criticality::SheddablePlus.into();
-        let mut request = tonic::Request::new(body);
-        request.set_timeout(self.config.handler_limit);
         let tenant = tonic::metadata::MetadataValue::try_from(delivery.tenant.as_str())
             .map_err(|_| Status::internal("tenant id is not valid metadata"))?;
-        request.metadata_mut().insert(TENANT, tenant);
-        Criticality::SheddablePlus.set_on(&mut request);
-        let mut client = self.client.clone();
-        client
-            .complete(request)
-            .await
-            .map(tonic::Response::into_inner)
+        let give_up = tokio::time::Instant::now() + self.config.handler_limit;
+        loop {
+            let mut request = tonic::Request::new(body.clone());
+            request.set_timeout(give_up.saturating_duration_since(tokio::time::Instant::now()));
+            request.metadata_mut().insert(TENANT, tenant.clone());
+            Criticality::SheddablePlus.set_on(&mut request);
+            let mut client = self.client.clone();
+            match client.complete(request).await {
+                // The router could not be reached: not the job's fault, so it costs no delivery.
+                // The call is idempotent (the job id is its request_id), so sending it again is
+                // safe even if the router did receive it.
+                Err(status)
+                    if unreached(&status)
+                        && tokio::time::Instant::now() + UNREACHED_PAUSE < give_up =>
+                {
+                    tracing::debug!(job = job.id, %status, "router unreachable; calling again");
+                    tokio::time::sleep(UNREACHED_PAUSE).await;
+                }
+                outcome => return outcome.map(tonic::Response::into_inner),
+            }
+        }
     }
 
     /// Resolves once the job has ended without this worker (cancelled).
@@ -227,6 +239,12 @@ impl Worker {
             }
         }
     }
+}
+
+/// Whether the call never reached a router: a status made by the client's own channel (a
+/// router's answer always carries `content-type: application/grpc`).
+fn unreached(status: &Status) -> bool {
+    status.code() == Code::Unavailable && status.metadata().get("content-type").is_none()
 }
 
 /// Whether a failed attempt is worth another: the service was unavailable, overloaded, out of
@@ -247,5 +265,41 @@ pub fn job_error(status: &Status) -> JobError {
         code: status.code() as i32,
         message: status.message().to_string(),
         reason: error.reason().to_string(),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_transient_failures_are_retried() {
+        assert!(retryable(&Status::unavailable("down")));
+        assert!(retryable(&Status::deadline_exceeded("slow")));
+        assert!(retryable(&Status::from(ApiError::resource_exhausted(
+            "RATE_LIMITED",
+            "tenant acme",
+            "slow down",
+        ))));
+        assert!(!retryable(&Status::from(ApiError::resource_exhausted(
+            "BUDGET_EXHAUSTED",
+            "tenant acme",
+            "no money",
+        ))));
+        assert!(!retryable(&Status::invalid_argument("bad")));
+        assert!(!retryable(&Status::not_found("no such model")));
+    }
+
+    #[test]
+    fn a_status_without_grpc_headers_never_reached_a_router() {
+        assert!(unreached(&Status::unavailable("tcp connect error")));
+        let mut answered = Status::unavailable("every model failed");
+        answered
+            .metadata_mut()
+            .insert("content-type", "application/grpc".parse().unwrap());
+        assert!(!unreached(&answered));
+        let error = job_error(&Status::from(ApiError::unavailable("UPSTREAM", "down")));
+        assert_eq!((error.code, error.reason.as_str()), (14, "UPSTREAM"));
     }
 }
