@@ -1,7 +1,10 @@
-//! Jobs per second through the queue: the whole stack in this process, the job queue on Redis
-//! (`WEIR_TEST_REDIS_URL`, default `redis://127.0.0.1:6379`) and then in memory, an instant sim
-//! model, and 1 to 4 of the router's own workers. Each run submits `jobs` jobs at once and times
-//! until the queue has no open job left; its keys are deleted afterwards.
+//! Jobs per second through the queue: the whole stack in this process, an instant sim model.
+//!
+//! - Redis queue (`WEIR_TEST_REDIS_URL`, default `redis://127.0.0.1:6379`): `jobs` jobs are
+//!   submitted first (the submit rate is printed), then 1 to 4 workers are started on the queue and
+//!   timed until it has no open job left: the queue's own throughput. Keys are deleted afterwards.
+//! - In-memory queue: the router's own 1 to 4 workers, timed from the first submit to the last job
+//!   ended (submits and runs overlap).
 //!
 //! Prints figures; asserts nothing (machines are shared and noisy).
 //!
@@ -12,7 +15,10 @@
 
 use std::time::{Duration, Instant};
 
+use weir::stack::Service;
+use weir_mesh::identity::MeshIdentity;
 use weir_proto::router::{GetJobRequest, JobState, SubmitJobRequest};
+use weir_router::jobs::{JobStore, JobsConfig, api::Jobs, worker};
 use weir_tests::{Mesh, complete, delete_prefix, redis_url, unique_prefix};
 
 fn config(prefix: &str, workers: usize, redis: bool) -> String {
@@ -38,9 +44,8 @@ capacity = 1000000
     )
 }
 
-/// Submits `jobs` jobs and waits for the last to end: the jobs per second.
-async fn run(mesh: &Mesh, jobs: usize) -> f64 {
-    let start = Instant::now();
+/// Submits `jobs` jobs from 8 tasks: their ids.
+async fn submit_all(mesh: &Mesh, jobs: usize) -> Vec<String> {
     let mut submitters = Vec::new();
     let per_task = jobs.div_ceil(8);
     for task in 0..8 {
@@ -68,6 +73,13 @@ async fn run(mesh: &Mesh, jobs: usize) -> f64 {
     for submitter in submitters {
         ids.extend(submitter.await.unwrap());
     }
+    ids
+}
+
+/// Submits `jobs` jobs and waits for the last to end: the jobs per second.
+async fn run(mesh: &Mesh, jobs: usize) -> f64 {
+    let start = Instant::now();
+    let ids = submit_all(mesh, jobs).await;
     // Jobs end roughly in order: wait for each in turn.
     let mut router = mesh.router();
     for id in ids {
@@ -89,32 +101,107 @@ async fn run(mesh: &Mesh, jobs: usize) -> f64 {
     jobs as f64 / start.elapsed().as_secs_f64()
 }
 
+/// The Redis queue alone: `jobs` jobs queued first, then `workers` workers drain it.
+async fn redis_drain(jobs: usize, workers: usize) -> (f64, f64) {
+    let prefix = unique_prefix();
+    let mesh = Mesh::start(&config(&prefix, 0, true)).await;
+    // Warm up: connections, the model, the stream and its group.
+    run_drain(&mesh, &prefix, 20, 1).await;
+    let start = Instant::now();
+    submit_all(&mesh, jobs).await;
+    let submit_rate = jobs as f64 / start.elapsed().as_secs_f64();
+    let rate = run_drain(&mesh, &prefix, 0, workers).await;
+    mesh.stop().await;
+    delete_prefix(&prefix).await;
+    (submit_rate, rate)
+}
+
+/// Submits `submit` jobs (maybe 0), then starts `workers` workers and times until no job is open.
+async fn run_drain(mesh: &Mesh, prefix: &str, submit: usize, workers: usize) -> f64 {
+    if submit > 0 {
+        submit_all(mesh, submit).await;
+    }
+    let config = JobsConfig {
+        redis_url: Some(redis_url()),
+        key_prefix: prefix.to_string(),
+        workers,
+        ..JobsConfig::default()
+    };
+    let jobs = Jobs::new(
+        JobStore::from_config(&config, "router.jobs")
+            .unwrap()
+            .unwrap(),
+        config,
+    );
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let open_key = format!("{prefix}:jobs:async:open");
+    let open = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        let key = open_key.clone();
+        async move {
+            let open: Option<u64> = redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            open.unwrap_or(0)
+        }
+    };
+    let queued = open(&mut conn).await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let start = Instant::now();
+    let handles = worker::spawn(
+        &jobs,
+        workers,
+        &mesh.url(Service::Router),
+        MeshIdentity::disabled(),
+        shutdown.clone(),
+    )
+    .unwrap();
+    while open(&mut conn).await > 0 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let elapsed = start.elapsed();
+    shutdown.cancel();
+    for handle in handles {
+        let _ = handle.await;
+    }
+    queued as f64 / elapsed.as_secs_f64()
+}
+
 #[tokio::main]
 async fn main() {
     let jobs: usize = std::env::args()
         .nth(1)
         .map_or(1000, |n| n.parse().expect("jobs is a number"));
     println!("{jobs} jobs per run, instant sim model");
-    for redis in [true, false] {
-        let queue = if redis { "redis " } else { "memory" };
-        let mut single = 0.0;
-        for workers in 1..=4 {
-            let prefix = unique_prefix();
-            let mesh = Mesh::start(&config(&prefix, workers, redis)).await;
-            // Warm up connections and the model.
-            run(&mesh, 20).await;
-            let rate = run(&mesh, jobs).await;
-            if workers == 1 {
-                single = rate;
-            }
-            println!(
-                "queue {queue}  workers {workers}  {rate:>8.0} jobs/s  ({:.2}x one worker)",
-                rate / single
-            );
-            mesh.stop().await;
-            if redis {
-                delete_prefix(&prefix).await;
-            }
+    let mut single = 0.0;
+    for workers in 1..=4 {
+        let (submitted, rate) = redis_drain(jobs, workers).await;
+        if workers == 1 {
+            single = rate;
         }
+        println!(
+            "queue redis   workers {workers}  {rate:>8.0} jobs/s drained  ({:.2}x one worker; \
+             submitted at {submitted:.0}/s)",
+            rate / single
+        );
+    }
+    let mut single = 0.0;
+    for workers in 1..=4 {
+        let prefix = unique_prefix();
+        let mesh = Mesh::start(&config(&prefix, workers, false)).await;
+        run(&mesh, 20).await;
+        let rate = run(&mesh, jobs).await;
+        if workers == 1 {
+            single = rate;
+        }
+        println!(
+            "queue memory  workers {workers}  {rate:>8.0} jobs/s submitted and run  ({:.2}x one \
+             worker)",
+            rate / single
+        );
+        mesh.stop().await;
     }
 }
