@@ -33,6 +33,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most jobs moved from the delayed set to the stream per reclaim.
 const PROMOTE_BATCH: u32 = 100;
+/// Most index entries one `ListJobs` call reads.
+const LIST_SCAN_LIMIT: usize = 10_000;
 /// Most deliveries reclaimed at once.
 const RECLAIM_BATCH: u32 = 16;
 
@@ -177,7 +179,14 @@ impl RedisJobs {
         let mut conn = self.conn.clone();
         let mut page = JobPage::default();
         let mut max = query.before.map_or("+inf".to_string(), |b| format!("({b}"));
+        let mut scanned = 0;
         loop {
+            if scanned >= LIST_SCAN_LIMIT {
+                // A rare state filter must not read the whole history in one call: the caller
+                // continues from here.
+                page.next = max.trim_start_matches('(').parse().ok();
+                return Ok(page);
+            }
             let batch: Vec<(String, u64)> = redis::cmd("ZRANGE")
                 .arg(&index)
                 .arg(&max)
@@ -193,9 +202,16 @@ impl RedisJobs {
             let Some(&(_, last)) = batch.last() else {
                 return Ok(page);
             };
+            scanned += batch.len();
             for (id, seq) in batch {
                 let Some(job) = self.get(tenant, &id).await? else {
-                    continue; // Expired past its retention.
+                    // Expired past its retention: drop it from the index too.
+                    let _: i64 = redis::cmd("ZREM")
+                        .arg(&index)
+                        .arg(&id)
+                        .query_async(&mut conn)
+                        .await?;
+                    continue;
                 };
                 if query.state == 0 || job.state == query.state {
                     page.jobs.push(job);
