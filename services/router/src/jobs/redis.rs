@@ -319,7 +319,7 @@ impl RedisJobs {
             .arg(self.stream_key())
             .arg(GROUP)
             .arg(consumer)
-            .arg(millis(idle))
+            .arg(u64::try_from(idle.as_millis()).unwrap_or(u64::MAX))
             .arg("0-0")
             .arg("COUNT")
             .arg(RECLAIM_BATCH)

@@ -28,6 +28,7 @@ use weir_mesh::{
     criticality::Criticality,
     identity::{MeshIdentity, Sign, SignLayer},
     metadata::TENANT,
+    outcome::OVERLOADED,
 };
 use weir_proto::router::{JobError, router_service_client::RouterServiceClient};
 
@@ -39,7 +40,8 @@ pub const JANITOR_INTERVAL: Duration = Duration::from_millis(500);
 pub const READ_WAIT: Duration = Duration::from_millis(500);
 /// How often a running job is checked for cancellation.
 pub const CANCEL_CHECK: Duration = Duration::from_millis(250);
-/// Pause before calling a router that could not be reached again.
+/// Pause before calling again a router that could not be reached (or shed the call without
+/// saying when to come back).
 const UNREACHED_PAUSE: Duration = Duration::from_millis(500);
 /// Pause after the queue could not be read.
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
@@ -212,19 +214,20 @@ impl Worker {
             request.metadata_mut().insert(TENANT, tenant.clone());
             Criticality::SheddablePlus.set_on(&mut request);
             let mut client = self.client.clone();
-            match client.complete(request).await {
-                // The router could not be reached: not the job's fault, so it costs no delivery.
-                // The call is idempotent (the job id is its request_id), so sending it again is
-                // safe even if the router did receive it.
-                Err(status)
-                    if unreached(&status)
-                        && tokio::time::Instant::now() + UNREACHED_PAUSE < give_up =>
-                {
-                    tracing::debug!(job = job.id, %status, "router unreachable; calling again");
-                    tokio::time::sleep(UNREACHED_PAUSE).await;
-                }
-                outcome => return outcome.map(tonic::Response::into_inner),
+            let outcome = client.complete(request).await;
+            // The router could not be reached, shed the job for more important traffic, or the
+            // tenant is at its rate limit: not the job's fault, so it costs no delivery, and the
+            // worker waits instead of taking more work. The call is idempotent (the job id is its
+            // request_id), so sending it again is safe even if the router did receive it.
+            if let Err(status) = &outcome
+                && let Some(pause) = resend_after(status)
+                && tokio::time::Instant::now() + pause < give_up
+            {
+                tracing::debug!(job = job.id, %status, ?pause, "job call refused for now; resending");
+                tokio::time::sleep(pause).await;
+                continue;
             }
+            return outcome.map(tonic::Response::into_inner);
         }
     }
 
@@ -245,6 +248,22 @@ impl Worker {
 /// router's answer always carries `content-type: application/grpc`).
 fn unreached(status: &Status) -> bool {
     status.code() == Code::Unavailable && status.metadata().get("content-type").is_none()
+}
+
+/// How long to wait before sending a refused call again within the same delivery: when it never
+/// reached a router ([`unreached`]), was shed (`OVERLOADED`) or rate-limited (`RATE_LIMITED`, after
+/// its RetryInfo). None for every other failure.
+fn resend_after(status: &Status) -> Option<Duration> {
+    if unreached(status) {
+        return Some(UNREACHED_PAUSE);
+    }
+    let error = ApiError::from_status(status);
+    matches!(error.reason(), OVERLOADED | "RATE_LIMITED").then(|| {
+        error
+            .retry_after()
+            .unwrap_or(UNREACHED_PAUSE)
+            .clamp(Duration::from_millis(50), Duration::from_secs(5))
+    })
 }
 
 /// Whether a failed attempt is worth another: the service was unavailable, overloaded, out of
@@ -299,6 +318,14 @@ mod tests {
             .metadata_mut()
             .insert("content-type", "application/grpc".parse().unwrap());
         assert!(!unreached(&answered));
+        assert_eq!(resend_after(&answered), None);
+        let shed = Status::from(ApiError::unavailable(OVERLOADED, "busy"));
+        assert_eq!(resend_after(&shed), Some(UNREACHED_PAUSE));
+        let limited = Status::from(
+            ApiError::resource_exhausted("RATE_LIMITED", "tenant acme", "slow down")
+                .with_retry_after(Duration::from_millis(120)),
+        );
+        assert_eq!(resend_after(&limited), Some(Duration::from_millis(120)));
         let error = job_error(&Status::from(ApiError::unavailable("UPSTREAM", "down")));
         assert_eq!((error.code, error.reason.as_str()), (14, "UPSTREAM"));
     }
