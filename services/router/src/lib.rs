@@ -16,11 +16,15 @@
 //!   and the exchange is appended to it afterwards ([`session`]);
 //! - with budgets on, each request reserves its worst-case cost before the model call and commits
 //!   its actual cost after it; a tenant above its soft limit is steered to the route's economy
-//!   tier ([`spend`]); both are settled when the answer ends ([`settlement`]).
+//!   tier ([`spend`]); both are settled when the answer ends ([`settlement`]);
+//! - with review policies (`[router.review]`, [`review`]), an answer a policy flags is queued at
+//!   the review service: withheld until a reviewer decides (blocking; a stream that may be flagged
+//!   is held back until its end) or delivered and audited afterwards (post-hoc); see
+//!   [`review_gate`].
 //!
 //! Errors from the inference, session and budget services reach the client with their code and
-//! `google.rpc` details (reason, RetryInfo, BadRequest, QuotaFailure) intact. Review, jobs and
-//! batches land with their own issues; until then the job and batch RPCs answer UNIMPLEMENTED.
+//! `google.rpc` details (reason, RetryInfo, BadRequest, QuotaFailure) intact. Jobs and batches
+//! land with their own issues; until then the job and batch RPCs answer UNIMPLEMENTED.
 //!
 //! [`server`] validates the `[router]` table ([`Config`]) against the model catalog and builds the
 //! server; the same library is served alone by `weir serve router` and together by `weir up`.
@@ -35,6 +39,8 @@ pub mod prices;
 pub mod relay;
 pub mod replay;
 pub mod request;
+pub mod review;
+pub mod review_gate;
 pub mod route;
 pub mod session;
 pub mod settlement;
@@ -63,7 +69,7 @@ pub use route::{Plan, RouteTable};
 /// `authenticator` (the stack's `[auth]` keys), and the router's calls to other services are
 /// signed with its mesh identity, so they believe the tenant the router authenticated.
 ///
-/// The channels to the inference, session and budget services connect on first use, so those may
+/// The channels to the inference, session, budget and review services connect on first use, so those may
 /// start later; building them needs a Tokio runtime, so call this from within one.
 pub fn server(
     config: &Config,
@@ -89,7 +95,7 @@ pub fn server(
 /// it on a server of their own. Needs a Tokio runtime (see [`server`]).
 ///
 /// Each service the router calls gets its own client stack built from its own table
-/// (`[router.client.inference]`, `.session`, `.budget`; see [`clients`]): its own settings,
+/// (`[router.client.inference]`, `.session`, `.budget`, `.review`; see [`clients`]): its own settings,
 /// breakers, bulkheads and retry budget, so an outage or a burst at one never trips the others.
 /// Every call is signed with `identity`.
 pub fn router_api(
@@ -100,6 +106,7 @@ pub fn router_api(
     config.validate()?;
     config.client.validate()?;
     let routes = RouteTable::new(config, catalog)?;
+    let policies = review::Policies::new(&config.review, routes.catalog(), &routes)?;
     let stack = |settings, key: &str, url: &str| client_stack(settings, key, url, &identity);
     let inference = stack(
         &config.client.inference,
@@ -120,6 +127,12 @@ pub fn router_api(
             stack(&config.client.budget, "router.budget_url", url)?,
             config.budget.clone(),
         )?;
+    }
+    if let Some(url) = config.review.review_url() {
+        api = api.with_reviews(
+            stack(&config.client.review, "router.review.review_url", url)?,
+            policies,
+        );
     }
     Ok(api)
 }
