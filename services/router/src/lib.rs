@@ -208,6 +208,10 @@ mod tests {
         assert_eq!(limit(api.inference_client(), "sim-large"), 4);
         assert_eq!(limit(api.budget_client().unwrap(), "budget"), 1024);
         assert_eq!(limit(api.session_client().unwrap(), "session"), 1024);
+        assert!(api.review_client().is_none(), "review is off by default");
+        config.review.review_url = "http://127.0.0.1:1".to_string();
+        let api = router_api(&config, Arc::new(Catalog::default()), Default::default()).unwrap();
+        assert_eq!(limit(api.review_client().unwrap(), "review"), 1024);
     }
 
     #[tokio::test]

@@ -612,4 +612,126 @@ mod tests {
         assert!(dropped.load(Ordering::SeqCst));
         assert!(stream.next().await.is_none());
     }
+
+    mod held {
+        //! Streams with a review gate.
+
+        use super::*;
+        use crate::review_gate::testing::{Fake, gate, serve};
+
+        const BLOCK_REFUNDS: &str =
+            "[[router.review.policies]]\nname = \"refunds\"\nanswer_keywords = [\"refund\"]\n";
+        const AUDIT_ALL: &str =
+            "[[router.review.policies]]\nname = \"audit\"\nmode = \"post_hoc\"\n";
+
+        async fn events(policies: &str, items: Vec<Item>) -> Vec<Result<Event, Status>> {
+            let url = serve(Fake::default()).await;
+            let gate = gate(policies, &url, "money back?");
+            let stream = open(
+                start(),
+                Vec::new(),
+                stream::iter(items),
+                Settlement::none(),
+                gate,
+            )
+            .await
+            .unwrap();
+            stream
+                .map(|item| item.map(|response| response.event.unwrap()))
+                .collect()
+                .await
+        }
+
+        fn done_of(event: &Result<Event, Status>) -> &Done {
+            match event {
+                Ok(Event::Done(done)) => done,
+                other => panic!("expected done, got {other:?}"),
+            }
+        }
+
+        #[tokio::test]
+        async fn a_flagged_stream_sends_no_delta_only_pending() {
+            let events = events(BLOCK_REFUNDS, vec![delta("a re"), delta("fund"), done()]).await;
+            assert_eq!(events.len(), 2, "{events:?}");
+            assert!(matches!(events[0], Ok(Event::Start(_))));
+            let done = done_of(&events[1]);
+            assert_eq!(done.review_status, i32::from(ReviewStatus::Pending));
+            assert_eq!(done.review_id, "item-1");
+            assert_eq!(
+                done.usage.map(|u| u.total_tokens),
+                Some(5),
+                "usage still reported"
+            );
+        }
+
+        #[tokio::test]
+        async fn an_unflagged_held_stream_flushes_its_deltas_at_the_end() {
+            let events = events(BLOCK_REFUNDS, vec![delta("no "), delta("money"), done()]).await;
+            assert_eq!(events.len(), 4, "{events:?}");
+            assert_eq!(text(&events[1]), "no ");
+            assert_eq!(text(&events[2]), "money");
+            assert_eq!(
+                done_of(&events[3]).review_status,
+                i32::from(ReviewStatus::NotRequired)
+            );
+        }
+
+        #[tokio::test]
+        async fn a_held_stream_cut_short_reveals_nothing() {
+            let events = events(BLOCK_REFUNDS, vec![delta("a re"), delta("fund")]).await;
+            assert_eq!(events.len(), 2, "{events:?}");
+            assert!(matches!(events[0], Ok(Event::Start(_))));
+            assert_eq!(events[1].as_ref().unwrap_err().code(), Code::Unavailable);
+        }
+
+        #[tokio::test]
+        async fn nothing_but_start_goes_out_before_the_answer_ends() {
+            let url = serve(Fake::default()).await;
+            let (tx, rx) = mpsc::unbounded::<Item>();
+            tx.unbounded_send(delta("first")).unwrap();
+            let gate = gate(BLOCK_REFUNDS, &url, "hi");
+            let mut stream = open(start(), Vec::new(), rx, Settlement::none(), gate)
+                .await
+                .unwrap();
+            assert!(matches!(
+                stream.next().await.unwrap().unwrap().event,
+                Some(Event::Start(_))
+            ));
+            tx.unbounded_send(delta(" refund")).unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(
+                futures::poll!(stream.next()).is_pending(),
+                "deltas are held"
+            );
+            tx.unbounded_send(done()).unwrap();
+            let done = stream.next().await.unwrap().unwrap();
+            assert!(
+                matches!(&done.event, Some(Event::Done(d)) if d.review_status == i32::from(ReviewStatus::Pending)),
+                "{done:?}"
+            );
+            assert!(stream.next().await.is_none());
+        }
+
+        #[tokio::test]
+        async fn a_post_hoc_stream_relays_at_once_and_is_sampled_at_its_end() {
+            let events = events(AUDIT_ALL, vec![delta("hel"), delta("lo"), done()]).await;
+            assert_eq!(events.len(), 4, "{events:?}");
+            let done = done_of(&events[3]);
+            assert_eq!(done.review_status, i32::from(ReviewStatus::Sampled));
+            assert_eq!(done.review_id, "item-1");
+            // Not held: the first delta goes out before the answer ends.
+            let url = serve(Fake::default()).await;
+            let (tx, rx) = mpsc::unbounded::<Item>();
+            tx.unbounded_send(delta("first")).unwrap();
+            let gate = gate(AUDIT_ALL, &url, "hi");
+            let mut stream = open(start(), Vec::new(), rx, Settlement::none(), gate)
+                .await
+                .unwrap();
+            stream.next().await.unwrap().unwrap();
+            assert_eq!(
+                text(&stream.next().await.unwrap().map(|r| r.event.unwrap())),
+                "first"
+            );
+        }
+    }
 }

@@ -356,6 +356,95 @@ pub(crate) async fn conclude(
     }
 }
 
+/// A fake review service and gates to it, for the tests of the walk and the relay.
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+pub(crate) mod testing {
+    use std::sync::Mutex;
+
+    use tonic::{Request, Response, Status};
+    use weir_mesh::{config::Source, identity::MeshIdentity};
+    use weir_proto::{
+        review::{
+            CreateItemResponse, ReviewItem,
+            review_service_server::{ReviewService, ReviewServiceServer},
+        },
+        router::CompleteRequest,
+    };
+
+    use super::*;
+    use crate::{Config, RouteTable, clients::bookkeeping_defaults};
+
+    /// A review service whose `CreateItem` records its requests and answers `item-<n>`.
+    #[derive(Clone, Default)]
+    pub struct Fake {
+        /// Every `CreateItem` request received.
+        pub created: Arc<Mutex<Vec<CreateItemRequest>>>,
+    }
+
+    #[tonic::async_trait]
+    impl ReviewService for Fake {
+        async fn create_item(
+            &self,
+            request: Request<CreateItemRequest>,
+        ) -> Result<Response<CreateItemResponse>, Status> {
+            let mut created = self.created.lock().unwrap();
+            created.push(request.into_inner());
+            let item = ReviewItem {
+                id: format!("item-{}", created.len()),
+                ..ReviewItem::default()
+            };
+            Ok(Response::new(CreateItemResponse { item: Some(item) }))
+        }
+    }
+
+    /// Serves `fake` on a local port; its URL.
+    pub async fn serve(fake: Fake) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(ReviewServiceServer::new(fake))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        url
+    }
+
+    /// A URL nothing listens on.
+    pub const DOWN: &str = "http://127.0.0.1:1";
+
+    /// The gate of a request `prompt` (request_id `r-1`, tenant `acme`, route `auto`, model
+    /// `sim-large`) under `policies` (`[[router.review.policies]]` tables) with the review service
+    /// at `url`.
+    pub fn gate(policies: &str, url: &str, prompt: &str) -> Option<Gate> {
+        let toml = format!("[router.review]\nreview_url = \"{url}\"\n{policies}");
+        let config: Config = Source::from_toml(&toml).section("router").unwrap();
+        let catalog = Arc::new(Catalog::default());
+        let routes = RouteTable::new(&config, catalog.clone()).unwrap();
+        let policies = Policies::new(&config.review, &catalog, &routes).unwrap();
+        let channel = weir_mesh::client::lazy_channel(url).unwrap();
+        let stack = ClientStack::signed(channel, &bookkeeping_defaults(), MeshIdentity::disabled());
+        let completion = Completion::from(CompleteRequest {
+            model: "auto".to_string(),
+            messages: vec![Message {
+                role: Role::User.into(),
+                content: prompt.to_string(),
+                ..Message::default()
+            }],
+            request_id: "r-1".to_string(),
+            ..CompleteRequest::default()
+        });
+        Reviews::new(stack, policies, catalog).gate(
+            &Call::default(),
+            &completion,
+            "acme",
+            "auto",
+            "sim-large",
+            &completion.messages,
+        )
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -369,5 +458,102 @@ mod tests {
         assert_ne!(item_request_id(""), fresh);
         let long = "x".repeat(MAX_KEY_LEN);
         assert_eq!(item_request_id(&long), long);
+    }
+
+    use super::testing::{DOWN, Fake, gate, serve};
+
+    const BLOCK_REFUNDS: &str = "[[router.review.policies]]\nname = \"refunds\"\nqueue = \"money\"\npriority = 3\n\
+         sla = \"10m\"\nanswer_keywords = [\"refund\"]\n";
+    const AUDIT_ALL: &str =
+        "[[router.review.policies]]\nname = \"audit\"\nmode = \"post_hoc\"\nsample_rate = 1.0\n";
+
+    async fn conclude_text(gate: Option<Gate>, text: &str) -> Result<Concluded, ApiError> {
+        let answer = Message {
+            role: Role::Assistant.into(),
+            content: text.to_string(),
+            ..Message::default()
+        };
+        conclude(gate, Settlement::none(), None, text, Some(answer)).await
+    }
+
+    #[tokio::test]
+    async fn no_gate_or_no_match_is_not_required() {
+        let concluded = conclude_text(None, "a refund").await.unwrap();
+        assert_eq!(concluded.status, ReviewStatus::NotRequired);
+        assert!(gate(BLOCK_REFUNDS, DOWN, "hi").unwrap().holds_back());
+        assert!(
+            gate(
+                "[[router.review.policies]]\nname = \"x\"\ntenants = [\"other\"]\n",
+                DOWN,
+                "hi"
+            )
+            .is_none()
+        );
+        let concluded = conclude_text(gate(BLOCK_REFUNDS, DOWN, "hi"), "no money back")
+            .await
+            .unwrap();
+        assert_eq!(concluded.status, ReviewStatus::NotRequired);
+        assert!(!concluded.withheld);
+        assert!(concluded.review_id.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_blocking_match_is_queued_and_withheld() {
+        let fake = Fake::default();
+        let url = serve(fake.clone()).await;
+        let concluded = conclude_text(gate(BLOCK_REFUNDS, &url, "money back?"), "A full REFUND.")
+            .await
+            .unwrap();
+        assert_eq!(concluded.status, ReviewStatus::Pending);
+        assert_eq!(concluded.review_id, "item-1");
+        assert!(concluded.withheld);
+        let created = fake.created.lock().unwrap().clone();
+        let [item] = &created[..] else {
+            panic!("one item expected: {created:?}");
+        };
+        assert_eq!(item.mode, i32::from(ReviewMode::Blocking));
+        assert_eq!(item.queue, "money");
+        assert_eq!(item.priority, 3);
+        assert_eq!(item.sla.map(|sla| sla.seconds), Some(600));
+        assert_eq!(item.reasons, ["refunds"]);
+        assert_eq!(item.model, "sim-large");
+        assert_eq!(item.output.as_ref().unwrap().content, "A full REFUND.");
+        assert_eq!(item.conversation[0].content, "money back?");
+        assert_eq!(item.request_id, "router:r-1");
+        assert_eq!(item.source_request_id, "r-1");
+    }
+
+    #[tokio::test]
+    async fn a_blocking_match_fails_closed_when_it_cannot_be_queued() {
+        let error = conclude_text(gate(BLOCK_REFUNDS, DOWN, "hi"), "a refund")
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), tonic::Code::Unavailable);
+        assert_eq!(error.reason(), REVIEW_UNAVAILABLE);
+        assert!(!error.message().contains("a refund"), "{}", error.message());
+    }
+
+    #[tokio::test]
+    async fn a_post_hoc_match_is_delivered_and_queued_even_when_the_queue_is_down() {
+        let fake = Fake::default();
+        let url = serve(fake.clone()).await;
+        let concluded = conclude_text(gate(AUDIT_ALL, &url, "hi"), "hello")
+            .await
+            .unwrap();
+        assert_eq!(concluded.status, ReviewStatus::Sampled);
+        assert_eq!(concluded.review_id, "item-1");
+        assert!(!concluded.withheld);
+        assert_eq!(
+            fake.created.lock().unwrap()[0].mode,
+            i32::from(ReviewMode::PostHoc)
+        );
+
+        let concluded = conclude_text(gate(AUDIT_ALL, DOWN, "hi"), "hello")
+            .await
+            .unwrap();
+        assert_eq!(concluded.status, ReviewStatus::Sampled);
+        assert!(concluded.review_id.is_empty());
+        assert!(!concluded.withheld);
+        assert_eq!(concluded.settled.notices[0].reason, REVIEW_UNAVAILABLE);
     }
 }
