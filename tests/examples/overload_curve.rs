@@ -15,6 +15,15 @@
 //! cargo run --release -p weir-tests --example overload_curve -- [seconds per step] [critical %]
 //! ```
 //!
+//! `OVERLOAD_CURVE_SEPARATE=1` runs the services in a `weir up` process of their own pinned to CPU
+//! 0 (`taskset`), and pins this generator to CPU 1, so that the load generator's work does not
+//! come out of the server's CPU: what a load shedder is judged on is the server's goodput, and on
+//! a two-core machine a generator sharing its cores makes every shed request look twice as
+//! expensive. Build the binary first (`cargo build --release -p weir`); `OVERLOAD_CURVE_WEIR`
+//! names another one.
+//!
+//! `OVERLOAD_CURVE_STEPS` (comma-separated multiples, e.g. `2`) replaces the steps, to profile one.
+//!
 //! `OVERLOAD_CURVE_CAPACITY` (requests per second) replaces the measured capacity as the base of
 //! the steps, to offer two builds the same load (a build whose closed loop collapses measures
 //! nothing). `OVERLOAD_CURVE_ADMISSION` (TOML lines, e.g. `algorithm = "static"`) is added to the
@@ -221,9 +230,100 @@ async fn open_loop(
     std::mem::take(&mut *stats.lock().unwrap())
 }
 
-/// The router's admission limit, from the process's metrics.
-fn router_limit(render: &dyn Fn() -> String) -> String {
-    admission_limit(&render(), "router").map_or_else(|| "?".to_string(), |l| l.to_string())
+/// Where the router's metrics are read from.
+enum Metrics {
+    /// This process's recorder (the services run in it).
+    InProcess(Box<dyn Fn() -> String>),
+    /// The `/metrics` endpoint of the separate `weir up` process.
+    Scrape(String),
+}
+
+impl Metrics {
+    async fn render(&self) -> String {
+        match self {
+            Self::InProcess(render) => render(),
+            Self::Scrape(url) => match reqwest::get(url).await {
+                Ok(response) => response.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            },
+        }
+    }
+}
+
+/// The router's admission limit, from its metrics.
+async fn router_limit(metrics: &Metrics) -> String {
+    admission_limit(&metrics.render().await, "router")
+        .map_or_else(|| "?".to_string(), |l| l.to_string())
+}
+
+/// `weir up` in a process of its own, pinned to CPU 0; killed on drop.
+struct Separate {
+    child: std::process::Child,
+    _config: std::path::PathBuf,
+}
+
+impl Drop for Separate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `weir up` with `config` on CPU 0, pins this process to CPU 1, and returns the process
+/// with the router's URL and its metrics URL (read from the banner `weir up` prints).
+fn start_separate(config: &str) -> (Separate, String, String) {
+    use std::io::BufRead;
+    let weir = std::env::var("OVERLOAD_CURVE_WEIR").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/weir").to_string()
+    });
+    let path = std::env::temp_dir().join(format!("overload-curve-{}.toml", std::process::id()));
+    std::fs::write(&path, config).unwrap();
+    let mut command = std::process::Command::new("taskset");
+    command
+        .args(["-c", "0", &weir, "up", "--config"])
+        .arg(&path);
+    for service in ["ROUTER", "INFERENCE", "SESSION", "BUDGET", "REVIEW"] {
+        command.env(format!("WEIR_{service}__LISTEN"), "127.0.0.1:0");
+    }
+    let mut child = command
+        .env("WEIR_TELEMETRY__METRICS_LISTEN", "127.0.0.1:0")
+        .env("WEIR_REVIEW__CONSOLE__LISTEN", "")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {weir} under taskset: {e}"));
+    let stdout = child.stdout.take().unwrap();
+    let (mut router, mut metrics) = (None, None);
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    while router.is_none() || metrics.is_none() {
+        let line = lines.next().expect("weir up prints its addresses").unwrap();
+        if let Some(addr) = line
+            .strip_prefix("router")
+            .and_then(|l| l.split("grpc://").nth(1))
+        {
+            router = Some(format!("http://{}", addr.trim()));
+        }
+        if line.starts_with("metrics") {
+            metrics = line.split_whitespace().nth(1).map(str::to_string);
+        }
+    }
+    // The rest of the banner is read (and dropped) so that `weir up` never writes to a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    let status = std::process::Command::new("taskset")
+        .args(["-a", "-c", "-p", "1", &std::process::id().to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "taskset could not pin the generator");
+    (
+        Separate {
+            child,
+            _config: path,
+        },
+        router.unwrap(),
+        metrics.unwrap(),
+    )
 }
 
 fn print_step(label: &str, capacity: f64, time: Duration, stats: &Stats, limit: &str) {
@@ -272,21 +372,34 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let step_time = Duration::from_secs(args.next().and_then(|s| s.parse().ok()).unwrap_or(5));
     let critical: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(50);
-    let handle = weir_mesh::telemetry::install_metrics_recorder();
-    let metrics = move || handle.render();
+    let separate = std::env::var_os("OVERLOAD_CURVE_SEPARATE").is_some();
 
-    // The services get a runtime of their own; the generator another, as a separate client would.
+    // In-process, the services get a runtime of their own; the generator another, as a separate
+    // client would.
     let servers = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
     let prefix = unique_prefix();
-    let mesh = servers.block_on(Mesh::start_services(
-        &config(&prefix),
-        &[Service::Inference, Service::Budget, Service::Router],
-    ));
-    let url = mesh.url(Service::Router);
+    let (mesh, process, url, metrics) = if separate {
+        let (process, url, metrics) = start_separate(&config(&prefix));
+        println!("services: a separate `weir up` on CPU 0; generator on CPU 1");
+        (None, Some(process), url, Metrics::Scrape(metrics))
+    } else {
+        let handle = weir_mesh::telemetry::install_metrics_recorder();
+        let mesh = servers.block_on(Mesh::start_services(
+            &config(&prefix),
+            &[Service::Inference, Service::Budget, Service::Router],
+        ));
+        let url = mesh.url(Service::Router);
+        (
+            Some(mesh),
+            None,
+            url,
+            Metrics::InProcess(Box::new(move || handle.render())),
+        )
+    };
     let client = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -308,7 +421,7 @@ fn main() {
             c.ok,
             c.shed,
             c.other,
-            router_limit(&metrics)
+            router_limit(&metrics).await
         );
         for example in &closed.other_examples {
             println!("      other: {example}");
@@ -325,16 +438,36 @@ fn main() {
             "open loop: {step_time:?} per step, {critical}% CRITICAL, the rest SHEDDABLE_PLUS / \
              SHEDDABLE half and half, deadline {CALL_DEADLINE:?}, at most {MAX_OUTSTANDING} outstanding"
         );
-        for multiple in STEPS {
+        let steps: Vec<f64> = std::env::var("OVERLOAD_CURVE_STEPS").map_or_else(
+            |_| STEPS.to_vec(),
+            |given| {
+                given
+                    .split(',')
+                    .map(|s| s.trim().parse().expect("OVERLOAD_CURVE_STEPS: numbers"))
+                    .collect()
+            },
+        );
+        // The closed loop can underestimate what the server does with more calls in flight; the
+        // best goodput of any step is the other yardstick: is it held at 2x, or does it collapse?
+        let mut peak: f64 = 0.0;
+        let mut last = 0.0;
+        for multiple in steps {
             let stats = open_loop(&routers, capacity * multiple, step_time, critical).await;
+            last = stats.classes.iter().map(|c| c.ok).sum::<usize>() as f64
+                / step_time.as_secs_f64();
+            peak = peak.max(last);
             print_step(
                 &format!("{multiple:.1}x"),
                 capacity,
                 step_time,
                 &stats,
-                &router_limit(&metrics),
+                &router_limit(&metrics).await,
             );
         }
+        println!(
+            "peak goodput {peak:.0} rps; the last overload step kept {:.1}% of it",
+            100.0 * last / peak.max(1.0)
+        );
         // After the overload: how soon is the limit back?
         for second in 1..=3 {
             let stats = open_loop(&routers, capacity * 0.5, Duration::from_secs(1), critical).await;
@@ -343,11 +476,14 @@ fn main() {
                 capacity,
                 Duration::from_secs(1),
                 &stats,
-                &router_limit(&metrics),
+                &router_limit(&metrics).await,
             );
         }
     });
-    servers.block_on(mesh.stop());
+    if let Some(mesh) = mesh {
+        servers.block_on(mesh.stop());
+    }
+    drop(process);
     // Hundreds of thousands of reservations and their idempotency keys: not left behind in a Redis
     // that tests share.
     for prefix in [prefix.clone(), format!("{prefix}-rl")] {

@@ -84,6 +84,16 @@ impl Mesh {
             .unwrap_or_else(|| panic!("{service} was not started"))
     }
 
+    /// `http://127.0.0.1:<port>` of the reviewer console (the review service runs it unless
+    /// `[review.console] listen = ""`).
+    pub fn console_url(&self) -> String {
+        let addr = self
+            .running()
+            .console_addr()
+            .expect("the review service was started with its console");
+        format!("http://{addr}")
+    }
+
     /// A channel to a started service.
     pub fn channel(&self, service: Service) -> Channel {
         weir_mesh::client::lazy_channel(&self.url(service)).expect("valid URL")

@@ -134,6 +134,38 @@ impl Source {
     }
 }
 
+/// Serde for an optional listen address: `""` is `None` (the endpoint is off), anything else
+/// must parse as a socket address such as `127.0.0.1:9464`. Use with
+/// `#[serde(with = "weir_mesh::config::optional_addr")]` on an `Option<SocketAddr>`.
+pub mod optional_addr {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes `None` as `""`.
+    pub fn serialize<S: Serializer>(addr: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match addr {
+            Some(addr) => s.collect_str(addr),
+            None => s.serialize_str(""),
+        }
+    }
+
+    /// Reads `""` (or blanks) as `None`.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(d)?;
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(|error| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not an address such as 127.0.0.1:9464 ({error}); use \"\" to turn \
+                 the endpoint off"
+            ))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -116,7 +116,7 @@ pub struct TelemetryConfig {
     pub sampling_ratio: f64,
     /// Address of the Prometheus endpoint (`GET /metrics`; default `127.0.0.1:9464`). `None`
     /// (`metrics_listen = ""`) turns it off.
-    #[serde(with = "optional_addr")]
+    #[serde(with = "crate::config::optional_addr")]
     pub metrics_listen: Option<SocketAddr>,
     /// Longest time one OTLP export may take (default 5 s).
     #[serde(with = "humantime_serde")]
@@ -133,34 +133,6 @@ impl Default for TelemetryConfig {
             metrics_listen: Some(DEFAULT_METRICS_LISTEN),
             export_timeout: DEFAULT_EXPORT_TIMEOUT,
         }
-    }
-}
-
-/// `metrics_listen = ""` as `None`, an address otherwise.
-mod optional_addr {
-    use std::net::SocketAddr;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(addr: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
-        match addr {
-            Some(addr) => s.collect_str(addr),
-            None => s.serialize_str(""),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
-        let text = String::deserialize(d)?;
-        let text = text.trim();
-        if text.is_empty() {
-            return Ok(None);
-        }
-        text.parse().map(Some).map_err(|error| {
-            serde::de::Error::custom(format!(
-                "{text:?} is not an address such as 127.0.0.1:9464 ({error}); use \"\" to turn \
-                 the metrics endpoint off"
-            ))
-        })
     }
 }
 

@@ -7,4 +7,5 @@
 #![warn(missing_docs)]
 
 pub mod chat;
+pub mod review_cli;
 pub mod stack;

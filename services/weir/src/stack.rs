@@ -146,6 +146,9 @@ impl StackConfig {
         self.session.listen = any;
         self.budget.listen = any;
         self.review.listen = any;
+        if self.review.console.listen.is_some() {
+            self.review.console.listen = Some(any);
+        }
     }
 }
 
@@ -174,12 +177,27 @@ pub enum StartError {
     /// The budget service could not start (its config or its Redis).
     #[error("budget service: {0}")]
     Budget(#[from] weir_budget::StartError),
+    /// The reviewer console's address could not be bound.
+    #[error(
+        "cannot listen on {addr} for the reviewer console: {source} (set [review.console] listen in \
+         weir.toml or WEIR_REVIEW__CONSOLE__LISTEN; \"\" turns the console off)"
+    )]
+    ConsoleBind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The review service could not start (its config or its Redis).
+    #[error("review service: {0}")]
+    Review(#[from] weir_review::StartError),
 }
 
 /// A running set of services.
 #[derive(Debug)]
 pub struct Running {
     addrs: BTreeMap<Service, SocketAddr>,
+    console: Option<SocketAddr>,
     auth_mode: AuthMode,
     inference: Option<weir_inference::InferenceApi>,
     tasks: JoinSet<(Service, Result<(), ServeError>)>,
@@ -195,6 +213,11 @@ impl Running {
     /// `http://` URL of `service`, if it was started.
     pub fn url(&self, service: Service) -> Option<String> {
         self.addr(service).map(|addr| format!("http://{addr}"))
+    }
+
+    /// Where the reviewer console listens, when the review service was started with one.
+    pub fn console_addr(&self) -> Option<SocketAddr> {
+        self.console
     }
 
     /// Started services and their addresses, in start order.
@@ -276,6 +299,16 @@ pub fn authenticator(
     Ok(authenticator.with_identity(identity))
 }
 
+/// `addr` as a client can reach it from this host: a wildcard listen address (`0.0.0.0`, `::`)
+/// becomes loopback.
+fn loopback(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        ip if !ip.is_unspecified() => addr,
+        std::net::IpAddr::V4(_) => SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, addr.port())),
+        std::net::IpAddr::V6(_) => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port())),
+    }
+}
+
 /// Starts `services` from `config`, each on its own listener, stopping when `shutdown` is
 /// cancelled. All listeners are bound before any service starts, so a port conflict fails fast.
 ///
@@ -301,6 +334,24 @@ pub async fn start(
             })?;
         listeners.insert(service, listener);
     }
+    // The reviewer console is part of the review service: bound with it, so a taken port fails
+    // the start like any other.
+    let console_listener = match config.review.console.listen {
+        Some(addr) if listeners.contains_key(&Service::Review) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::ConsoleBind { addr, source })?,
+        ),
+        _ => None,
+    };
+    let console = console_listener
+        .as_ref()
+        .map(TcpListener::local_addr)
+        .transpose()
+        .map_err(|source| StartError::ConsoleBind {
+            addr: config.review.console.listen.unwrap_or(config.review.listen),
+            source,
+        })?;
     let mut addrs = BTreeMap::new();
     for (service, listener) in &listeners {
         let addr = listener.local_addr().map_err(|source| StartError::Bind {
@@ -356,7 +407,7 @@ pub async fn start(
                     .await?
             }
             Service::Budget => weir_budget::server(&config.budget, config.catalog.clone()).await?,
-            Service::Review => weir_review::server(&config.review),
+            Service::Review => weir_review::server(&config.review).await?,
         };
         let server = server
             .with_config(config.server.clone())
@@ -371,8 +422,19 @@ pub async fn start(
         let token = shutdown.clone();
         tasks.spawn(async move { (service, server.serve(listener, token).await) });
     }
+    if let (Some(listener), Some(review)) = (console_listener, addrs.get(&Service::Review)) {
+        // The console calls the review service's own gRPC port, as any client would.
+        let review_url = format!("http://{}", loopback(*review));
+        let queues: Vec<String> = config.review.queues.keys().cloned().collect();
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            let served = weir_review::console::serve(listener, &review_url, queues, token).await;
+            (Service::Review, served.map_err(ServeError::from))
+        });
+    }
     Ok(Running {
         addrs,
+        console,
         auth_mode: authenticator.mode(),
         inference,
         tasks,

@@ -16,6 +16,7 @@ struct Up {
     child: Child,
     router: String,
     metrics: String,
+    console: String,
     logs: Arc<Mutex<Vec<String>>>,
 }
 
@@ -32,6 +33,7 @@ impl Up {
             .env("RUST_LOG", "warn,weir_router=debug")
             .env("WEIR_TELEMETRY__LOG_FORMAT", "json")
             .env("WEIR_TELEMETRY__METRICS_LISTEN", "127.0.0.1:0")
+            .env("WEIR_REVIEW__CONSOLE__LISTEN", "127.0.0.1:0")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -55,6 +57,7 @@ impl Up {
         });
         let mut router = None;
         let mut metrics = None;
+        let mut console = None;
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             match rx.recv_timeout(Duration::from_millis(200)) {
@@ -66,6 +69,10 @@ impl Up {
                     let url = line.split("http://").nth(1).unwrap().trim();
                     metrics = Some(url.trim_end_matches("/metrics").to_string());
                 }
+                Ok(line) if line.starts_with("console") => {
+                    let url = line.split("http://").nth(1).unwrap();
+                    console = url.split('/').next().map(str::to_string);
+                }
                 Ok(line) if line.starts_with("Weir is up") => break,
                 Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -75,6 +82,7 @@ impl Up {
             child,
             router: router.expect("weir up prints the router's address"),
             metrics: metrics.expect("weir up prints the metrics address"),
+            console: console.expect("weir up prints the reviewer console's address"),
             logs,
         }
     }
@@ -95,9 +103,14 @@ impl Up {
 
 /// `GET /metrics` over a plain HTTP/1.0 connection: the Prometheus text.
 fn scrape(addr: &str) -> String {
+    get(addr, "/metrics")
+}
+
+/// `GET path` over a plain HTTP/1.0 connection: the whole response, which must be 200.
+fn get(addr: &str, path: &str) -> String {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: weir\r\n\r\n")
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: weir\r\n\r\n").as_bytes())
         .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
@@ -178,6 +191,22 @@ fn up_then_chat_streams_an_answer_and_sigterm_stops_cleanly() {
         error.contains("NOT_FOUND") && error.contains("no-such-model"),
         "{error}"
     );
+
+    // The reviewer console: its page and script, served by the same process with no build step;
+    // its API refuses a caller without a key.
+    let page = get(&up.console, "/");
+    assert!(
+        page.contains("<title>Weir review console</title>"),
+        "{page}"
+    );
+    assert!(get(&up.console, "/console.js").contains("text/javascript"));
+    let mut stream = TcpStream::connect(&up.console).unwrap();
+    stream
+        .write_all(b"GET /api/queues HTTP/1.0\r\nHost: weir\r\n\r\n")
+        .unwrap();
+    let mut refused = String::new();
+    stream.read_to_string(&mut refused).unwrap();
+    assert!(refused.starts_with("HTTP/1.0 401"), "{refused}");
 
     // Prometheus metrics of the same process: the calls above, by method and code.
     let metrics = scrape(&up.metrics);

@@ -31,7 +31,8 @@ pub enum AuthMode {
 pub enum Role {
     /// Administrative RPCs (`SetBudget`, `DeleteUserSessions`), and every other role.
     Admin,
-    /// Review decisions (`ClaimNext`, `RenewLease`, `SubmitDecision`, `CancelItem`).
+    /// Review decisions (`ClaimNext`, `RenewLease`, `SubmitDecision`, `CancelItem`), the live
+    /// queue (`WatchQueue`), and reading a blocking item's output before it is approved.
     Reviewer,
 }
 

@@ -60,7 +60,7 @@
 //!
 //! Administrative RPCs name a [`Role`] ([`AuthLayer::require_role`]): `SetBudget` and
 //! `DeleteUserSessions` need `admin`; the review decisions (`ClaimNext`, `RenewLease`,
-//! `SubmitDecision`, `CancelItem`) need `reviewer`. `admin` satisfies every role. A caller
+//! `SubmitDecision`, `CancelItem`) and the live queue (`WatchQueue`) need `reviewer`. `admin` satisfies every role. A caller
 //! without it is answered PERMISSION_DENIED, reason `ROLE_REQUIRED`, naming the role. Roles are
 //! not carried by mesh tokens: the router never makes administrative calls on a user's behalf.
 //!

@@ -1,0 +1,3 @@
+-- Recomputes when the tenant is next due for the sweeper.
+reindex()
+return {'ok'}
