@@ -52,7 +52,7 @@
 //! # Validation
 //!
 //! At start-up ([`Policies::new`]), naming the key (`router.review.policies[2].prompt_regex`):
-//! names non-empty and unique, queues non-empty, `sla` above zero, regexes that compile,
+//! names non-empty and unique, queue names valid (1 to 64 letters, digits, `-`, `_`, `.`), `sla` above zero, regexes that compile,
 //! `min_cost_micros` not negative, `sample_rate` within 0..=1, `tenants` valid tenant ids,
 //! `models` in the catalog and `routes` configured route aliases. Policies without a
 //! `review_url` are refused (naming `router.review.review_url`) rather than silently ignored.
@@ -395,6 +395,16 @@ fn compile(
         return Err(ConfigError::invalid(
             key("queue"),
             format!("must not be empty (leave it out for \"{DEFAULT_QUEUE}\")"),
+        ));
+    }
+    if queue.len() > 64
+        || !queue
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(ConfigError::invalid(
+            key("queue"),
+            format!("\"{queue}\": queue names are 1 to 64 letters, digits, '-', '_' or '.'"),
         ));
     }
     if spec.sla.is_some_and(|sla| sla.is_zero()) {
@@ -749,6 +759,7 @@ mod tests {
         for (toml, key) in [
             ("name = \"\"", "policies[0].name"),
             ("name = \"a\"\nqueue = \"\"", "policies[0].queue"),
+            ("name = \"a\"\nqueue = \"a queue\"", "policies[0].queue"),
             ("name = \"a\"\nsla = \"0s\"", "policies[0].sla"),
             (
                 "name = \"a\"\nmin_cost_micros = -1",
