@@ -234,6 +234,20 @@ mod tests {
         let error = build_error(&config);
         assert!(error.contains("router.routes.auto.models"), "{error}");
 
+        // A review policy's regex is compiled at start-up.
+        let mut config = Config::default();
+        config.review.review_url = "http://127.0.0.1:1".to_string();
+        config.review.policies.push(review::PolicySpec {
+            name: "pii".to_string(),
+            prompt_regex: Some("(unclosed".to_string()),
+            ..review::PolicySpec::default()
+        });
+        let error = build_error(&config);
+        assert!(
+            error.contains("router.review.policies[0].prompt_regex"),
+            "{error}"
+        );
+
         // Keys are the stack's ([auth]), never silently ignored here.
         let mut config = Config::default();
         config

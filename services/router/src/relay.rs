@@ -27,9 +27,9 @@
 //!
 //! # Review (step 7)
 //!
-//! With a review [`Gate`], the relay also keeps the answer's text, and on the upstream `done`
-//! the gate judges it ([`crate::review_gate::conclude`]): the router's `done` then carries the
-//! review status and item id. When a blocking policy may match ([`Gate::holds_back`]) the stream
+//! With a review `Gate`, the relay also keeps the answer's text, and on the upstream `done`
+//! the gate judges it (`crate::review_gate::conclude`): the router's `done` then carries the
+//! review status and item id. When a blocking policy may match (`Gate::holds_back`) the stream
 //! is **held back**: `start` goes out at once, every delta is kept, and on `done` either the kept
 //! deltas then `done` go out (not flagged, or sampled post-hoc), or only `done` with
 //! `review_status = PENDING` and the `review_id` (flagged: the text is withheld), or, if the

@@ -1,8 +1,8 @@
 //! Step 7 of the walk: sending a flagged answer to the review service.
 //!
 //! With `router.review.review_url` set and policies configured ([`crate::review`]), each model
-//! call gets a [`Gate`] when some policy's early conditions (prompt, tenant, model, route,
-//! sampling) hold for it. When the answer is complete, [`conclude`] judges it with the answer's
+//! call gets a `Gate` when some policy's early conditions (prompt, tenant, model, route,
+//! sampling) hold for it. When the answer is complete, `conclude` judges it with the answer's
 //! conditions (text, cost) and settles the request (step 6):
 //!
 //! - **No policy matches**: settled as usual; `review_status = NOT_REQUIRED`.
@@ -17,7 +17,7 @@
 //!   request: if the item cannot be created, the answer still goes out, `review_id` empty, with a
 //!   [`REVIEW_UNAVAILABLE`] notice.
 //!
-//! A stream whose gate has a blocking candidate is **held back** ([`Gate::holds_back`]): `start`
+//! A stream whose gate has a blocking candidate is **held back** (`Gate::holds_back`): `start`
 //! goes out at once, but its deltas are kept until the upstream `done`, then either all sent
 //! before `done` (not flagged, or only post-hoc) or never (`done` with PENDING). See
 //! [`crate::relay`]. Other streams are relayed token by token as always.
@@ -29,7 +29,7 @@
 //! `request_id` (`router:<request_id>`), so a retried request that runs again finds the item its
 //! first try created; without one a fresh UUID is used.
 //!
-//! `CreateItem` is a bookkeeping call ([`crate::inference::Call::bookkeeping`]: CRITICAL, backend
+//! `CreateItem` is a bookkeeping call (`crate::inference::Call::bookkeeping`: CRITICAL, backend
 //! [`REVIEW_BACKEND`], the `[router.client.review]` stack). A blocking item is created within the
 //! caller's deadline (the caller waits for it); a post-hoc one with the settlement's own deadline
 //! ([`crate::settlement::SETTLE_TIMEOUT`]), as the audit copy must not depend on the caller.
