@@ -19,6 +19,7 @@ use weir_proto::{
         CompleteResponse, ReviewStatus, complete_stream_response::Event,
         router_service_client::RouterServiceClient,
     },
+    session::{CreateSessionRequest, ListTurnsRequest},
 };
 use weir_router::{replay::IDEMPOTENT_REPLAY, review_gate::REVIEW_UNAVAILABLE};
 use weir_tests::{
@@ -87,7 +88,12 @@ impl Stack {
         let prefix = unique_prefix();
         let mesh = Mesh::start_services(
             &config(&prefix),
-            &[Service::Inference, Service::Review, Service::Router],
+            &[
+                Service::Inference,
+                Service::Session,
+                Service::Review,
+                Service::Router,
+            ],
         )
         .await;
         Self { mesh, prefix }
@@ -314,6 +320,57 @@ async fn post_hoc_delivers_at_once_and_queues_a_copy() {
     assert_eq!(queued.len(), 1);
     assert_eq!(queued[0].id, response.review_id);
     assert!(stack.items(HELD).await.is_empty());
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_held_answer_is_not_added_to_the_session() {
+    let stack = Stack::start().await;
+    let create = CreateSessionRequest {
+        session_id: "s-held".to_string(),
+        model: "sim-large".to_string(),
+        ..CreateSessionRequest::default()
+    };
+    stack
+        .mesh
+        .session()
+        .create_session(with_key(create, USER_KEY))
+        .await
+        .unwrap();
+    for (text, status) in [
+        ("a refund for my order", ReviewStatus::Pending),
+        ("what is a weir?", ReviewStatus::NotRequired),
+    ] {
+        let mut request = complete("sim-large", text);
+        request.session_id = "s-held".to_string();
+        let response = stack
+            .router()
+            .complete(with_key(request, USER_KEY))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(response.review_status, i32::from(status), "{response:?}");
+    }
+    let list = ListTurnsRequest {
+        session_id: "s-held".to_string(),
+        page_size: 100,
+        ..ListTurnsRequest::default()
+    };
+    let turns = stack
+        .mesh
+        .session()
+        .list_turns(with_key(list, USER_KEY))
+        .await
+        .unwrap()
+        .into_inner()
+        .turns;
+    let texts: Vec<String> = turns
+        .iter()
+        .map(|turn| turn.message.as_ref().unwrap().content.clone())
+        .collect();
+    assert_eq!(texts.len(), 2, "only the delivered exchange: {texts:?}");
+    assert_eq!(texts[0], "what is a weir?");
+    assert!(!texts.iter().any(|t| t.contains("refund")), "{texts:?}");
     stack.stop().await;
 }
 
