@@ -52,9 +52,10 @@
 //! # Validation
 //!
 //! At start-up ([`Policies::new`]), naming the key (`router.review.policies[2].prompt_regex`):
-//! names non-empty and unique, queue names valid (1 to 64 letters, digits, `-`, `_`, `.`), `sla` above zero, regexes that compile,
-//! `min_cost_micros` not negative, `sample_rate` within 0..=1, `tenants` valid tenant ids,
-//! `models` in the catalog and `routes` configured route aliases. Policies without a
+//! names non-empty and unique, queue names valid (1 to 64 letters, digits, `-`, `_`, `.`), `sla`
+//! above zero and at most 30 days, regexes that compile, `min_cost_micros` not negative,
+//! `sample_rate` within 0..=1, `tenants` valid tenant ids, `models` in the catalog and `routes`
+//! configured route aliases. Policies without a
 //! `review_url` are refused (naming `router.review.review_url`) rather than silently ignored.
 
 use std::time::Duration;
@@ -67,6 +68,9 @@ use crate::route::RouteTable;
 
 /// Queue of a policy that names none.
 pub const DEFAULT_QUEUE: &str = "default";
+
+/// Longest `sla` a policy may set: the most the review service accepts (30 days).
+pub const MAX_SLA: Duration = Duration::from_secs(30 * 24 * 60 * 60);
 
 /// `[router.review]`: where the review service is and which answers go to it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -407,10 +411,10 @@ fn compile(
             format!("\"{queue}\": queue names are 1 to 64 letters, digits, '-', '_' or '.'"),
         ));
     }
-    if spec.sla.is_some_and(|sla| sla.is_zero()) {
+    if spec.sla.is_some_and(|sla| sla.is_zero() || sla > MAX_SLA) {
         return Err(ConfigError::invalid(
             key("sla"),
-            "must be above zero (leave it out for the queue's SLA)",
+            "must be above zero and at most 30 days (leave it out for the queue's SLA)",
         ));
     }
     if spec.min_cost_micros.is_some_and(|min| min < 0) {
@@ -761,6 +765,7 @@ mod tests {
             ("name = \"a\"\nqueue = \"\"", "policies[0].queue"),
             ("name = \"a\"\nqueue = \"a queue\"", "policies[0].queue"),
             ("name = \"a\"\nsla = \"0s\"", "policies[0].sla"),
+            ("name = \"a\"\nsla = \"31days\"", "policies[0].sla"),
             (
                 "name = \"a\"\nmin_cost_micros = -1",
                 "policies[0].min_cost_micros",

@@ -26,8 +26,9 @@
 //! `conversation`, the answer as its `output`, the serving model, the matching policies' names as
 //! `reasons`, their queue, priority and SLA, the request's labels, its trace id, and its
 //! `request_id` as `source_request_id`. Its own idempotency key is derived from the request's
-//! `request_id` (`router:<request_id>`), so a retried request that runs again finds the item its
-//! first try created; without one a fresh UUID is used.
+//! `request_id` (`router:<request_id>`, or `router:sha256:<hex>` when that is longer than the
+//! review service takes), so a retried request that runs again finds the item its first try
+//! created; without one a fresh UUID is used.
 //!
 //! `CreateItem` is a bookkeeping call (`crate::inference::Call::bookkeeping`: CRITICAL, backend
 //! [`REVIEW_BACKEND`], the `[router.client.review]` stack). A blocking item is created within the
@@ -49,7 +50,6 @@ use weir_mesh::{
     catalog::Catalog,
     client::{BoxedClient, ClientStack},
     deadline::Deadline,
-    idempotency::MAX_KEY_LEN,
     pricing::{self, Tier, Tokens},
 };
 use weir_proto::{
@@ -165,16 +165,23 @@ impl Reviews {
     }
 }
 
-/// The idempotency key of the item of a request with `request_id` (see the module doc).
+/// The longest `request_id` the review service accepts.
+pub const MAX_ITEM_REQUEST_ID: usize = 128;
+
+/// The idempotency key of the item of a request with `request_id` (see the module doc): the same
+/// for every run of the same request, and never longer than the review service accepts
+/// ([`MAX_ITEM_REQUEST_ID`]); a longer one is replaced by its SHA-256.
 fn item_request_id(request_id: &str) -> String {
-    let derived = format!("router:{request_id}");
     if request_id.is_empty() {
-        uuid::Uuid::new_v4().to_string()
-    } else if derived.len() <= MAX_KEY_LEN {
-        derived
-    } else {
-        request_id.to_string()
+        return uuid::Uuid::new_v4().to_string();
     }
+    let derived = format!("router:{request_id}");
+    if derived.len() <= MAX_ITEM_REQUEST_ID {
+        return derived;
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, request_id.as_bytes());
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("router:sha256:{hex}")
 }
 
 /// One model call's review: the policies that may still match it and what its item would carry.
@@ -456,8 +463,18 @@ mod tests {
         let fresh = item_request_id("");
         assert_eq!(fresh.len(), 36, "{fresh}");
         assert_ne!(item_request_id(""), fresh);
-        let long = "x".repeat(MAX_KEY_LEN);
-        assert_eq!(item_request_id(&long), long);
+        let fits = "x".repeat(MAX_ITEM_REQUEST_ID - "router:".len());
+        assert_eq!(item_request_id(&fits), format!("router:{fits}"));
+        let long = "x".repeat(255);
+        let hashed = item_request_id(&long);
+        assert!(hashed.starts_with("router:sha256:"), "{hashed}");
+        assert!(hashed.len() <= MAX_ITEM_REQUEST_ID);
+        assert_eq!(
+            item_request_id(&long),
+            hashed,
+            "the same request, the same item"
+        );
+        assert_ne!(item_request_id(&"y".repeat(255)), hashed);
     }
 
     use super::testing::{DOWN, Fake, gate, serve};
