@@ -9,7 +9,10 @@
 //
 // Environment: CONSOLE_URL, REVIEWER_KEY, REVIEWER_NAME, SCREENSHOTS (a folder),
 // CHROMIUM (default /usr/bin/chromium).
+import { createRequire } from "node:module";
 import { chromium } from "playwright-core";
+
+const require = createRequire(import.meta.url);
 
 const url = process.env.CONSOLE_URL;
 const key = process.env.REVIEWER_KEY;
@@ -59,6 +62,18 @@ try {
     (id) => document.getElementById("item-id")?.textContent === id, id, { timeout },
   );
   await page.screenshot({ path: `${shots}/queue.png`, fullPage: true });
+
+  // Accessibility: axe-core's WCAG 2 A/AA rules (contrast, names, roles, keyboard) on the queue
+  // and item views as the reviewer sees them; any serious or critical violation fails the test.
+  await page.addScriptTag({ path: require.resolve("axe-core") });
+  const audit = await page.evaluate(() =>
+    window.axe.run(document, { runOnly: { type: "tag", values: ["wcag2a", "wcag2aa"] } }));
+  const serious = audit.violations.filter((v) => ["serious", "critical"].includes(v.impact));
+  for (const violation of audit.violations) {
+    console.error(`axe ${violation.impact}: ${violation.id}: ${violation.help} (${violation.nodes.length} nodes)`);
+  }
+  console.log(`AXE ${audit.passes.length} passed ${audit.violations.length} violations ${serious.length} serious`);
+  if (serious.length) process.exitCode = 1;
 
   // Enter claims the selected item (the item view shows the lease), then `a` approves it.
   let keys = 0;

@@ -208,6 +208,15 @@ pub fn user(text: &str) -> Message {
     }
 }
 
+/// An assistant message.
+pub fn assistant(text: &str) -> Message {
+    Message {
+        role: Role::Assistant as i32,
+        content: text.to_string(),
+        ..Message::default()
+    }
+}
+
 /// A `Complete` request for `model` with one user message.
 pub fn complete(model: &str, text: &str) -> CompleteRequest {
     CompleteRequest {

@@ -26,16 +26,16 @@ use weir_proto::{
     review::{
         CancelItemRequest, ClaimNextRequest, CreateItemRequest, GetItemRequest,
         GetQueueStatsRequest, ListAuditEventsRequest, ListItemsRequest, RenewLeaseRequest,
-        SubmitDecisionRequest, WatchItemRequest,
+        ReviewItem, SubmitDecisionRequest, Verdict, WatchItemRequest,
     },
-    router::{CompleteRequest, GetJobRequest},
+    router::{CompleteRequest, GetBatchRequest},
     service_names,
     session::{
         AppendTurnsRequest, CreateSessionRequest, DeleteSessionRequest, DeleteUserSessionsRequest,
         GetContextRequest, GetSessionRequest, ListTurnsRequest,
     },
 };
-use weir_tests::{Mesh, complete_stream, redis_url, unique_prefix, user, with_key};
+use weir_tests::{Mesh, assistant, complete_stream, redis_url, unique_prefix, user, with_key};
 
 const SECRET: &str = "mesh-identity-test-secret-0123456789abcdef";
 /// The victim: an admin of its own tenant, so it can set its budget, allowed CRITICAL_PLUS.
@@ -188,22 +188,22 @@ impl Rpc {
         format!("/{}/{self:?}", self.service())
     }
 
-    /// With the attacker's key and `weir-tenant: victim`, naming the victim's session, user and
-    /// reservation.
+    /// With the attacker's key and `weir-tenant: victim`, naming the victim's session, user,
+    /// reservation and review item.
     fn as_attacker(self) -> Expect {
         match self {
-            // Its own new session, budget hold, price list and (empty) spend.
-            CreateSession | EstimateCost | Reserve | GetSpend | ListPrices => Expect::Ok,
-            // The victim's session and reservation do not exist in the attacker's tenant.
+            // Its own new session, budget hold, review item, price list, (empty) spend and queue.
+            CreateSession | EstimateCost | Reserve | GetSpend | ListPrices | CreateItem
+            | ListItems | GetQueueStats => Expect::Ok,
+            // The victim's session, reservation and review item do not exist in the attacker's
+            // tenant.
             GetSession | AppendTurns | GetContext | ListTurns | DeleteSession | Commit
-            | Release | GetBudget => Expect::Code(Code::NotFound),
+            | Release | GetBudget | GetItem | WatchItem | ListAuditEvents => {
+                Expect::Code(Code::NotFound)
+            }
             // Administrative: a role the attacker's key does not have.
             DeleteUserSessions | SetBudget | ClaimNext | RenewLease | SubmitDecision
             | CancelItem => Expect::Code(Code::PermissionDenied),
-            // The review service is not implemented yet: past auth, it answers UNIMPLEMENTED.
-            CreateItem | GetItem | ListItems | WatchItem | GetQueueStats | ListAuditEvents => {
-                Expect::Code(Code::Unimplemented)
-            }
         }
     }
 }
@@ -292,14 +292,23 @@ fn daily() -> Period {
     }
 }
 
-/// Makes one call of `rpc`; `reservation` is the victim's.
+/// What of the victim's the calls name: a held reservation and a pending review item.
+#[derive(Debug, Default)]
+struct Victim {
+    reservation: String,
+    item: String,
+}
+
+/// Makes one call of `rpc`, naming the victim's data.
 async fn call(
     mesh: &Mesh,
     rpc: Rpc,
     credentials: &Credentials,
-    reservation: &str,
+    victim: &Victim,
 ) -> Result<(), Status> {
     let c = credentials;
+    let reservation = victim.reservation.as_str();
+    let item = victim.item.clone();
     let session = VICTIM_SESSION.to_string();
     match rpc {
         CreateSession => {
@@ -439,34 +448,58 @@ async fn call(
             mesh.budget().list_prices(request(body, c)).await.map(drop)
         }
         CreateItem => {
-            let body = CreateItemRequest::default();
+            // The attacker's own item, in the attacker's tenant.
+            let body = CreateItemRequest {
+                output: Some(assistant("attacker's output")),
+                ..CreateItemRequest::default()
+            };
             mesh.review().create_item(request(body, c)).await.map(drop)
         }
         GetItem => {
-            let body = GetItemRequest::default();
+            let body = GetItemRequest { item_id: item };
             mesh.review().get_item(request(body, c)).await.map(drop)
         }
         ListItems => {
             let body = ListItemsRequest::default();
-            mesh.review().list_items(request(body, c)).await.map(drop)
+            let items = mesh
+                .review()
+                .list_items(request(body, c))
+                .await?
+                .into_inner();
+            assert!(
+                items.items.iter().all(|i| i.id != victim.item),
+                "the attacker's queue, not the victim's"
+            );
+            Ok(())
         }
         ClaimNext => {
-            let body = ClaimNextRequest::default();
+            let body = ClaimNextRequest {
+                reviewer: "mallory".into(),
+                item_id: item,
+                ..ClaimNextRequest::default()
+            };
             mesh.review().claim_next(request(body, c)).await.map(drop)
         }
         RenewLease => {
-            let body = RenewLeaseRequest::default();
+            let body = RenewLeaseRequest {
+                item_id: item,
+                ..RenewLeaseRequest::default()
+            };
             mesh.review().renew_lease(request(body, c)).await.map(drop)
         }
         SubmitDecision => {
-            let body = SubmitDecisionRequest::default();
+            let body = SubmitDecisionRequest {
+                item_id: item,
+                verdict: Verdict::Approve as i32,
+                ..SubmitDecisionRequest::default()
+            };
             mesh.review()
                 .submit_decision(request(body, c))
                 .await
                 .map(drop)
         }
         WatchItem => {
-            let body = WatchItemRequest::default();
+            let body = WatchItemRequest { item_id: item };
             let mut stream = mesh
                 .review()
                 .watch_item(request(body, c))
@@ -478,7 +511,10 @@ async fn call(
             }
         }
         CancelItem => {
-            let body = CancelItemRequest::default();
+            let body = CancelItemRequest {
+                item_id: item,
+                ..CancelItemRequest::default()
+            };
             mesh.review().cancel_item(request(body, c)).await.map(drop)
         }
         GetQueueStats => {
@@ -489,9 +525,17 @@ async fn call(
                 .map(drop)
         }
         ListAuditEvents => {
-            let body = ListAuditEventsRequest::default();
+            let body = ListAuditEventsRequest {
+                item_id: item,
+                ..ListAuditEventsRequest::default()
+            };
             let mut client = mesh.review();
-            client.list_audit_events(request(body, c)).await.map(drop)
+            let events = client
+                .list_audit_events(request(body, c))
+                .await?
+                .into_inner();
+            assert!(events.events.is_empty(), "no event of the victim's item");
+            Ok(())
         }
     }
 }
@@ -503,9 +547,10 @@ struct VictimState {
     turns: Vec<weir_proto::session::Turn>,
     budget: budget::Budget,
     spend: budget::GetSpendResponse,
+    item: ReviewItem,
 }
 
-async fn victim_state(mesh: &Mesh) -> VictimState {
+async fn victim_state(mesh: &Mesh, victim: &Victim) -> VictimState {
     let key = |body| with_key(body, VICTIM_KEY);
     let session = mesh
         .session()
@@ -556,16 +601,31 @@ async fn victim_state(mesh: &Mesh) -> VictimState {
         .await
         .unwrap()
         .into_inner();
+    let item = mesh
+        .review()
+        .get_item(with_key(
+            GetItemRequest {
+                item_id: victim.item.clone(),
+            },
+            VICTIM_KEY,
+        ))
+        .await
+        .expect("the victim's review item is still there")
+        .into_inner()
+        .item
+        .unwrap();
     VictimState {
         session,
         turns,
         budget,
         spend,
+        item,
     }
 }
 
-/// Creates the victim's session (two turns), budget and a held reservation; returns its id.
-async fn victim_data(mesh: &Mesh) -> String {
+/// Creates the victim's session (two turns), budget, a held reservation and a pending review
+/// item.
+async fn victim_data(mesh: &Mesh) -> Victim {
     mesh.session()
         .create_session(with_key(
             CreateSessionRequest {
@@ -600,7 +660,8 @@ async fn victim_data(mesh: &Mesh) -> String {
         ))
         .await
         .unwrap();
-    mesh.budget()
+    let reservation = mesh
+        .budget()
         .reserve(with_key(
             ReserveRequest {
                 request_id: "victim-r1".into(),
@@ -616,7 +677,24 @@ async fn victim_data(mesh: &Mesh) -> String {
         .into_inner()
         .reservation
         .unwrap()
-        .id
+        .id;
+    let item = mesh
+        .review()
+        .create_item(with_key(
+            CreateItemRequest {
+                conversation: vec![user("my secret question")],
+                output: Some(assistant("the victim's held answer")),
+                ..CreateItemRequest::default()
+            },
+            VICTIM_KEY,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .item
+        .unwrap()
+        .id;
+    Victim { reservation, item }
 }
 
 fn reason(status: &Status) -> String {
@@ -626,22 +704,23 @@ fn reason(status: &Status) -> String {
 #[tokio::test]
 async fn a_spoofed_tenant_never_reaches_another_tenants_data_over_any_rpc() {
     let mesh = Mesh::start(&config(&unique_prefix())).await;
-    let reservation = victim_data(&mesh).await;
-    let before = victim_state(&mesh).await;
+    let victim = victim_data(&mesh).await;
+    let before = victim_state(&mesh, &victim).await;
     assert_eq!(before.turns.len(), 2);
+    assert_eq!(before.item.state(), weir_proto::review::ItemState::Pending);
     assert_eq!(before.budget.hard_limit_micros, 1_000_000);
     assert_eq!(before.budget.held_micros, 1000);
 
     for &rpc in RPCS {
         // (a) No credentials: the header alone is worth nothing.
-        let status = call(&mesh, rpc, &Credentials::None, &reservation)
+        let status = call(&mesh, rpc, &Credentials::None, &victim)
             .await
             .expect_err(&format!("{rpc:?} without credentials"));
         assert_eq!(status.code(), Code::Unauthenticated, "{rpc:?}: {status:?}");
         assert_eq!(reason(&status), "API_KEY_MISSING", "{rpc:?}");
 
         // (b) The attacker's own key: its own tenant, or refused.
-        let result = call(&mesh, rpc, &Credentials::Key(ATTACKER_KEY), &reservation).await;
+        let result = call(&mesh, rpc, &Credentials::Key(ATTACKER_KEY), &victim).await;
         match (rpc.as_attacker(), &result) {
             (Expect::Ok, Ok(())) => {}
             (Expect::Code(code), Err(status)) if status.code() == code => {
@@ -654,7 +733,7 @@ async fn a_spoofed_tenant_never_reaches_another_tenants_data_over_any_rpc() {
 
         // (c) Forged, expired, tampered and misdirected mesh tokens.
         for (what, token) in bad_tokens(rpc) {
-            let status = call(&mesh, rpc, &Credentials::Token(token), &reservation)
+            let status = call(&mesh, rpc, &Credentials::Token(token), &victim)
                 .await
                 .expect_err(&format!("{rpc:?} with a {what} token"));
             assert_eq!(status.code(), Code::Unauthenticated, "{rpc:?} {what}");
@@ -664,12 +743,12 @@ async fn a_spoofed_tenant_never_reaches_another_tenants_data_over_any_rpc() {
 
     // Nothing of the victim's was read or changed: same session, turns, budget, hold and spend,
     // and the hold is still the victim's to release.
-    assert_eq!(victim_state(&mesh).await, before);
+    assert_eq!(victim_state(&mesh, &victim).await, before);
     let released = mesh
         .budget()
         .release(with_key(
             ReleaseRequest {
-                reservation_id: reservation,
+                reservation_id: victim.reservation,
             },
             VICTIM_KEY,
         ))
@@ -685,25 +764,29 @@ async fn a_spoofed_tenant_never_reaches_another_tenants_data_over_any_rpc() {
 #[tokio::test]
 async fn administrative_rpcs_need_their_role() {
     let mesh = Mesh::start(&config(&unique_prefix())).await;
-    victim_data(&mesh).await;
-    let before = victim_state(&mesh).await;
+    let victim = victim_data(&mesh).await;
+    let before = victim_state(&mesh, &victim).await;
     let key = |k| Credentials::Key(k);
 
     // SetBudget and DeleteUserSessions: admin only (and the admin's own tenant).
     for rpc in [SetBudget, DeleteUserSessions] {
         for k in [ATTACKER_KEY, REVIEWER_KEY] {
-            let status = call(&mesh, rpc, &key(k), "").await.unwrap_err();
+            let status = call(&mesh, rpc, &key(k), &Victim::default())
+                .await
+                .unwrap_err();
             assert_eq!(status.code(), Code::PermissionDenied, "{rpc:?} {k}");
             assert!(status.message().contains("`admin`"), "{}", status.message());
         }
-        call(&mesh, rpc, &key(ADMIN_KEY), "")
+        call(&mesh, rpc, &key(ADMIN_KEY), &Victim::default())
             .await
             .unwrap_or_else(|status| panic!("{rpc:?} as admin: {status:?}"));
     }
-    // The review decisions: reviewer or admin. Past the role check the service answers
-    // UNIMPLEMENTED (its behaviour lands with its own issue).
+    // The review decisions: reviewer or admin. Past the role check the service reads the
+    // request, which names no item here.
     for rpc in [ClaimNext, RenewLease, SubmitDecision, CancelItem] {
-        let status = call(&mesh, rpc, &key(ATTACKER_KEY), "").await.unwrap_err();
+        let status = call(&mesh, rpc, &key(ATTACKER_KEY), &Victim::default())
+            .await
+            .unwrap_err();
         assert_eq!(status.code(), Code::PermissionDenied, "{rpc:?}");
         assert!(
             status.message().contains("`reviewer`"),
@@ -711,12 +794,15 @@ async fn administrative_rpcs_need_their_role() {
             status.message()
         );
         for k in [REVIEWER_KEY, ADMIN_KEY] {
-            let status = call(&mesh, rpc, &key(k), "").await.unwrap_err();
-            assert_eq!(status.code(), Code::Unimplemented, "{rpc:?} {k}");
+            // ClaimNext finds nothing to claim; the others name no item.
+            match call(&mesh, rpc, &key(k), &Victim::default()).await {
+                Ok(()) => assert_eq!(rpc, ClaimNext),
+                Err(status) => assert_eq!(status.code(), Code::InvalidArgument, "{rpc:?} {k}"),
+            }
         }
     }
     // The admin acted on its own tenant: the victim's budget and sessions are as they were.
-    assert_eq!(victim_state(&mesh).await, before);
+    assert_eq!(victim_state(&mesh, &victim).await, before);
     let attacker_budget = mesh
         .budget()
         .get_budget(with_key(
@@ -858,11 +944,12 @@ min_limit = 1
 /// A router call that admission must decide on (the job RPCs answer UNIMPLEMENTED once
 /// admitted): `key` claims CRITICAL_PLUS.
 async fn claim_critical_plus(mesh: &Mesh, key: &str) -> Code {
-    let mut request = with_key(GetJobRequest::default(), key);
+    // GetBatch answers UNIMPLEMENTED once admitted: a cheap call that never reaches a model.
+    let mut request = with_key(GetBatchRequest::default(), key);
     request
         .metadata_mut()
         .insert(CRITICALITY, "CRITICAL_PLUS".parse().unwrap());
-    mesh.router().get_job(request).await.unwrap_err().code()
+    mesh.router().get_batch(request).await.unwrap_err().code()
 }
 
 #[tokio::test]

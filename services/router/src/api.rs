@@ -17,13 +17,17 @@
 //! 6. Settle: the usage is committed and the exchange appended to the session
 //!    ([`crate::settlement`]); for a stream when the relay sees `done`, or, if it never does, with
 //!    what was relayed (committed, not appended).
-//! 7. Review policy: not in this version.
+//! 7. Review: the answer is judged by the review policies; a flagged one is queued for a human
+//!    and either withheld until a decision (blocking) or delivered and audited later (post-hoc)
+//!    ([`crate::review_gate`]); a stream that a blocking policy may flag is held back until its
+//!    end.
 //! 8. Respond with what happened: served model, requested name, route, served-by, usage, the
 //!    committed cost, and notices for anything done differently (fallback, steering, a session or
 //!    budget service that could not answer).
 //!
 //! `trace_id` names the request's trace (the router's server span's, [`weir_mesh::trace`]), so
-//! a user can find it in Jaeger. `review_status` is NOT_REQUIRED until the review step lands.
+//! a user can find it in Jaeger. A degraded answer is never reviewed (`review_status`
+//! NOT_REQUIRED): it is the route's configured text, not a model's.
 //!
 //! Jobs are served by [`crate::jobs`]; batches answer UNIMPLEMENTED (the generated defaults).
 
@@ -58,6 +62,8 @@ use crate::{
     relay::{self, CompleteStream},
     replay::{self, Rpc},
     request::Completion,
+    review::Policies,
+    review_gate::{self, Gate, Reviews},
     route::{Plan, RouteTable},
     session::{History, Sessions},
     settlement::Settlement,
@@ -72,6 +78,7 @@ pub struct RouterApi {
     inference: Inference,
     sessions: Sessions,
     spend: Spend,
+    reviews: Reviews,
     idempotency: Idempotency,
     /// Asynchronous jobs, when on ([`crate::jobs`]).
     pub(crate) jobs: Option<crate::jobs::api::Jobs>,
@@ -87,6 +94,7 @@ impl RouterApi {
             inference: Inference::new(client),
             sessions: Sessions::off(),
             spend: Spend::off(),
+            reviews: Reviews::off(),
             idempotency: Idempotency::in_memory("router"),
             jobs: None,
         }
@@ -129,6 +137,13 @@ impl RouterApi {
         Ok(self)
     }
 
+    /// Sends answers that `policies` flag to the review service through `client` (a client stack
+    /// over a channel to it); see [`crate::review_gate`].
+    pub fn with_reviews(mut self, client: ClientStack, policies: Policies) -> Self {
+        self.reviews = Reviews::new(client, policies, self.routes.shared_catalog());
+        self
+    }
+
     /// The client stack of the calls to inference: its circuit breakers and bulkheads by model.
     pub fn inference_client(&self) -> &ClientStack {
         self.inference.stack()
@@ -142,6 +157,11 @@ impl RouterApi {
     /// The client stack of the calls to the budget service, when budgets are on.
     pub fn budget_client(&self) -> Option<&ClientStack> {
         self.spend.stack()
+    }
+
+    /// The client stack of the calls to the review service, when review is on.
+    pub fn review_client(&self) -> Option<&ClientStack> {
+        self.reviews.stack()
     }
 
     /// The route table requests are resolved against.
@@ -295,10 +315,11 @@ enum Delivery {
 /// A candidate's answer, before it is delivered. One per request, moved once: not worth a box.
 #[allow(clippy::large_enum_variant)]
 enum Answer {
-    /// A whole answer, and what it still owes (settled before it is sent).
+    /// A whole answer, what it still owes (settled before it is sent) and its review.
     Unary {
         response: GenerateResponse,
         settlement: Settlement,
+        gate: Option<Gate>,
     },
     /// A stream whose first event has arrived; it settles itself as it ends.
     Stream(CompleteStream),
@@ -370,6 +391,11 @@ impl RouterApi {
             settlement,
         } = prepared;
         let (call, completion) = (&walk.call, &walk.completion);
+        let tenant = walk.payer.tenant().as_str();
+        let route = walk.plan.route_alias();
+        let gate = self
+            .reviews
+            .gate(call, completion, tenant, route, model, &prompt);
         match delivery {
             Delivery::Unary => {
                 let request = completion.generate_request(model, prompt, max_output);
@@ -377,6 +403,7 @@ impl RouterApi {
                     Ok(response) => Ok(Answer::Unary {
                         response,
                         settlement,
+                        gate,
                     }),
                     Err(error) => {
                         settlement.failed(&error);
@@ -394,20 +421,22 @@ impl RouterApi {
                     }
                 };
                 let start = start_event(&walk.plan, model, walk.plan.served_by(position));
-                let stream = relay::open(start, walk.notices.clone(), upstream, settlement).await?;
+                let notices = walk.notices.clone();
+                let stream = relay::open(start, notices, upstream, settlement, gate).await?;
                 Ok(Answer::Stream(stream))
             }
         }
     }
 
-    /// Steps 6 and 8 of a unary answer: settle it (commit, append), then the response.
+    /// Steps 6 to 8 of a unary answer: settle and review it (commit, append, queue), then the
+    /// response; an error only for a blocking review that could not be queued.
     async fn respond(
         walk: Walk,
-        response: GenerateResponse,
-        settlement: Settlement,
+        answer: (GenerateResponse, Settlement, Option<Gate>),
         model: &str,
         position: usize,
-    ) -> CompleteResponse {
+    ) -> Result<CompleteResponse, Status> {
+        let (response, settlement, gate) = answer;
         let Walk {
             plan, mut notices, ..
         } = walk;
@@ -417,8 +446,12 @@ impl RouterApi {
             ..Message::default()
         });
         // 6. Commit the usage and append the exchange; 7. the review policy may hold or sample
-        //    the answer here.
-        let settled = settlement.settle(usage, Some(message)).await;
+        //    the answer.
+        let text = message.content.clone();
+        let concluded = review_gate::conclude(gate, settlement, usage, &text, Some(message))
+            .await
+            .map_err(refused)?;
+        let settled = concluded.settled;
         notices.extend(settled.notices);
         tracing::debug!(
             requested = plan.requested_model(),
@@ -435,8 +468,9 @@ impl RouterApi {
         } else {
             response.model
         };
-        CompleteResponse {
-            message: response.message,
+        Ok(CompleteResponse {
+            // Withheld for a blocking review: the caller gets it from the review service.
+            message: response.message.filter(|_| !concluded.withheld),
             model: served_model,
             requested_model: plan.requested_model().to_string(),
             route: plan.route_alias().to_string(),
@@ -444,11 +478,11 @@ impl RouterApi {
             finish_reason: response.finish_reason,
             usage,
             cost_micros: settled.cost_micros,
-            review_status: ReviewStatus::NotRequired.into(),
-            review_id: String::new(),
+            review_status: concluded.status.into(),
+            review_id: concluded.review_id,
             trace_id: current_trace_id(),
             notices,
-        }
+        })
     }
 }
 
@@ -461,10 +495,11 @@ impl RouterApi {
                     Answer::Unary {
                         response,
                         settlement,
+                        gate,
                     },
                 model,
                 position,
-            } => Self::respond(walk, response, settlement, &model, position).await,
+            } => Self::respond(walk, (response, settlement, gate), &model, position).await?,
             Served::Model {
                 answer: Answer::Stream(_),
                 ..

@@ -11,6 +11,9 @@
 //!
 //! [router.client.session.retry]        # GetContext, AppendTurns
 //! max_attempts = 2
+//!
+//! [router.client.review.timeout]       # CreateItem
+//! attempt_timeout = "3s"
 //! ```
 //!
 //! # Why one table per dependency
@@ -26,7 +29,7 @@
 //! | table | defaults that differ from the mesh's [`ClientConfig::default`] |
 //! |---|---|
 //! | `[router.client.inference]` | none: bulkhead 64 per model, attempt timeout 30 s, slow call 10 s |
-//! | `[router.client.session]`, `[router.client.budget]` | bulkhead [`DEFAULT_BOOKKEEPING_MAX_CONCURRENT`] (1024), attempt timeout [`DEFAULT_BOOKKEEPING_ATTEMPT_TIMEOUT`] (2 s), slow call [`DEFAULT_BOOKKEEPING_SLOW_CALL`] (1 s) |
+//! | `[router.client.session]`, `[router.client.budget]`, `[router.client.review]` | bulkhead [`DEFAULT_BOOKKEEPING_MAX_CONCURRENT`] (1024), attempt timeout [`DEFAULT_BOOKKEEPING_ATTEMPT_TIMEOUT`] (2 s), slow call [`DEFAULT_BOOKKEEPING_SLOW_CALL`] (1 s) |
 //!
 //! A table gives only what it changes: its keys are laid over that dependency's defaults, not over
 //! the mesh's (so `[router.client.budget.retry] max_attempts = 2` keeps the budget's 2 s attempt
@@ -44,7 +47,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 use weir_mesh::{client::ClientConfig, config::ConfigError};
 
-/// Calls in flight per bookkeeping service (session, budget): they answer in about a
+/// Calls in flight per bookkeeping service (session, budget, review): they answer in about a
 /// millisecond, so a slot is free again almost at once; the limit only stops a hung service
 /// from collecting every request's task.
 pub const DEFAULT_BOOKKEEPING_MAX_CONCURRENT: usize = 1024;
@@ -55,7 +58,7 @@ pub const DEFAULT_BOOKKEEPING_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2)
 pub const DEFAULT_BOOKKEEPING_SLOW_CALL: Duration = Duration::from_secs(1);
 
 /// The dependencies with a table under `[router.client]`, in the order they are documented.
-pub const DEPENDENCIES: [&str; 3] = ["inference", "session", "budget"];
+pub const DEPENDENCIES: [&str; 4] = ["inference", "session", "budget", "review"];
 
 /// `[router.client]`: the client settings of each service the router calls.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -66,6 +69,10 @@ pub struct Clients {
     pub session: ClientConfig,
     /// `[router.client.budget]`: `Reserve`, `Commit`, `Release` and `GetBudget`.
     pub budget: ClientConfig,
+    /// `[router.client.review]`: `CreateItem` (review items of flagged answers). Bookkeeping-like:
+    /// a Redis-backed write made for a request already served, at criticality
+    /// [`crate::inference::BOOKKEEPING_CRITICALITY`].
+    pub review: ClientConfig,
 }
 
 impl Default for Clients {
@@ -74,6 +81,7 @@ impl Default for Clients {
             inference: ClientConfig::default(),
             session: bookkeeping_defaults(),
             budget: bookkeeping_defaults(),
+            review: bookkeeping_defaults(),
         }
     }
 }
@@ -92,7 +100,8 @@ impl Clients {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.inference.validate("router.client.inference")?;
         self.session.validate("router.client.session")?;
-        self.budget.validate("router.client.budget")
+        self.budget.validate("router.client.budget")?;
+        self.review.validate("router.client.review")
     }
 }
 
@@ -101,7 +110,7 @@ impl<'de> Deserialize<'de> for Clients {
         use serde::de::Error;
         let Value::Object(tables) = Value::deserialize(deserializer)? else {
             return Err(D::Error::custom(
-                "[router.client] is a table of tables: inference, session, budget",
+                "[router.client] is a table of tables: inference, session, budget, review",
             ));
         };
         let mut clients = Clients::default();
@@ -110,10 +119,11 @@ impl<'de> Deserialize<'de> for Clients {
                 "inference" => &mut clients.inference,
                 "session" => &mut clients.session,
                 "budget" => &mut clients.budget,
+                "review" => &mut clients.review,
                 other if MESH_KEYS.contains(&other) => {
                     return Err(D::Error::custom(format!(
                         "router.client.{other} moved: each dependency has its own table, so use \
-                         router.client.inference.{other} (or .session / .budget)"
+                         router.client.inference.{other} (or .session / .budget / .review)"
                     )));
                 }
                 other => {
@@ -217,6 +227,13 @@ backends = { gpt-4o = 16 }
         assert_eq!(inference.bulkhead.backends.get("gpt-4o"), Some(&16));
         assert_eq!(inference.bulkhead.max_concurrent, 64);
         assert_eq!(config.client.session, bookkeeping_defaults());
+        assert_eq!(config.client.review, bookkeeping_defaults());
+        let config = router("[router.client.review.timeout]\nattempt_timeout = \"3s\"\n").unwrap();
+        assert_eq!(
+            config.client.review.timeout.attempt_timeout,
+            Duration::from_secs(3)
+        );
+        assert_eq!(config.client.review.bulkhead.max_concurrent, 1024, "kept");
     }
 
     #[test]

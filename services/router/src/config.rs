@@ -42,15 +42,19 @@
 //! - A route's `economy` tier serves tenants whose spend is above their soft limit (see
 //!   [`crate::route`]).
 //!
-//! `weir up` (and `weir::stack::start`) points `inference_url`, and `session_url` and `budget_url`
-//! when set, at the services it runs in the same process.
+//! - `[router.review]` ([`ReviewConfig`]): `review_url` (default empty: off) is the review service
+//!   that answers matched by a review policy are sent to, held back (blocking) or sampled for audit
+//!   (post-hoc); see [`crate::review`] for the policies and [`crate::review_gate`] for the walk.
+//!
+//! `weir up` (and `weir::stack::start`) points `inference_url`, and `session_url`, `budget_url` and
+//! `review.review_url` when set, at the services it runs in the same process.
 //!
 //! The edge of the mesh is configured here too: `[router.auth]` (API keys → tenants),
 //! `[router.rate_limit]` (per-tenant GCRA, shared through Redis by replicas) and
-//! `[router.client.inference]`, `[router.client.session]`, `[router.client.budget]` (retry,
-//! breaker, bulkhead and timeouts of the calls to each service, with defaults that fit it: see
-//! [`crate::clients`]); each table's settings and defaults are documented on its type in
-//! weir-mesh.
+//! `[router.client.inference]`, `[router.client.session]`, `[router.client.budget]`,
+//! `[router.client.review]` (retry, breaker, bulkhead and timeouts of the calls to each service,
+//! with defaults that fit it: see [`crate::clients`]); each table's settings and defaults are
+//! documented on its type in weir-mesh.
 //!
 //! The configuration is checked once at start-up, against the model catalog, by
 //! [`crate::RouteTable::new`] and [`Config::validate`]; a bad value fails with a [`ConfigError`]
@@ -67,7 +71,7 @@ use weir_mesh::{
     ratelimit::RateLimitConfig,
 };
 
-use crate::clients::Clients;
+use crate::{clients::Clients, review::ReviewConfig};
 
 /// Default address the router listens on.
 pub const DEFAULT_LISTEN: SocketAddr =
@@ -119,6 +123,9 @@ pub struct Config {
     /// (`[router.client.inference]`, `.session`, `.budget`: retry, retry budget, breaker, bulkhead
     /// and attempt timeout; see [`crate::clients`]).
     pub client: Clients,
+    /// Review policies and the review service they send items to (`[router.review]`; off by
+    /// default). See [`crate::review`].
+    pub review: ReviewConfig,
     /// Records of requests with a `request_id`, replayed to their retries
     /// (`[router.idempotency]`: `retention` 24 h, `redis_url` to share them between replicas; in
     /// the process by default). See [`crate::replay`].
@@ -140,6 +147,7 @@ impl Default for Config {
             rate_limit: RateLimitConfig::default(),
             client: Clients::default(),
             idempotency: IdempotencyConfig::default(),
+            review: ReviewConfig::default(),
             jobs: crate::jobs::JobsConfig::default(),
         }
     }
@@ -290,7 +298,8 @@ impl Config {
                 validate_service_url(key, url)?;
             }
         }
-        self.budget.validate()
+        self.budget.validate()?;
+        self.review.validate()
     }
 
     /// The session service URL, or `None` when sessions are off.

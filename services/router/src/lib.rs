@@ -16,12 +16,16 @@
 //!   and the exchange is appended to it afterwards ([`session`]);
 //! - with budgets on, each request reserves its worst-case cost before the model call and commits
 //!   its actual cost after it; a tenant above its soft limit is steered to the route's economy
-//!   tier ([`spend`]); both are settled when the answer ends ([`settlement`]).
+//!   tier ([`spend`]); both are settled when the answer ends ([`settlement`]);
+//! - with review policies (`[router.review]`, [`review`]), an answer a policy flags is queued at
+//!   the review service: withheld until a reviewer decides (blocking; a stream that may be flagged
+//!   is held back until its end) or delivered and audited afterwards (post-hoc); see
+//!   [`review_gate`].
 //!
 //! Errors from the inference, session and budget services reach the client with their code and
 //! `google.rpc` details (reason, RetryInfo, BadRequest, QuotaFailure) intact. Asynchronous jobs
-//! ([`jobs`]) are queued and run by workers through `Complete`; review and batches land with their
-//! own issues, and the batch RPCs answer UNIMPLEMENTED until then.
+//! ([`jobs`]) are queued and run by workers through `Complete`; batches land with their own issue,
+//! and the batch RPCs answer UNIMPLEMENTED until then.
 //!
 //! [`server`] validates the `[router]` table ([`Config`]) against the model catalog and builds the
 //! server; the same library is served alone by `weir serve router` and together by `weir up`.
@@ -37,6 +41,8 @@ pub mod prices;
 pub mod relay;
 pub mod replay;
 pub mod request;
+pub mod review;
+pub mod review_gate;
 pub mod route;
 pub mod session;
 pub mod settlement;
@@ -65,7 +71,7 @@ pub use route::{Plan, RouteTable};
 /// `authenticator` (the stack's `[auth]` keys), and the router's calls to other services are
 /// signed with its mesh identity, so they believe the tenant the router authenticated.
 ///
-/// The channels to the inference, session and budget services connect on first use, so those may
+/// The channels to the inference, session, budget and review services connect on first use, so those may
 /// start later; building them needs a Tokio runtime, so call this from within one.
 pub fn server(
     config: &Config,
@@ -103,7 +109,7 @@ pub fn server_with_jobs(
 /// it on a server of their own. Needs a Tokio runtime (see [`server`]).
 ///
 /// Each service the router calls gets its own client stack built from its own table
-/// (`[router.client.inference]`, `.session`, `.budget`; see [`clients`]): its own settings,
+/// (`[router.client.inference]`, `.session`, `.budget`, `.review`; see [`clients`]): its own settings,
 /// breakers, bulkheads and retry budget, so an outage or a burst at one never trips the others.
 /// Every call is signed with `identity`.
 pub fn router_api(
@@ -114,6 +120,7 @@ pub fn router_api(
     config.validate()?;
     config.client.validate()?;
     let routes = RouteTable::new(config, catalog)?;
+    let policies = review::Policies::new(&config.review, routes.catalog(), &routes)?;
     let stack = |settings, key: &str, url: &str| client_stack(settings, key, url, &identity);
     let inference = stack(
         &config.client.inference,
@@ -137,6 +144,12 @@ pub fn router_api(
             stack(&config.client.budget, "router.budget_url", url)?,
             config.budget.clone(),
         )?;
+    }
+    if let Some(url) = config.review.review_url() {
+        api = api.with_reviews(
+            stack(&config.client.review, "router.review.review_url", url)?,
+            policies,
+        );
     }
     Ok(api)
 }
@@ -212,6 +225,10 @@ mod tests {
         assert_eq!(limit(api.inference_client(), "sim-large"), 4);
         assert_eq!(limit(api.budget_client().unwrap(), "budget"), 1024);
         assert_eq!(limit(api.session_client().unwrap(), "session"), 1024);
+        assert!(api.review_client().is_none(), "review is off by default");
+        config.review.review_url = "http://127.0.0.1:1".to_string();
+        let api = router_api(&config, Arc::new(Catalog::default()), Default::default()).unwrap();
+        assert_eq!(limit(api.review_client().unwrap(), "review"), 1024);
     }
 
     #[tokio::test]
@@ -233,6 +250,20 @@ mod tests {
         );
         let error = build_error(&config);
         assert!(error.contains("router.routes.auto.models"), "{error}");
+
+        // A review policy's regex is compiled at start-up.
+        let mut config = Config::default();
+        config.review.review_url = "http://127.0.0.1:1".to_string();
+        config.review.policies.push(review::PolicySpec {
+            name: "pii".to_string(),
+            prompt_regex: Some("(unclosed".to_string()),
+            ..review::PolicySpec::default()
+        });
+        let error = build_error(&config);
+        assert!(
+            error.contains("router.review.policies[0].prompt_regex"),
+            "{error}"
+        );
 
         // Keys are the stack's ([auth]), never silently ignored here.
         let mut config = Config::default();

@@ -24,6 +24,17 @@
 //! hold is released only if the model never ran.
 //!
 //! Upstream messages with no event set (from a newer inference version) are skipped.
+//!
+//! # Review (step 7)
+//!
+//! With a review `Gate`, the relay also keeps the answer's text, and on the upstream `done`
+//! the gate judges it (`crate::review_gate::conclude`): the router's `done` then carries the
+//! review status and item id. When a blocking policy may match (`Gate::holds_back`) the stream
+//! is **held back**: `start` goes out at once, every delta is kept, and on `done` either the kept
+//! deltas then `done` go out (not flagged, or sampled post-hoc), or only `done` with
+//! `review_status = PENDING` and the `review_id` (flagged: the text is withheld), or, if the
+//! review item cannot be created, the error REVIEW_UNAVAILABLE. A held-back stream that fails or is
+//! cut before `done` ends with its error and none of its text.
 
 use std::pin::Pin;
 
@@ -42,7 +53,10 @@ use weir_proto::{
     },
 };
 
-use crate::settlement::Settlement;
+use crate::{
+    review_gate::{self, Gate},
+    settlement::Settlement,
+};
 
 /// The router's outgoing answer stream.
 pub type CompleteStream =
@@ -57,11 +71,13 @@ pub const STREAM_CUT: &str = "STREAM_CUT";
 ///
 /// `notices` (for example that a fallback served the answer) go out in the final `done`, with
 /// those of the `settlement`, which settles when the answer ends (see the module documentation).
+/// With a `gate` the answer is reviewed at its end, and held back until then if the gate says so.
 pub(crate) async fn open<S>(
     start: Start,
     notices: Vec<Notice>,
     mut upstream: S,
     settlement: Settlement,
+    gate: Option<Gate>,
 ) -> Result<CompleteStream, ApiError>
 where
     S: Stream<Item = Result<GenerateStreamResponse, Status>> + Send + Unpin + 'static,
@@ -71,14 +87,23 @@ where
         Ok(None) => return Err(failed(settlement, stream_cut(false))),
         Err(status) => return Err(failed(settlement, ApiError::from_status(&status))),
     };
+    let held = gate.as_ref().is_some_and(Gate::holds_back);
+    let upstream = Upstream {
+        stream: upstream,
+        notices,
+        settlement,
+        gate,
+        text: String::new(),
+    };
+    if held {
+        let start = stream::iter([Ok(event(Event::Start(start)))]);
+        let rest = stream::once(hold(first, upstream)).flat_map(stream::iter);
+        return Ok(Box::pin(start.chain(rest)));
+    }
     let state = State::Start {
         start,
         first,
-        upstream: Upstream {
-            stream: upstream,
-            notices,
-            settlement,
-        },
+        upstream,
     };
     Ok(Box::pin(stream::unfold(state, step)))
 }
@@ -105,6 +130,60 @@ struct Upstream<S> {
     stream: S,
     notices: Vec<Notice>,
     settlement: Settlement,
+    /// The answer's review, if a policy may match it.
+    gate: Option<Gate>,
+    /// The answer so far (only kept with a gate).
+    text: String,
+}
+
+impl<S> Upstream<S> {
+    /// Records a delta's text, for the settlement and the review.
+    fn record(&mut self, text: &str) {
+        self.settlement.record(text);
+        if self.gate.is_some() {
+            self.text.push_str(text);
+        }
+    }
+}
+
+/// A held-back stream after `start`: reads the whole answer, then gives what goes out (see the
+/// module documentation).
+async fn hold<S>(
+    first: UpstreamEvent,
+    mut upstream: Upstream<S>,
+) -> Vec<Result<CompleteStreamResponse, Status>>
+where
+    S: Stream<Item = Result<GenerateStreamResponse, Status>> + Send + Unpin,
+{
+    let mut deltas = Vec::new();
+    let mut next = Some(first);
+    loop {
+        let upstream_event = match next.take() {
+            Some(upstream_event) => upstream_event,
+            None => match next_event(&mut upstream.stream).await {
+                Ok(Some(upstream_event)) => upstream_event,
+                Ok(None) => return vec![Err(Status::from(stream_cut(true)))],
+                Err(status) => return vec![Err(Status::from(ApiError::from_status(&status)))],
+            },
+        };
+        match upstream_event {
+            UpstreamEvent::Delta(delta) => {
+                upstream.record(&delta.text);
+                deltas.push(delta.text);
+            }
+            UpstreamEvent::Done(done) => {
+                return match finish(done, upstream).await {
+                    Ok((done, true)) => vec![Ok(event(Event::Done(done)))],
+                    Ok((done, false)) => deltas
+                        .into_iter()
+                        .map(|text| Ok(event(Event::Delta(Delta { text }))))
+                        .chain([Ok(event(Event::Done(done)))])
+                        .collect(),
+                    Err(status) => vec![Err(status)],
+                };
+            }
+        }
+    }
 }
 
 /// Where the relay is.
@@ -164,23 +243,25 @@ where
 {
     match upstream_event {
         UpstreamEvent::Delta(delta) => {
-            upstream.settlement.record(&delta.text);
+            upstream.record(&delta.text);
             (
                 Ok(event(Event::Delta(Delta { text: delta.text }))),
                 State::Relaying { upstream },
             )
         }
         UpstreamEvent::Done(done) => (
-            Ok(event(Event::Done(finish(done, upstream).await))),
+            finish(done, upstream)
+                .await
+                .map(|(done, _)| event(Event::Done(done))),
             State::Finished,
         ),
     }
 }
 
-/// The router's `done` for the upstream's, once the request is settled: the committed cost and
-/// the notices of the walk and of the settlement. Review is not required until the review step
-/// lands.
-async fn finish<S>(done: UpstreamDone, upstream: Upstream<S>) -> Done
+/// The router's `done` for the upstream's, once the request is settled and reviewed: the committed
+/// cost, the review status and item, and the notices of the walk, the settlement and the review;
+/// with whether the answer's text is withheld. An error if a blocking review could not be queued.
+async fn finish<S>(done: UpstreamDone, upstream: Upstream<S>) -> Result<(Done, bool), Status>
 where
     S: Stream<Item = Result<GenerateStreamResponse, Status>> + Unpin,
 {
@@ -188,6 +269,8 @@ where
         stream,
         mut notices,
         settlement,
+        gate,
+        text,
     } = upstream;
     // The model has finished: read its call to the end (the trailers follow `done` at once, and
     // a call dropped before them is a cancelled call to every observer) and let it go before
@@ -198,16 +281,19 @@ where
     })
     .await;
     drop(stream);
-    let settled = settlement.settle(done.usage, None).await;
-    notices.extend(settled.notices);
-    Done {
+    let concluded = review_gate::conclude(gate, settlement, done.usage, &text, None)
+        .await
+        .map_err(Status::from)?;
+    notices.extend(concluded.settled.notices);
+    let done = Done {
         finish_reason: done.finish_reason,
         usage: done.usage,
-        cost_micros: settled.cost_micros,
-        review_status: ReviewStatus::NotRequired.into(),
-        review_id: String::new(),
+        cost_micros: concluded.settled.cost_micros,
+        review_status: concluded.status.into(),
+        review_id: concluded.review_id,
         notices,
-    }
+    };
+    Ok((done, concluded.withheld))
 }
 
 /// How long the relay waits, after the upstream's `done`, for the upstream call to end.
@@ -316,7 +402,14 @@ mod tests {
     }
 
     async fn collect(items: Vec<Item>) -> Result<Vec<Result<Event, Status>>, ApiError> {
-        let stream = open(start(), Vec::new(), stream::iter(items), Settlement::none()).await?;
+        let stream = open(
+            start(),
+            Vec::new(),
+            stream::iter(items),
+            Settlement::none(),
+            None,
+        )
+        .await?;
         Ok(stream
             .map(|item| item.map(|response| response.event.unwrap()))
             .collect()
@@ -428,7 +521,7 @@ mod tests {
     async fn each_delta_is_relayed_as_soon_as_it_arrives() {
         let (tx, rx) = mpsc::unbounded::<Item>();
         tx.unbounded_send(delta("first")).unwrap();
-        let mut stream = open(start(), Vec::new(), rx, Settlement::none())
+        let mut stream = open(start(), Vec::new(), rx, Settlement::none(), None)
             .await
             .unwrap();
         assert!(matches!(
@@ -490,7 +583,7 @@ mod tests {
             rx,
             dropped: Arc::clone(&dropped),
         };
-        let mut stream = open(start(), Vec::new(), upstream, Settlement::none())
+        let mut stream = open(start(), Vec::new(), upstream, Settlement::none(), None)
             .await
             .unwrap();
         stream.next().await.unwrap().unwrap();
@@ -511,12 +604,134 @@ mod tests {
             rx,
             dropped: Arc::clone(&dropped),
         };
-        let mut stream = open(start(), Vec::new(), upstream, Settlement::none())
+        let mut stream = open(start(), Vec::new(), upstream, Settlement::none(), None)
             .await
             .unwrap();
         stream.next().await.unwrap().unwrap();
         stream.next().await.unwrap().unwrap();
         assert!(dropped.load(Ordering::SeqCst));
         assert!(stream.next().await.is_none());
+    }
+
+    mod held {
+        //! Streams with a review gate.
+
+        use super::*;
+        use crate::review_gate::testing::{Fake, gate, serve};
+
+        const BLOCK_REFUNDS: &str =
+            "[[router.review.policies]]\nname = \"refunds\"\nanswer_keywords = [\"refund\"]\n";
+        const AUDIT_ALL: &str =
+            "[[router.review.policies]]\nname = \"audit\"\nmode = \"post_hoc\"\n";
+
+        async fn events(policies: &str, items: Vec<Item>) -> Vec<Result<Event, Status>> {
+            let url = serve(Fake::default()).await;
+            let gate = gate(policies, &url, "money back?");
+            let stream = open(
+                start(),
+                Vec::new(),
+                stream::iter(items),
+                Settlement::none(),
+                gate,
+            )
+            .await
+            .unwrap();
+            stream
+                .map(|item| item.map(|response| response.event.unwrap()))
+                .collect()
+                .await
+        }
+
+        fn done_of(event: &Result<Event, Status>) -> &Done {
+            match event {
+                Ok(Event::Done(done)) => done,
+                other => panic!("expected done, got {other:?}"),
+            }
+        }
+
+        #[tokio::test]
+        async fn a_flagged_stream_sends_no_delta_only_pending() {
+            let events = events(BLOCK_REFUNDS, vec![delta("a re"), delta("fund"), done()]).await;
+            assert_eq!(events.len(), 2, "{events:?}");
+            assert!(matches!(events[0], Ok(Event::Start(_))));
+            let done = done_of(&events[1]);
+            assert_eq!(done.review_status, i32::from(ReviewStatus::Pending));
+            assert_eq!(done.review_id, "item-1");
+            assert_eq!(
+                done.usage.map(|u| u.total_tokens),
+                Some(5),
+                "usage still reported"
+            );
+        }
+
+        #[tokio::test]
+        async fn an_unflagged_held_stream_flushes_its_deltas_at_the_end() {
+            let events = events(BLOCK_REFUNDS, vec![delta("no "), delta("money"), done()]).await;
+            assert_eq!(events.len(), 4, "{events:?}");
+            assert_eq!(text(&events[1]), "no ");
+            assert_eq!(text(&events[2]), "money");
+            assert_eq!(
+                done_of(&events[3]).review_status,
+                i32::from(ReviewStatus::NotRequired)
+            );
+        }
+
+        #[tokio::test]
+        async fn a_held_stream_cut_short_reveals_nothing() {
+            let events = events(BLOCK_REFUNDS, vec![delta("a re"), delta("fund")]).await;
+            assert_eq!(events.len(), 2, "{events:?}");
+            assert!(matches!(events[0], Ok(Event::Start(_))));
+            assert_eq!(events[1].as_ref().unwrap_err().code(), Code::Unavailable);
+        }
+
+        #[tokio::test]
+        async fn nothing_but_start_goes_out_before_the_answer_ends() {
+            let url = serve(Fake::default()).await;
+            let (tx, rx) = mpsc::unbounded::<Item>();
+            tx.unbounded_send(delta("first")).unwrap();
+            let gate = gate(BLOCK_REFUNDS, &url, "hi");
+            let mut stream = open(start(), Vec::new(), rx, Settlement::none(), gate)
+                .await
+                .unwrap();
+            assert!(matches!(
+                stream.next().await.unwrap().unwrap().event,
+                Some(Event::Start(_))
+            ));
+            tx.unbounded_send(delta(" refund")).unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(
+                futures::poll!(stream.next()).is_pending(),
+                "deltas are held"
+            );
+            tx.unbounded_send(done()).unwrap();
+            let done = stream.next().await.unwrap().unwrap();
+            assert!(
+                matches!(&done.event, Some(Event::Done(d)) if d.review_status == i32::from(ReviewStatus::Pending)),
+                "{done:?}"
+            );
+            assert!(stream.next().await.is_none());
+        }
+
+        #[tokio::test]
+        async fn a_post_hoc_stream_relays_at_once_and_is_sampled_at_its_end() {
+            let events = events(AUDIT_ALL, vec![delta("hel"), delta("lo"), done()]).await;
+            assert_eq!(events.len(), 4, "{events:?}");
+            let done = done_of(&events[3]);
+            assert_eq!(done.review_status, i32::from(ReviewStatus::Sampled));
+            assert_eq!(done.review_id, "item-1");
+            // Not held: the first delta goes out before the answer ends.
+            let url = serve(Fake::default()).await;
+            let (tx, rx) = mpsc::unbounded::<Item>();
+            tx.unbounded_send(delta("first")).unwrap();
+            let gate = gate(AUDIT_ALL, &url, "hi");
+            let mut stream = open(start(), Vec::new(), rx, Settlement::none(), gate)
+                .await
+                .unwrap();
+            stream.next().await.unwrap().unwrap();
+            assert_eq!(
+                text(&stream.next().await.unwrap().map(|r| r.event.unwrap())),
+                "first"
+            );
+        }
     }
 }

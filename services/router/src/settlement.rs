@@ -102,6 +102,12 @@ impl Settlement {
         }
     }
 
+    /// Appends nothing to the session: the answer is withheld from the caller (held for review),
+    /// so it is not the conversation's yet. The hold is still committed.
+    pub fn withhold(&mut self) {
+        self.append = None;
+    }
+
     /// Commits the hold with `usage` (the model's report; estimated from the prompt and the
     /// streamed text when it sent none) and appends the exchange with `answer` (the streamed text
     /// when `None`), concurrently, on a task of its own (see the module documentation).

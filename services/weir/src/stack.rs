@@ -331,9 +331,9 @@ fn loopback(addr: SocketAddr) -> SocketAddr {
 ///
 /// When the inference service runs in the same process, the router and the session service (which
 /// summarizes through it) are pointed at its actual address (so port 0 works, and `weir up` is
-/// self-contained). Likewise the router's `session_url` and `budget_url` are pointed at the session
-/// and budget services running in the same process, when they are set: an empty URL keeps that
-/// feature off (budgets are off unless `router.budget_url` is set).
+/// self-contained). Likewise the router's `session_url`, `budget_url` and `review.review_url` are
+/// pointed at the session, budget and review services running in the same process, when they are
+/// set: an empty URL keeps that feature off (budgets and review are off unless set).
 pub async fn start(
     mut config: StackConfig,
     services: &[Service],
@@ -391,6 +391,11 @@ pub async fn start(
         && config.router.budget_url().is_some()
     {
         config.router.budget_url = format!("http://{budget}");
+    }
+    if let Some(review) = addrs.get(&Service::Review)
+        && config.router.review.review_url().is_some()
+    {
+        config.router.review.review_url = format!("http://{review}");
     }
 
     // Build every server before serving any, so a config error starts nothing.
