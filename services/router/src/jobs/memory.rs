@@ -288,6 +288,25 @@ impl MemoryJobs {
         Ok(reclaimed)
     }
 
+    pub(super) async fn lost(
+        &self,
+        delivery: &Delivery,
+        consumer: &str,
+        _now_ms: i64,
+    ) -> Result<(), JobsError> {
+        let mut st = self.lock()?;
+        if let Some(job) = st
+            .jobs
+            .get_mut(&(delivery.tenant.clone(), delivery.id.clone()))
+            && job.state == state::RUNNING
+            && job.lease != consumer
+        {
+            job.state = state::QUEUED;
+            job.lease.clear();
+        }
+        Ok(())
+    }
+
     pub(super) async fn start(
         &self,
         delivery: &Delivery,

@@ -21,6 +21,7 @@
 //!   `capacity` open jobs refuses with [`JobsError::Full`].
 //! - `next` reads a new delivery for a consumer; `reclaim` takes over deliveries another consumer
 //!   has held longer than the handler limit (its worker died or hangs).
+//! - `lost` returns the RUNNING job of a reclaimed delivery to QUEUED.
 //! - `start` runs a delivery: RUNNING with `attempts + 1`, or the delivery is dropped because the
 //!   job is terminal, EXPIRED (it waited past its ttl) or dead-lettered (it had `max_deliveries`).
 //! - `succeed` and `fail` end the job and acknowledge its delivery in the same step; `retry`
@@ -408,6 +409,12 @@ impl JobStore {
         idle: Duration,
     ) -> Result<Vec<Delivery>, JobsError> {
         each!(self, s => s.reclaim(consumer, idle, now_ms()).await)
+    }
+
+    /// Returns the RUNNING job of a `delivery` just reclaimed by `consumer` to QUEUED: the worker
+    /// that held it stopped ([`JobStore::start`] then counts the next attempt).
+    pub async fn lost(&self, delivery: &Delivery, consumer: &str) -> Result<(), JobsError> {
+        each!(self, s => s.lost(delivery, consumer, now_ms()).await)
     }
 
     /// Starts `delivery` for `consumer`: the job to run, or None when the delivery was dropped.

@@ -46,6 +46,7 @@ struct Scripts {
     retry: Script,
     cancel: Script,
     promote: Script,
+    lost: Script,
 }
 
 impl Scripts {
@@ -59,6 +60,7 @@ impl Scripts {
             retry: script(include_str!("lua/retry.lua")),
             cancel: script(include_str!("lua/cancel.lua")),
             promote: script(include_str!("lua/promote.lua")),
+            lost: script(include_str!("lua/lost.lua")),
         }
     }
 }
@@ -334,6 +336,17 @@ impl RedisJobs {
         };
         // An entry deleted since it was read (its job ended) has nothing left to run.
         Ok(claimed.claimed.iter().filter_map(delivery).collect())
+    }
+
+    pub(super) async fn lost(
+        &self,
+        delivery: &Delivery,
+        consumer: &str,
+        now_ms: i64,
+    ) -> Result<(), JobsError> {
+        let mut invocation = self.invocation(&self.scripts.lost, delivery.tenant.as_str(), now_ms);
+        invocation.arg(&delivery.id).arg(consumer);
+        self.run(&invocation).await.map(|_| ())
     }
 
     pub(super) async fn start(

@@ -163,6 +163,10 @@ async fn a_lost_delivery_is_reclaimed_and_a_poison_job_dead_lettered(store: &Job
     store.start(&lost, "w1", &config).await.unwrap().unwrap();
     let reclaimed = store.reclaim("w2", Duration::ZERO).await.unwrap();
     assert_eq!(reclaimed.len(), 1);
+    // The lost lease returns the job to QUEUED; the next start counts the next attempt.
+    store.lost(&reclaimed[0], "w2").await.unwrap();
+    let job = store.get(&acme, &submitted.job.id).await.unwrap().unwrap();
+    assert_eq!((job.state, job.attempts), (state::QUEUED, 1));
     let job = store
         .start(&reclaimed[0], "w2", &config)
         .await

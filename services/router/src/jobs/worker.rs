@@ -120,6 +120,9 @@ impl Worker {
                                 job = delivery.id,
                                 "reclaimed a job whose worker stopped"
                             );
+                            if let Err(error) = self.store.lost(&delivery, &self.consumer).await {
+                                tracing::warn!(%error, job = delivery.id, "lost job not requeued");
+                            }
                             self.handle(delivery, &shutdown).await;
                         }
                     }
