@@ -139,11 +139,16 @@ async fn load(jobs: &Jobs, tenant: &Tenant, id: &str) -> Result<JobRecord, Statu
     if id.is_empty() {
         return Err(ApiError::invalid_argument("job_id", "required").into());
     }
-    jobs.store
+    let job = jobs
+        .store
         .get(tenant, id)
         .await
         .map_err(store_error)?
-        .ok_or_else(|| not_found(id))
+        .ok_or_else(|| not_found(id))?;
+    jobs.store
+        .fresh(tenant, job, &jobs.config)
+        .await
+        .map_err(store_error)
 }
 
 /// `GetJob`.
@@ -182,12 +187,9 @@ pub async fn watch(
                     Some(job) => job,
                     None => {
                         tokio::time::sleep(WATCH_INTERVAL).await;
-                        match jobs.store.get(&tenant, &id).await {
-                            Ok(Some(job)) => job,
-                            Ok(None) => return Some((Err(not_found(&id)), (None, last, true))),
-                            Err(error) => {
-                                return Some((Err(store_error(error)), (None, last, true)));
-                            }
+                        match load(&jobs, &tenant, &id).await {
+                            Ok(job) => job,
+                            Err(status) => return Some((Err(status), (None, last, true))),
                         }
                     }
                 };
@@ -267,8 +269,17 @@ pub async fn list(
         )
         .await
         .map_err(store_error)?;
+    let mut listed = Vec::with_capacity(page.jobs.len());
+    for job in page.jobs {
+        let job = jobs
+            .store
+            .fresh(&tenant, job, &jobs.config)
+            .await
+            .map_err(store_error)?;
+        listed.push(job.to_job());
+    }
     Ok(Response::new(ListJobsResponse {
-        jobs: page.jobs.iter().map(JobRecord::to_job).collect(),
+        jobs: listed,
         next_page_token: page.next.map(|n| n.to_string()).unwrap_or_default(),
     }))
 }

@@ -288,6 +288,23 @@ impl MemoryJobs {
         Ok(reclaimed)
     }
 
+    pub(super) async fn expire(
+        &self,
+        tenant: &Tenant,
+        id: &str,
+        _config: &JobsConfig,
+        now_ms: i64,
+    ) -> Result<Option<JobRecord>, JobsError> {
+        let mut st = self.lock()?;
+        let Some(job) = st.job(tenant, id) else {
+            return Ok(None);
+        };
+        if job.is_expired(now_ms) {
+            st.finish(tenant, id, state::EXPIRED, now_ms);
+        }
+        Ok(st.job(tenant, id).cloned())
+    }
+
     pub(super) async fn lost(
         &self,
         delivery: &Delivery,
@@ -318,7 +335,7 @@ impl MemoryJobs {
         let Some(job) = st.open_job(delivery) else {
             return Ok(None);
         };
-        if job.attempts == 0 && job.expire_ms > 0 && job.expire_ms <= now_ms {
+        if job.is_expired(now_ms) {
             st.finish(&delivery.tenant, &delivery.id, state::EXPIRED, now_ms);
             st.ack(&delivery.entry);
             return Ok(None);

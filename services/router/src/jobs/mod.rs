@@ -26,7 +26,8 @@
 //!   job is terminal, EXPIRED (it waited past its ttl) or dead-lettered (it had `max_deliveries`).
 //! - `succeed` and `fail` end the job and acknowledge its delivery in the same step; `retry`
 //!   queues it again after a backoff (or dead-letters it).
-//! - `cancel` ends a job that has not ended.
+//! - `cancel` ends a job that has not ended; `expire` ends one that waited past its ttl without
+//!   starting, when a read finds it before a worker does.
 //! - Neither store has callbacks, batches or schedules yet: those RPCs answer UNIMPLEMENTED.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -241,6 +242,14 @@ impl JobRecord {
     pub fn is_terminal(&self) -> bool {
         state::is_terminal(self.state)
     }
+
+    /// Whether the job waited past its ttl without ever starting (it is due to be EXPIRED).
+    pub fn is_expired(&self, now_ms: i64) -> bool {
+        self.state == state::QUEUED
+            && self.attempts == 0
+            && self.expire_ms > 0
+            && self.expire_ms <= now_ms
+    }
 }
 
 /// A job to submit.
@@ -375,6 +384,22 @@ impl JobStore {
     /// The job, if `tenant` has it.
     pub async fn get(&self, tenant: &Tenant, id: &str) -> Result<Option<JobRecord>, JobsError> {
         each!(self, s => s.get(tenant, id).await)
+    }
+
+    /// `job` as a reader should see it: EXPIRED (stored so) when it waited past its ttl without
+    /// starting, before any worker reached it; else unchanged.
+    pub async fn fresh(
+        &self,
+        tenant: &Tenant,
+        job: JobRecord,
+        config: &JobsConfig,
+    ) -> Result<JobRecord, JobsError> {
+        let now = now_ms();
+        if !job.is_expired(now) {
+            return Ok(job);
+        }
+        let expired = each!(self, s => s.expire(tenant, &job.id, config, now).await)?;
+        Ok(expired.unwrap_or(job))
     }
 
     /// A page of the tenant's jobs, newest first.

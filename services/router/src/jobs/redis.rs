@@ -47,6 +47,7 @@ struct Scripts {
     cancel: Script,
     promote: Script,
     lost: Script,
+    expire: Script,
 }
 
 impl Scripts {
@@ -61,6 +62,7 @@ impl Scripts {
             cancel: script(include_str!("lua/cancel.lua")),
             promote: script(include_str!("lua/promote.lua")),
             lost: script(include_str!("lua/lost.lua")),
+            expire: script(include_str!("lua/expire.lua")),
         }
     }
 }
@@ -336,6 +338,23 @@ impl RedisJobs {
         };
         // An entry deleted since it was read (its job ended) has nothing left to run.
         Ok(claimed.claimed.iter().filter_map(delivery).collect())
+    }
+
+    pub(super) async fn expire(
+        &self,
+        tenant: &Tenant,
+        id: &str,
+        config: &JobsConfig,
+        now_ms: i64,
+    ) -> Result<Option<JobRecord>, JobsError> {
+        let mut invocation = self.invocation(&self.scripts.expire, tenant.as_str(), now_ms);
+        invocation.arg(id).arg(millis(config.retention));
+        let reply = self.run(&invocation).await?;
+        match reply.status.as_str() {
+            "not_found" => Ok(None),
+            "ok" => reply.record().map(Some),
+            other => Err(unexpected(other)),
+        }
     }
 
     pub(super) async fn lost(

@@ -287,6 +287,21 @@ async fn lists_are_newest_first_paginated_and_tenant_scoped(store: &JobStore) {
 async fn an_unstarted_job_expires(store: &JobStore) {
     let acme = tenant("acme");
     let config = config();
+    // Found by a read before any worker: EXPIRED, and its place in the queue is free.
+    let mut job = new_job("");
+    job.expire_ms = now_ms() - 1;
+    let submitted = store.submit(&acme, job, &config).await.unwrap();
+    let read = store.fresh(&acme, submitted.job, &config).await.unwrap();
+    assert_eq!(read.state, state::EXPIRED);
+    let delivery = next(store, "w1").await;
+    assert!(
+        store
+            .start(&delivery, "w1", &config)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // Found by a worker first.
     let mut job = new_job("");
     job.expire_ms = now_ms() - 1;
     let submitted = store.submit(&acme, job, &config).await.unwrap();
