@@ -1,6 +1,7 @@
 // Drives the reviewer console in headless Chromium, as a reviewer would, keyboard only.
 //
 // Run by tests/tests/review_console.rs, which starts the services and reads this script's stdout:
+//   REFUSED non-reviewer  the NON_REVIEWER_KEY was turned away at sign-in
 //   READY                 signed in, the queue is open and empty, waiting for an item
 //   ARRIVED <id>          an item appeared in the queue without a reload
 //   APPROVED <id> <keys>  approved with the keyboard (<keys>: keystrokes it took)
@@ -8,7 +9,8 @@
 // After READY the test sends a flagged request through the router.
 //
 // Environment: CONSOLE_URL, REVIEWER_KEY, REVIEWER_NAME, SCREENSHOTS (a folder),
-// CHROMIUM (default /usr/bin/chromium).
+// NON_REVIEWER_KEY (optional: a key that must be refused at sign-in), CHROMIUM (default
+// /usr/bin/chromium).
 import { createRequire } from "node:module";
 import { chromium } from "playwright-core";
 
@@ -41,6 +43,21 @@ try {
   page.on("pageerror", (error) => errors.push(String(error)));
 
   await page.goto(url, { waitUntil: "load" });
+  // A key of the tenant without the reviewer role is turned away at sign-in, saying why.
+  if (process.env.NON_REVIEWER_KEY) {
+    await page.focus("#key");
+    await page.keyboard.type(process.env.NON_REVIEWER_KEY);
+    await page.keyboard.press("Tab");
+    await page.keyboard.type(name);
+    await page.keyboard.press("Enter");
+    await page.waitForFunction(
+      () => document.getElementById("signin-error")?.textContent.includes("reviewer role"),
+      null, { timeout },
+    );
+    console.log("REFUSED non-reviewer");
+    await page.fill("#key", "");
+    await page.fill("#reviewer", "");
+  }
   // Sign in with the keyboard: Tab to each field, type, Enter.
   await page.focus("#key");
   await page.keyboard.type(key);

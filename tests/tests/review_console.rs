@@ -2,7 +2,8 @@
 //! (`tests/browser/console.mjs`), against a router, an inference service and a review service on
 //! Redis, on real sockets.
 //!
-//! A reviewer signs in with the keyboard; a user's request that a blocking policy flags arrives in
+//! A key without the reviewer role is turned away at sign-in; a reviewer signs in with the
+//! keyboard; a user's request that a blocking policy flags arrives in
 //! the open queue without a reload; the reviewer claims it with Enter and approves it with `a`;
 //! the user, waiting in `WatchItem`, receives the approved answer. Screenshots of the queue and
 //! item views are saved under `target/tmp/review_console/`.
@@ -118,6 +119,7 @@ async fn a_reviewer_approves_from_the_console_and_the_waiting_user_gets_the_answ
         .arg(browser_dir().join("console.mjs"))
         .env("CONSOLE_URL", &console)
         .env("REVIEWER_KEY", REVIEWER_KEY)
+        .env("NON_REVIEWER_KEY", USER_KEY)
         .env("REVIEWER_NAME", "ada")
         .env("SCREENSHOTS", &shots)
         .stdout(Stdio::piped())
@@ -133,8 +135,10 @@ async fn a_reviewer_approves_from_the_console_and_the_waiting_user_gets_the_answ
             .expect("the browser driver is still running")
     };
     let mut weight = 0;
+    let mut refused = false;
     loop {
         let line = next_line().await;
+        refused |= line == "REFUSED non-reviewer";
         if let Some(bytes) = line.strip_prefix("WEIGHT ") {
             weight = bytes.parse().unwrap();
         }
@@ -142,6 +146,7 @@ async fn a_reviewer_approves_from_the_console_and_the_waiting_user_gets_the_answ
             break;
         }
     }
+    assert!(refused, "a key without the reviewer role cannot sign in");
 
     // The console is open on an empty queue. A user's request is flagged: no text, a review id.
     let answer = mesh

@@ -127,16 +127,17 @@ fn authorized<T>(headers: &HeaderMap, message: T) -> Result<tonic::Request<T>, A
     Ok(request)
 }
 
-/// `GET /api/queues`: the queues the page offers. The key is checked with one cheap call, so a
-/// wrong key fails at sign-in rather than on the first action.
+/// `GET /api/queues`: the queues the page offers. The key is checked first with a call only a
+/// reviewer may make (opening the live queue, closed at once), so a wrong key, or a key without
+/// the `reviewer` role, fails at sign-in rather than on the first action.
 pub(super) async fn queues(State(console): State<Console>, headers: HeaderMap) -> ApiResult {
     let request = authorized(
         &headers,
-        GetQueueStatsRequest {
+        WatchQueueRequest {
             queue: "default".to_string(),
         },
     )?;
-    console.review.clone().get_queue_stats(request).await?;
+    drop(console.review.clone().watch_queue(request).await?);
     Ok(Json(json!({ "queues": console.queues })).into_response())
 }
 

@@ -25,7 +25,7 @@
 //!
 //! | Method and path | gRPC call |
 //! |---|---|
-//! | `GET /api/queues` | the configured queue names (no gRPC call; needs a valid key) |
+//! | `GET /api/queues` | the configured queue names, once `WatchQueue` has shown the key is a reviewer's |
 //! | `GET /api/queues/{queue}/items?state=pending` | `ListItems` |
 //! | `GET /api/queues/{queue}/stats` | `GetQueueStats` |
 //! | `GET /api/queues/{queue}/events` | `WatchQueue`, as `text/event-stream` |
