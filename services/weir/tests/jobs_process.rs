@@ -77,6 +77,26 @@ async fn job(router: &mut RouterServiceClient<tonic::transport::Channel>, id: &s
 #[tokio::test]
 async fn a_worker_killed_mid_job_is_replaced_and_the_job_runs_and_is_paid_once() {
     let prefix = format!("wtest-jobkill-{}", std::process::id());
+    // Run apart, so the keys are deleted even when the scenario fails.
+    let outcome = tokio::spawn(killed_worker(prefix.clone())).await;
+    let mut conn = weir_mesh::store::connect(&redis_url()).await.unwrap();
+    let keys = weir_mesh::store::scan_keys(&mut conn, &format!("{prefix}:*"))
+        .await
+        .unwrap();
+    for key in &keys {
+        let _: () = redis::cmd("DEL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    if let Err(failure) = outcome {
+        std::panic::resume_unwind(failure.into_panic());
+    }
+    assert!(!keys.is_empty());
+}
+
+async fn killed_worker(prefix: String) {
     let toml = format!(
         r#"{MODELS}
 [router]
@@ -214,19 +234,4 @@ key_prefix = "{prefix}"
 
     running.stop().await.unwrap();
     let _ = std::fs::remove_file(&worker_config);
-    let keys = {
-        let mut conn = weir_mesh::store::connect(&redis_url()).await.unwrap();
-        let keys = weir_mesh::store::scan_keys(&mut conn, &format!("{prefix}:*"))
-            .await
-            .unwrap();
-        for key in &keys {
-            let _: () = redis::cmd("DEL")
-                .arg(key)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-        }
-        keys.len()
-    };
-    assert!(keys > 0);
 }

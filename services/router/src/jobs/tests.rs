@@ -334,8 +334,12 @@ macro_rules! both_stores {
                 #[tokio::test]
                 async fn $suite() {
                     let (store, prefix) = super::redis_store().await;
-                    super::$suite(&store).await;
+                    // Run apart, so the keys are deleted even when the suite fails.
+                    let outcome = tokio::spawn(async move { super::$suite(&store).await }).await;
                     super::delete_prefix(&prefix).await;
+                    if let Err(failure) = outcome {
+                        std::panic::resume_unwind(failure.into_panic());
+                    }
                 }
             )*
         }
