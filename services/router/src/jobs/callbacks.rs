@@ -354,13 +354,18 @@ impl Dispatcher {
                 }
             };
             let idle = claimed.is_empty();
-            for (tenant, id) in claimed {
-                if shutdown.is_cancelled() {
-                    return;
-                }
-                if let Err(error) = self.deliver(&tenant, &id).await {
+            // Concurrently, so one slow receiver does not hold up the others' callbacks.
+            let this = &self;
+            let attempts = claimed.iter().map(|(tenant, id)| async move {
+                if let Err(error) = this.deliver(tenant, id).await {
+                    // The claim's lease runs out and the entry is attempted again.
                     tracing::warn!(%error, %tenant, job = id, "callback outcome not recorded");
                 }
+            });
+            tokio::select! {
+                // A delivery cut short here is attempted again after its lease.
+                () = shutdown.cancelled() => return,
+                _ = futures::future::join_all(attempts) => {}
             }
             if idle {
                 tokio::select! {
