@@ -32,6 +32,8 @@ use super::{JobRecord, JobStore, state_name};
 pub const NO_CALLBACK_SECRET: &str = "NO_CALLBACK_SECRET";
 /// How often the dispatcher looks for due deliveries.
 const POLL: Duration = Duration::from_millis(100);
+/// Longest a callback host's resolution may take.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Most deliveries claimed at once.
 const CLAIM_BATCH: usize = 16;
 
@@ -239,8 +241,9 @@ pub async fn check_url(url: &str, config: &CallbacksConfig) -> Result<(), String
     let port = parsed.port_or_known_default().unwrap_or(443);
     let addrs: Vec<IpAddr> = match bare.parse::<IpAddr>() {
         Ok(ip) => vec![ip],
-        Err(_) => tokio::net::lookup_host((bare, port))
+        Err(_) => tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((bare, port)))
             .await
+            .map_err(|_| format!("host {bare} could not be resolved in time"))?
             .map_err(|error| format!("host {bare} could not be resolved ({error})"))?
             .map(|a| a.ip())
             .collect(),
