@@ -331,6 +331,11 @@ impl Dispatcher {
     pub fn new(store: JobStore, config: CallbacksConfig) -> Result<Self, ConfigError> {
         let client = reqwest::Client::builder()
             .timeout(config.timeout)
+            // The connection goes to an address checked at connect time, not one that DNS may
+            // have changed since check_url (DNS rebinding).
+            .dns_resolver(std::sync::Arc::new(CheckedResolver {
+                config: config.clone(),
+            }))
             // A redirect could lead past the allow-list.
             .redirect(reqwest::redirect::Policy::none())
             .build()
@@ -444,6 +449,38 @@ impl Dispatcher {
     }
 }
 
+/// Resolves callback hosts for the HTTP client, refusing names that resolve to an address
+/// [`check_url`] would refuse, so the address connected to is the address checked.
+struct CheckedResolver {
+    config: CallbacksConfig,
+}
+
+impl reqwest::dns::Resolve for CheckedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_string();
+        let open = self.config.allow_private
+            || self
+                .config
+                .allowed_hosts
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(&host));
+        Box::pin(async move {
+            let addrs: Vec<std::net::SocketAddr> =
+                tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host.as_str(), 0)))
+                    .await
+                    .map_err(|_| format!("resolving {host} timed out"))??
+                    .collect();
+            if !open && let Some(addr) = addrs.iter().find(|a| !is_public(a.ip())) {
+                return Err(
+                    format!("{host} resolves to {}, which is not allowed", addr.ip()).into(),
+                );
+            }
+            let addrs: reqwest::dns::Addrs = Box::new(addrs.into_iter());
+            Ok(addrs)
+        })
+    }
+}
+
 /// Why an attempt did not get an HTTP status.
 enum Failure {
     /// Not to be attempted again (the URL is no longer allowed, no secret).
@@ -521,6 +558,29 @@ mod tests {
             check_url("http://127.0.0.1:8080/hook", &listed)
                 .await
                 .is_ok()
+        );
+    }
+
+    #[tokio::test]
+    async fn the_client_resolver_refuses_private_addresses() {
+        use reqwest::dns::Resolve as _;
+        let name = |host: &str| host.parse::<reqwest::dns::Name>().unwrap();
+        let strict = CheckedResolver {
+            config: CallbacksConfig::default(),
+        };
+        assert!(strict.resolve(name("localhost")).await.is_err());
+        let open = CheckedResolver {
+            config: CallbacksConfig {
+                allowed_hosts: vec!["localhost".to_string()],
+                ..CallbacksConfig::default()
+            },
+        };
+        assert!(
+            open.resolve(name("localhost"))
+                .await
+                .unwrap()
+                .next()
+                .is_some()
         );
     }
 
