@@ -404,6 +404,11 @@ impl Dispatcher {
             }
             Err(Transient(message)) => self.failed(tenant, id, attempt, &message),
         };
+        let label = match outcome {
+            Outcome::Retry(_) => "retry",
+            other => other.status(),
+        };
+        metrics::counter!("weir_router_job_callbacks_total", "outcome" => label).increment(1);
         self.store.callback_outcome(tenant, id, outcome).await
     }
 
