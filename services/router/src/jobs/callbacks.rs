@@ -70,13 +70,23 @@ pub struct CallbacksConfig {
 
 /// A tenant's signing secret: `secret`, or the environment variable `secret_env`. Either a
 /// `whsec_<base64>` secret (the Standard Webhooks form) or any other string, used as bytes.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TenantSecret {
     /// The secret itself.
     pub secret: Option<String>,
     /// The environment variable holding it.
     pub secret_env: Option<String>,
+}
+
+impl std::fmt::Debug for TenantSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A logged config must not leak the key.
+        f.debug_struct("TenantSecret")
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("secret_env", &self.secret_env)
+            .finish()
+    }
 }
 
 impl Default for CallbacksConfig {
@@ -587,6 +597,18 @@ mod tests {
                 .next()
                 .is_some()
         );
+    }
+
+    #[test]
+    fn a_secret_is_not_debug_printed() {
+        let secret = TenantSecret {
+            secret: Some("whsec_c2VjcmV0".to_string()),
+            secret_env: None,
+        };
+        assert!(!format!("{secret:?}").contains("c2VjcmV0"));
+        assert_eq!(decode_secret("whsec_c2VjcmV0").unwrap(), b"secret");
+        assert_eq!(decode_secret("plain").unwrap(), b"plain");
+        assert!(decode_secret("whsec_!!").is_err());
     }
 
     #[test]
