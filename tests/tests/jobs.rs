@@ -397,13 +397,14 @@ session_url = ""
     assert_eq!(done.state, JobState::Succeeded as i32, "{done:?}");
     assert!(done.result.is_some());
 
-    // Callbacks are not built yet: refused, not silently dropped.
+    // A callback needs the tenant's signing secret: refused, not accepted and sent unsigned.
     let mut with_callback = submit("sim-instant", "");
     with_callback.callback = Some(weir_proto::router::Callback {
-        url: "https://example.com/hook".to_string(),
+        url: "https://93.184.215.14/hook".to_string(),
     });
     let status = router.submit_job(with_callback).await.unwrap_err();
-    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(reason(&status), "NO_CALLBACK_SECRET");
     mesh.stop().await;
 }
 

@@ -5,7 +5,8 @@
 //! so another tenant's job id is NOT_FOUND, never someone else's job. A submitted request is
 //! checked like `Complete` checks it (the cheap checks of [`crate::request`] and the route), so a
 //! bad request is refused now rather than failing later in a worker. Callbacks, batches and
-//! schedules are not implemented yet: a `callback` is refused with UNIMPLEMENTED.
+//! schedules are not implemented yet. A `callback` URL is checked against the allow-list
+//! ([`super::callbacks::check_url`]) and the tenant must have a signing secret.
 
 use std::{sync::Arc, time::Duration};
 
@@ -85,10 +86,18 @@ pub async fn submit(
     let jobs = jobs(api)?;
     let tenant = tenant(&request)?;
     let body = request.into_inner();
-    if body.callback.is_some() {
-        return Err(Status::unimplemented(
-            "job callbacks (webhooks) are not implemented yet: poll GetJob or WatchJob",
-        ));
+    if let Some(callback) = &body.callback {
+        let config = &jobs.config.callbacks;
+        super::callbacks::check_url(&callback.url, config)
+            .await
+            .map_err(|message| ApiError::invalid_argument("callback.url", message))?;
+        config.secret(tenant.as_str()).map_err(|message| {
+            ApiError::new(
+                Code::FailedPrecondition,
+                super::callbacks::NO_CALLBACK_SECRET,
+                message,
+            )
+        })?;
     }
     let Some(mut inner) = body.request else {
         return Err(ApiError::invalid_argument("request", "the request to run is required").into());
@@ -118,6 +127,7 @@ pub async fn submit(
         body: Job {
             id,
             request: Some(inner),
+            callback: body.callback,
             ..Job::default()
         },
         expire_ms: now_ms().saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)),

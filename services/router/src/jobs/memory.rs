@@ -43,6 +43,8 @@ struct State {
     /// Jobs waiting out a backoff: (due ms, tenant, id).
     delayed: Vec<(i64, Tenant, String)>,
     dead: Vec<(String, String)>,
+    /// The callback outbox: (tenant, id) → due ms.
+    callbacks: HashMap<(Tenant, String), i64>,
     open: u64,
     next_entry: u64,
 }
@@ -71,6 +73,11 @@ impl State {
             job.end_ms = now_ms;
             job.lease.clear();
             self.open = self.open.saturating_sub(1);
+            if job.body.callback.is_some() {
+                // In the same step as the result: nothing is sent before it is stored.
+                self.callbacks
+                    .insert((tenant.clone(), id.to_string()), now_ms);
+            }
         }
         self.delayed.retain(|(_, t, i)| !(t == tenant && i == id));
     }
@@ -410,6 +417,51 @@ impl MemoryJobs {
         st.delayed
             .push((due, delivery.tenant.clone(), delivery.id.clone()));
         st.ack(&delivery.entry);
+        Ok(())
+    }
+
+    pub(super) async fn claim_callbacks(
+        &self,
+        lease: Duration,
+        limit: usize,
+        now_ms: i64,
+    ) -> Result<Vec<(Tenant, String)>, JobsError> {
+        let mut st = self.lock()?;
+        let until = now_ms.saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
+        let mut due: Vec<_> = st
+            .callbacks
+            .iter()
+            .filter(|(_, due)| **due <= now_ms)
+            .map(|(key, due)| (*due, key.clone()))
+            .collect();
+        due.sort();
+        due.truncate(limit);
+        for (_, key) in &due {
+            st.callbacks.insert(key.clone(), until);
+        }
+        Ok(due.into_iter().map(|(_, key)| key).collect())
+    }
+
+    pub(super) async fn callback_outcome(
+        &self,
+        tenant: &Tenant,
+        id: &str,
+        outcome: super::callbacks::Outcome,
+    ) -> Result<(), JobsError> {
+        let mut st = self.lock()?;
+        let key = (tenant.clone(), id.to_string());
+        if let Some(job) = st.jobs.get_mut(&key) {
+            job.callback_attempts += 1;
+            job.callback_status = outcome.status().to_string();
+        }
+        match outcome {
+            super::callbacks::Outcome::Retry(due) => {
+                st.callbacks.insert(key, due);
+            }
+            _ => {
+                st.callbacks.remove(&key);
+            }
+        }
         Ok(())
     }
 

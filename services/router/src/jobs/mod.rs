@@ -28,7 +28,9 @@
 //!   queues it again after a backoff (or dead-letters it).
 //! - `cancel` ends a job that has not ended; `expire` ends one that waited past its ttl without
 //!   starting, when a read finds it before a worker does.
-//! - Neither store has callbacks, batches or schedules yet: those RPCs answer UNIMPLEMENTED.
+//! - A job with a callback that ends gets an entry in the callback outbox in the same step;
+//!   `claim_callbacks` and `callback_outcome` serve the [`callbacks::Dispatcher`].
+//! - Neither store has batches or schedules yet: those RPCs answer UNIMPLEMENTED.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -37,6 +39,7 @@ use weir_mesh::{ApiError, config::ConfigError, tenant::Tenant};
 use weir_proto::router::{CompleteResponse, Job, JobError, JobState};
 
 pub mod api;
+pub mod callbacks;
 pub mod memory;
 pub mod redis;
 pub mod worker;
@@ -90,6 +93,7 @@ pub const JOBS_DISABLED: &str = "JOBS_DISABLED";
 /// max_backoff = "1m"
 /// default_ttl = "24h"       # how long a job may wait when SubmitJob's ttl is 0
 /// retention = "7d"          # how long an ended job is kept
+/// [router.jobs.callbacks]   # see callbacks::CallbacksConfig
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -122,6 +126,8 @@ pub struct JobsConfig {
     /// How long an ended job (and a `request_id`) is kept.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
+    /// Job callbacks (webhooks).
+    pub callbacks: callbacks::CallbacksConfig,
 }
 
 impl Default for JobsConfig {
@@ -138,6 +144,7 @@ impl Default for JobsConfig {
             max_backoff: Duration::from_secs(60),
             default_ttl: Duration::from_secs(24 * 3600),
             retention: Duration::from_secs(7 * 24 * 3600),
+            callbacks: callbacks::CallbacksConfig::default(),
         }
     }
 }
@@ -175,7 +182,7 @@ impl JobsConfig {
                 "must be non-empty, without spaces",
             ));
         }
-        Ok(())
+        self.callbacks.validate(&format!("{key}.callbacks"))
     }
 
     /// The retry delay after `attempts` attempts.
@@ -221,6 +228,11 @@ pub struct JobRecord {
     pub error: Option<JobError>,
     /// The error of the latest failed attempt.
     pub last_error: Option<JobError>,
+    /// Callback attempts made.
+    pub callback_attempts: u32,
+    /// The callback's end: "delivered", "gone" (HTTP 410), "failed" (given up), "" (pending or
+    /// none).
+    pub callback_status: String,
 }
 
 impl JobRecord {
@@ -235,6 +247,7 @@ impl JobRecord {
         job.end_time = timestamp(self.end_ms);
         job.result.clone_from(&self.result);
         job.error.clone_from(&self.error);
+        job.callback_delivered = self.callback_status == "delivered";
         job
     }
 
@@ -483,6 +496,26 @@ impl JobStore {
         config: &JobsConfig,
     ) -> Result<(), JobsError> {
         each!(self, s => s.retry(delivery, error, backoff, config, now_ms()).await)
+    }
+
+    /// Claims up to `limit` due callback deliveries for `lease` (they are due again after it
+    /// unless an outcome is recorded first).
+    pub async fn claim_callbacks(
+        &self,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<(Tenant, String)>, JobsError> {
+        each!(self, s => s.claim_callbacks(lease, limit, now_ms()).await)
+    }
+
+    /// Records a callback attempt's outcome (a final one removes the outbox entry).
+    pub async fn callback_outcome(
+        &self,
+        tenant: &Tenant,
+        id: &str,
+        outcome: callbacks::Outcome,
+    ) -> Result<(), JobsError> {
+        each!(self, s => s.callback_outcome(tenant, id, outcome).await)
     }
 
     /// Deliveries read but not acknowledged (the stream's pending list).

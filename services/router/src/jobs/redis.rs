@@ -48,6 +48,8 @@ struct Scripts {
     promote: Script,
     lost: Script,
     expire: Script,
+    callback_claim: Script,
+    callback_outcome: Script,
 }
 
 impl Scripts {
@@ -63,6 +65,8 @@ impl Scripts {
             promote: script(include_str!("lua/promote.lua")),
             lost: script(include_str!("lua/lost.lua")),
             expire: script(include_str!("lua/expire.lua")),
+            callback_claim: script(include_str!("lua/callback_claim.lua")),
+            callback_outcome: script(include_str!("lua/callback_outcome.lua")),
         }
     }
 }
@@ -142,7 +146,12 @@ impl RedisJobs {
             .arg(new.body.encode_to_vec())
             .arg(new.expire_ms)
             .arg(config.capacity)
-            .arg(millis(config.retention));
+            .arg(millis(config.retention))
+            .arg(if new.body.callback.is_some() {
+                "1"
+            } else {
+                "0"
+            });
         let reply = self.run(&invocation).await?;
         match reply.status.as_str() {
             "full" => Err(JobsError::Full(config.capacity)),
@@ -447,6 +456,44 @@ impl RedisJobs {
         self.run(&invocation).await.map(|_| ())
     }
 
+    pub(super) async fn claim_callbacks(
+        &self,
+        lease: Duration,
+        limit: usize,
+        now_ms: i64,
+    ) -> Result<Vec<(Tenant, String)>, JobsError> {
+        let mut invocation = self.invocation(&self.scripts.callback_claim, "", now_ms);
+        invocation.arg(millis(lease)).arg(limit.max(1));
+        let mut conn = self.conn.clone();
+        let members: Vec<String> = invocation.invoke_async(&mut conn).await?;
+        Ok(members
+            .iter()
+            .filter_map(|member| {
+                let (tenant, id) = member.split_once(' ')?;
+                Some((Tenant::new(tenant).ok()?, id.to_string()))
+            })
+            .collect())
+    }
+
+    pub(super) async fn callback_outcome(
+        &self,
+        tenant: &Tenant,
+        id: &str,
+        outcome: super::callbacks::Outcome,
+    ) -> Result<(), JobsError> {
+        let due = match outcome {
+            super::callbacks::Outcome::Retry(due) => due,
+            _ => 0,
+        };
+        let mut invocation = self.invocation(
+            &self.scripts.callback_outcome,
+            tenant.as_str(),
+            super::now_ms(),
+        );
+        invocation.arg(id).arg(outcome.status()).arg(due);
+        self.run(&invocation).await.map(|_| ())
+    }
+
     pub(super) async fn pending(&self) -> Result<u64, JobsError> {
         let mut conn = self.conn.clone();
         let reply: redis::RedisResult<Value> = redis::cmd("XPENDING")
@@ -576,6 +623,8 @@ fn record(mut fields: HashMap<String, Vec<u8>>) -> Result<JobRecord, JobsError> 
         result,
         error,
         last_error,
+        callback_attempts: u32::try_from(number(&fields, "cb_attempts")).unwrap_or(0),
+        callback_status: text(&fields, "cb_status"),
     })
 }
 

@@ -319,6 +319,65 @@ async fn an_unstarted_job_expires(store: &JobStore) {
 }
 
 /// Runs `suite` on a fresh store of each kind.
+/// The callback outbox: an entry only once the result is stored (in the same transition), a
+/// claim is a lease (a dispatcher that dies leaves the entry due again), and only a recorded
+/// final outcome removes it.
+async fn the_callback_outbox_survives_a_dispatcher_crash(store: &JobStore) {
+    let acme = tenant("acme");
+    let config = config();
+    let lease = Duration::from_millis(200);
+    let mut with_callback = new_job("");
+    with_callback.body.callback = Some(weir_proto::router::Callback {
+        url: "https://example.com/hook".to_string(),
+    });
+    let submitted = store.submit(&acme, with_callback, &config).await.unwrap();
+    let id = submitted.job.id;
+    // A job without a callback never enters the outbox.
+    store.submit(&acme, new_job(""), &config).await.unwrap();
+    let delivery = next(store, "w1").await;
+    store
+        .start(&delivery, "w1", &config)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(store.claim_callbacks(lease, 10).await.unwrap().is_empty());
+    let result = CompleteResponse {
+        model: "sim-small".to_string(),
+        ..CompleteResponse::default()
+    };
+    assert!(store.succeed(&delivery, &result, &config).await.unwrap());
+    let other = next(store, "w1").await;
+    store.start(&other, "w1", &config).await.unwrap().unwrap();
+    store.succeed(&other, &result, &config).await.unwrap();
+
+    let claimed = store.claim_callbacks(lease, 10).await.unwrap();
+    assert_eq!(claimed, [(acme.clone(), id.clone())]);
+    // Leased: no other dispatcher gets it meanwhile.
+    assert!(store.claim_callbacks(lease, 10).await.unwrap().is_empty());
+    // The dispatcher "dies" (records nothing): after the lease the entry is due again.
+    tokio::time::sleep(lease + Duration::from_millis(50)).await;
+    let claimed = store.claim_callbacks(lease, 10).await.unwrap();
+    assert_eq!(claimed, [(acme.clone(), id.clone())]);
+    // A failed attempt is due again at its retry time.
+    let due = now_ms() + 50;
+    store
+        .callback_outcome(&acme, &id, callbacks::Outcome::Retry(due))
+        .await
+        .unwrap();
+    assert!(store.claim_callbacks(lease, 10).await.unwrap().is_empty());
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    assert_eq!(store.claim_callbacks(lease, 10).await.unwrap().len(), 1);
+    store
+        .callback_outcome(&acme, &id, callbacks::Outcome::Delivered)
+        .await
+        .unwrap();
+    let job = store.get(&acme, &id).await.unwrap().unwrap();
+    assert_eq!(job.callback_attempts, 2);
+    assert!(job.to_job().callback_delivered);
+    tokio::time::sleep(lease + Duration::from_millis(50)).await;
+    assert!(store.claim_callbacks(lease, 10).await.unwrap().is_empty());
+}
+
 macro_rules! both_stores {
     ($($suite:ident),* $(,)?) => {
         mod memory_store {
@@ -354,6 +413,7 @@ both_stores!(
     a_retried_job_is_queued_again_after_its_backoff,
     lists_are_newest_first_paginated_and_tenant_scoped,
     an_unstarted_job_expires,
+    the_callback_outbox_survives_a_dispatcher_crash,
 );
 
 fn redis_url() -> String {

@@ -32,7 +32,7 @@ use weir_mesh::{
 };
 use weir_proto::router::{JobError, router_service_client::RouterServiceClient};
 
-use super::{Delivery, JobRecord, JobStore, JobsConfig, api::Jobs};
+use super::{Delivery, JobRecord, JobStore, JobsConfig, api::Jobs, callbacks::Dispatcher};
 
 /// How often a worker reclaims stuck deliveries and promotes retries.
 pub const JANITOR_INTERVAL: Duration = Duration::from_millis(500);
@@ -66,6 +66,7 @@ pub fn router_client(
 
 /// Starts `count` workers on `jobs`, calling the router at `router_url` signed with `identity`,
 /// until `shutdown`. Their consumer names are `<host>-<pid>-<random>-<n>`, unique per process.
+/// With at least one worker, a callback [`Dispatcher`] runs too.
 pub fn spawn(
     jobs: &Jobs,
     count: usize,
@@ -80,7 +81,7 @@ pub fn spawn(
         std::process::id(),
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
-    Ok((0..count)
+    let mut handles: Vec<_> = (0..count)
         .map(|n| {
             let worker = Worker {
                 store: jobs.store().clone(),
@@ -90,7 +91,13 @@ pub fn spawn(
             };
             tokio::spawn(worker.run(shutdown.clone()))
         })
-        .collect())
+        .collect();
+    if count > 0 {
+        // Callbacks are delivered wherever workers run.
+        let dispatcher = Dispatcher::new(jobs.store().clone(), jobs.config().callbacks.clone())?;
+        handles.push(tokio::spawn(dispatcher.run(shutdown)));
+    }
+    Ok(handles)
 }
 
 /// One worker: a consumer of the queue.

@@ -3,9 +3,9 @@
 -- ARGV: 1 prefix  2 tenant  3 now (Unix ms); each script's own arguments follow.
 --
 -- Keys (BASE = <prefix>:<tenant>:job):
---   BASE:<id>               hash: id state attempts body created expire seq entry [lease started]
+--   BASE:<id>               hash: id state attempts body created expire seq entry [cb] [lease started]
 --                           [result | err_code err_msg err_reason] [last_code last_msg last_reason]
---                           [ended]
+--                           [ended] [cb_attempts cb_status]
 --   BASE:_index             zset: the tenant's jobs by submission sequence (ListJobs, newest first)
 --   BASE:_seq               the tenant's submission counter
 --   BASE:_req:<request_id>  string: the job submitted with that request_id
@@ -13,6 +13,8 @@
 --   <prefix>:jobs:async:dead      stream: jobs given up after max_deliveries
 --   <prefix>:jobs:async:delayed   zset: "<tenant> <id>" of jobs waiting out a retry backoff
 --   <prefix>:jobs:async:open      counter: jobs not yet terminal (the queue's capacity)
+--   <prefix>:jobs:callbacks       zset: "<tenant> <id>" of callbacks to deliver, by due time (the
+--                                 outbox; a claimed entry's score is moved forward by its lease)
 --   <prefix>:jobs:changes         pub/sub channel: "<tenant> <id>" after every transition
 local PREFIX, TENANT, NOW = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local BASE = PREFIX .. ':' .. TENANT .. ':job'
@@ -21,6 +23,7 @@ local DEAD = STREAM .. ':dead'
 local DELAYED = STREAM .. ':delayed'
 local OPEN = STREAM .. ':open'
 local CHANNEL = PREFIX .. ':jobs:changes'
+local OUTBOX = PREFIX .. ':jobs:callbacks'
 local GROUP = 'workers'
 
 local function fmt(n)
@@ -66,6 +69,10 @@ local function finish(id, state, retention)
     redis.call('SET', OPEN, '0')
   end
   redis.call('PEXPIRE', key, retention)
+  if redis.call('HGET', key, 'cb') == '1' then
+    -- The callback's outbox entry, in the script that stored the result.
+    redis.call('ZADD', OUTBOX, NOW, TENANT .. ' ' .. id)
+  end
   publish(id)
 end
 
