@@ -309,7 +309,14 @@ impl RedisJobs {
                 self.ensure_group().await?;
                 return Ok(None);
             }
-            other => other?,
+            Err(error) => {
+                // A reader's connection is not a connection manager: once Redis has gone away
+                // (a restart, a failover) it stays broken. Forget it, so the next read connects
+                // afresh instead of failing forever.
+                self.readers.lock().map_err(poisoned)?.remove(consumer);
+                return Err(error.into());
+            }
+            Ok(reply) => reply,
         };
         Ok(reply
             .into_iter()
