@@ -9,8 +9,9 @@
 //! lets several deployments, or several test runs, share one Redis.
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{ErrorKind, RedisError, ServerErrorKind};
 
-use crate::tenant::Tenant;
+use crate::{error::ApiError, tenant::Tenant};
 
 /// Default key prefix.
 pub const DEFAULT_PREFIX: &str = "weir";
@@ -20,6 +21,55 @@ pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::fr
 
 /// Default time a single Redis command may take before the call fails with UNAVAILABLE.
 pub const DEFAULT_RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// ErrorInfo reason of a call that failed because its service's Redis could not be reached
+/// (UNAVAILABLE: the caller may retry; nothing was changed or held).
+pub const REDIS_UNAVAILABLE: &str = "REDIS_UNAVAILABLE";
+
+/// The retry delay (RetryInfo) a Redis outage advertises.
+pub const REDIS_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether a Redis error means "Redis cannot be reached right now" (the connection failed,
+/// dropped or timed out; the server is loading, read-only, failing over or its cluster is down)
+/// rather than a command Redis refused, which is a bug.
+pub fn is_outage(error: &RedisError) -> bool {
+    error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_cluster_error()
+        || matches!(
+            error.kind(),
+            ErrorKind::Io
+                | ErrorKind::Parse
+                | ErrorKind::AuthenticationFailed
+                | ErrorKind::ClusterConnectionNotFound
+                | ErrorKind::Server(
+                    ServerErrorKind::BusyLoading
+                        | ServerErrorKind::TryAgain
+                        | ServerErrorKind::ClusterDown
+                        | ServerErrorKind::MasterDown
+                        | ServerErrorKind::ReadOnly
+                )
+        )
+}
+
+/// A Redis failure of `store` (`"session"`, `"review"`, ...) as the error its caller gets, logged:
+/// an outage ([`is_outage`]) is UNAVAILABLE [`REDIS_UNAVAILABLE`] with RetryInfo
+/// [`REDIS_RETRY_AFTER`]; anything else is INTERNAL.
+pub fn redis_error(store: &str, error: &RedisError) -> ApiError {
+    if is_outage(error) {
+        tracing::warn!(%error, store, "redis unavailable");
+        ApiError::unavailable(
+            REDIS_UNAVAILABLE,
+            format!("the {store} store is unavailable; retry"),
+        )
+        .with_retry_after(REDIS_RETRY_AFTER)
+    } else {
+        tracing::error!(%error, store, "redis error");
+        ApiError::internal(format!("{store} store error: {error}"))
+    }
+}
 
 /// Why Redis could not be reached.
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +174,20 @@ impl KeySpace {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unreachable_redis_is_unavailable_and_a_refused_command_internal() {
+        let refused = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        let error = redis_error("review", &refused);
+        assert_eq!(error.code(), tonic::Code::Unavailable);
+        assert_eq!(error.reason(), REDIS_UNAVAILABLE);
+        assert_eq!(error.retry_after(), Some(REDIS_RETRY_AFTER));
+        assert!(error.message().contains("review store"), "{error}");
+
+        let bug = RedisError::from((ErrorKind::Client, "bad script"));
+        assert!(!is_outage(&bug));
+        assert_eq!(redis_error("session", &bug).code(), tonic::Code::Internal);
+    }
 
     #[test]
     fn keys_carry_prefix_tenant_and_service() {

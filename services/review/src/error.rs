@@ -13,16 +13,12 @@
 //! | Redis unreachable, timed out, loading, read-only | UNAVAILABLE | `REDIS_UNAVAILABLE` (RetryInfo 1 s) |
 //! | any other Redis error, corrupt data | INTERNAL | `INTERNAL` |
 
-use std::time::Duration;
-
-use redis::{ErrorKind, RedisError, ServerErrorKind};
 use tonic::Code;
 use weir_mesh::ApiError;
+pub use weir_mesh::store::{REDIS_RETRY_AFTER, REDIS_UNAVAILABLE, is_outage};
 
 use crate::store::{StoreError, state};
 
-/// Reason of failures caused by Redis being unreachable.
-pub const REDIS_UNAVAILABLE: &str = "REDIS_UNAVAILABLE";
 /// Reason of a decision or renewal without the item's current lease.
 pub const LEASE_NOT_HELD: &str = "LEASE_NOT_HELD";
 /// Reason of a change to an item that is decided, cancelled or expired.
@@ -31,8 +27,6 @@ pub const ALREADY_DECIDED: &str = "ALREADY_DECIDED";
 pub const ITEM_NOT_PENDING: &str = "ITEM_NOT_PENDING";
 /// Reason of an edit without its replacement text.
 pub const EDIT_WITHOUT_CONTENT: &str = "EDIT_WITHOUT_CONTENT";
-/// How long a client is told to wait before retrying after a Redis outage.
-pub const REDIS_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// The API error for a store failure on item `id`.
 pub fn api_error(error: StoreError, id: &str) -> ApiError {
@@ -57,7 +51,7 @@ pub fn api_error(error: StoreError, id: &str) -> ApiError {
             ITEM_NOT_PENDING,
             format!("item \"{id}\" is not pending in that queue (claimed by someone else?)"),
         ),
-        StoreError::Redis(error) => redis_error(&error),
+        StoreError::Redis(error) => weir_mesh::store::redis_error("review", &error),
         StoreError::Corrupt(what) => {
             tracing::error!(item = id, what, "review store failure");
             ApiError::internal(format!("review store failure: {what}"))
@@ -86,45 +80,10 @@ fn state_name(s: i32) -> &'static str {
     }
 }
 
-/// UNAVAILABLE for an outage (the caller may retry), INTERNAL for anything else.
-fn redis_error(error: &RedisError) -> ApiError {
-    if is_outage(error) {
-        tracing::warn!(%error, "redis unavailable");
-        ApiError::unavailable(REDIS_UNAVAILABLE, "the review store is unavailable; retry")
-            .with_retry_after(REDIS_RETRY_AFTER)
-    } else {
-        tracing::error!(%error, "redis error");
-        ApiError::internal(format!("review store error: {error}"))
-    }
-}
-
-/// Whether a Redis error means "not reachable right now" rather than a bug.
-pub fn is_outage(error: &RedisError) -> bool {
-    if error.is_io_error()
-        || error.is_timeout()
-        || error.is_connection_dropped()
-        || error.is_connection_refusal()
-    {
-        return true;
-    }
-    matches!(
-        error.kind(),
-        ErrorKind::Io
-            | ErrorKind::Parse
-            | ErrorKind::AuthenticationFailed
-            | ErrorKind::ClusterConnectionNotFound
-            | ErrorKind::Server(
-                ServerErrorKind::BusyLoading
-                    | ServerErrorKind::TryAgain
-                    | ServerErrorKind::ClusterDown
-                    | ServerErrorKind::MasterDown
-                    | ServerErrorKind::ReadOnly
-            )
-    )
-}
-
 #[cfg(test)]
 mod tests {
+    use redis::RedisError;
+
     use super::*;
 
     #[test]

@@ -10,18 +10,11 @@
 //! | Redis unreachable, timed out, loading, read-only | UNAVAILABLE | `REDIS_UNAVAILABLE` (RetryInfo 1 s) |
 //! | any other Redis error, corrupt data | INTERNAL | `INTERNAL` |
 
-use std::time::Duration;
-
-use redis::{ErrorKind, RedisError, ServerErrorKind};
 use tonic::Code;
 use weir_mesh::ApiError;
+pub use weir_mesh::store::{REDIS_RETRY_AFTER, REDIS_UNAVAILABLE, is_outage};
 
 use crate::store::StoreError;
-
-/// Reason of failures caused by Redis being unreachable.
-pub const REDIS_UNAVAILABLE: &str = "REDIS_UNAVAILABLE";
-/// How long a client is told to wait before retrying after a Redis outage.
-pub const REDIS_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// The API error for a store failure on session `id`.
 pub fn api_error(error: StoreError, id: &str) -> ApiError {
@@ -50,7 +43,7 @@ pub fn api_error(error: StoreError, id: &str) -> ApiError {
             "request_id",
             "was used before with other messages; use a new request_id for a new append",
         ),
-        StoreError::Redis(error) => redis_error(&error),
+        StoreError::Redis(error) => weir_mesh::store::redis_error("session", &error),
         // Internal states the caller cannot fix (summarizer races never reach an RPC).
         error @ (StoreError::VersionConflict { .. }
         | StoreError::InvalidCover { .. }
@@ -61,45 +54,10 @@ pub fn api_error(error: StoreError, id: &str) -> ApiError {
     }
 }
 
-/// UNAVAILABLE for an outage (the caller may retry), INTERNAL for anything else.
-fn redis_error(error: &RedisError) -> ApiError {
-    if is_outage(error) {
-        tracing::warn!(%error, "redis unavailable");
-        ApiError::unavailable(REDIS_UNAVAILABLE, "the session store is unavailable; retry")
-            .with_retry_after(REDIS_RETRY_AFTER)
-    } else {
-        tracing::error!(%error, "redis error");
-        ApiError::internal(format!("session store error: {error}"))
-    }
-}
-
-/// Whether a Redis error means "not reachable right now" rather than a bug.
-pub fn is_outage(error: &RedisError) -> bool {
-    if error.is_io_error()
-        || error.is_timeout()
-        || error.is_connection_dropped()
-        || error.is_connection_refusal()
-    {
-        return true;
-    }
-    matches!(
-        error.kind(),
-        ErrorKind::Io
-            | ErrorKind::Parse
-            | ErrorKind::AuthenticationFailed
-            | ErrorKind::ClusterConnectionNotFound
-            | ErrorKind::Server(
-                ServerErrorKind::BusyLoading
-                    | ServerErrorKind::TryAgain
-                    | ServerErrorKind::ClusterDown
-                    | ServerErrorKind::MasterDown
-                    | ServerErrorKind::ReadOnly
-            )
-    )
-}
-
 #[cfg(test)]
 mod tests {
+    use redis::RedisError;
+
     use super::*;
 
     #[test]

@@ -224,11 +224,12 @@ pub enum StoreError {
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         match &error {
-            StoreError::Redis(e) if is_unavailable(e) => ApiError::unavailable(
-                "REDIS_UNAVAILABLE",
+            // Unreachable Redis: UNAVAILABLE with the retry delay every store advertises.
+            StoreError::Redis(e) if weir_mesh::store::is_outage(e) => ApiError::unavailable(
+                weir_mesh::store::REDIS_UNAVAILABLE,
                 format!("the budget store is unavailable: {e}"),
             )
-            .with_retry_after(std::time::Duration::from_secs(1)),
+            .with_retry_after(weir_mesh::store::REDIS_RETRY_AFTER),
             StoreError::Redis(_) => ApiError::new(
                 tonic::Code::Internal,
                 "REDIS_ERROR",
@@ -237,30 +238,6 @@ impl From<StoreError> for ApiError {
             StoreError::Corrupt(_) => ApiError::internal(error.to_string()),
         }
     }
-}
-
-/// True for failures of reaching Redis (as opposed to a command Redis refused).
-fn is_unavailable(error: &::redis::RedisError) -> bool {
-    use ::redis::ErrorKind;
-    error.is_io_error()
-        || error.is_timeout()
-        || error.is_connection_dropped()
-        || error.is_connection_refusal()
-        || error.is_cluster_error()
-        || matches!(
-            error.kind(),
-            ErrorKind::Io | ErrorKind::ClusterConnectionNotFound
-        )
-        || matches!(
-            error.kind(),
-            ErrorKind::Server(
-                ::redis::ServerErrorKind::BusyLoading
-                    | ::redis::ServerErrorKind::TryAgain
-                    | ::redis::ServerErrorKind::MasterDown
-                    | ::redis::ServerErrorKind::ClusterDown
-                    | ::redis::ServerErrorKind::ReadOnly
-            )
-        )
 }
 
 /// The store behind the service.
