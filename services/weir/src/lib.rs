@@ -6,7 +6,9 @@
 //! users run.
 #![warn(missing_docs)]
 
+pub mod call;
 pub mod chat;
+pub mod jobs_cli;
 pub mod review_cli;
 pub mod stack;
 pub mod worker;

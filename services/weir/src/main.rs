@@ -6,12 +6,14 @@
 //! - `weir chat "prompt"`: stream an answer from the router.
 //! - `weir models`: list the models the inference service can call.
 //! - `weir review list|show|approve|reject`: the human review queue.
+//! - `weir jobs submit|get|watch|cancel|list`: asynchronous jobs.
 
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use weir::{
     chat::{self, ChatOptions},
+    jobs_cli::{self, JobsCommand, JobsOptions},
     review_cli::{self, ReviewCommand, ReviewOptions},
     stack::{self, Service, StackConfig},
 };
@@ -87,6 +89,13 @@ enum Command {
         )]
         inference: String,
     },
+    /// Asynchronous jobs: submit, get, watch, cancel or list them.
+    Jobs {
+        #[command(flatten)]
+        options: JobsOptions,
+        #[command(subcommand)]
+        command: JobsCommand,
+    },
     /// The human review queue: list, show, approve or reject items.
     Review {
         #[command(flatten)]
@@ -125,6 +134,9 @@ async fn main() -> ExitCode {
                 .map_err(anyhow::Error::from)
         }
         Command::Models { inference } => list_models(&inference).await,
+        Command::Jobs { options, command } => {
+            jobs_cli::run(options, command, &mut std::io::stdout().lock()).await
+        }
         Command::Review { options, command } => {
             review_cli::run(options, command, &mut std::io::stdout().lock()).await
         }

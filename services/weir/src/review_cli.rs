@@ -15,13 +15,14 @@
 use std::{io::Write, time::SystemTime};
 
 use clap::{Subcommand, ValueEnum};
-use tonic::{Request, metadata::MetadataValue, transport::Channel};
-use weir_mesh::ApiError;
+use tonic::{Request, transport::Channel};
 use weir_proto::review::{
     AuditAction, ClaimNextRequest, GetItemRequest, ItemState, ListAuditEventsRequest,
     ListItemsRequest, ReviewItem, SubmitDecisionRequest, Verdict,
     review_service_client::ReviewServiceClient,
 };
+
+use crate::call::failed;
 
 /// Where and who.
 #[derive(Debug, Clone, clap::Args)]
@@ -162,21 +163,8 @@ struct Client {
 
 impl Client {
     fn request<T>(&self, body: T) -> anyhow::Result<Request<T>> {
-        let mut request = Request::new(body);
-        if let Some(key) = &self.key {
-            let value = MetadataValue::try_from(format!("Bearer {key}")).map_err(|_| {
-                anyhow::anyhow!("the API key contains characters that cannot be sent in a header")
-            })?;
-            request
-                .metadata_mut()
-                .insert(weir_mesh::metadata::AUTHORIZATION, value);
-        }
-        Ok(request)
+        crate::call::request(self.key.as_deref(), body)
     }
-}
-
-fn failed(status: &tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", ApiError::from_status(status))
 }
 
 async fn list(
