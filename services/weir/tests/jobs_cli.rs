@@ -7,25 +7,15 @@ mod common;
 
 use std::{path::PathBuf, process::Command};
 
-use common::{Serve, WEIR, serve_command};
+use common::{Serve, WEIR, config_file, serve_command};
 
 fn config() -> PathBuf {
-    let path = std::env::temp_dir().join(format!(
-        "weir-jobs-cli-{}-{}.toml",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos()
-    ));
-    std::fs::write(
-        &path,
+    config_file(
+        "jobs-cli",
         "[models.sim-instant]\nsim = { output_tokens = 4 }\n\
          [models.sim-slow]\nsim = { output_tokens = 40, tokens_per_second = 2.0 }\n\
          [router]\nsession_url = \"\"\n",
     )
-    .unwrap();
-    path
 }
 
 /// Runs `weir jobs <args>` against `router`; returns (success, stdout, stderr).

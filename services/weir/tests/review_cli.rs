@@ -6,7 +6,7 @@ mod common;
 
 use std::{path::PathBuf, process::Command};
 
-use common::{Serve, WEIR, serve_command};
+use common::{Serve, WEIR, config_file, serve_command};
 use tonic::Request;
 use weir_proto::{
     common::{Message, Role},
@@ -17,23 +17,13 @@ const REVIEWER_KEY: &str = "acme-reviewer-key-0123456789abcdef";
 const PLAIN_KEY: &str = "acme-plain-key-0123456789abcdef";
 
 fn config() -> PathBuf {
-    let path = std::env::temp_dir().join(format!(
-        "weir-review-cli-{}-{}.toml",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos()
-    ));
-    std::fs::write(
-        &path,
-        format!(
+    config_file(
+        "review-cli",
+        &format!(
             "[[auth.api_keys]]\nid = \"desk\"\ntenant = \"acme\"\nkey = \"{REVIEWER_KEY}\"\n\
              roles = [\"reviewer\"]\n\n[[auth.api_keys]]\ntenant = \"acme\"\nkey = \"{PLAIN_KEY}\"\n"
         ),
     )
-    .unwrap();
-    path
 }
 
 /// Runs `weir review <args>` with `key`; returns (success, stdout, stderr).

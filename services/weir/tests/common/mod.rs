@@ -14,6 +14,18 @@ use tonic::transport::Channel;
 /// The `weir` binary of this build.
 pub const WEIR: &str = env!("CARGO_BIN_EXE_weir");
 
+/// Writes `text` to a config file of its own in the temporary directory (named after `name`, this
+/// process and the time, so concurrent tests never share one) and returns its path.
+pub fn config_file(name: &str, text: &str) -> std::path::PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let path =
+        std::env::temp_dir().join(format!("weir-{name}-{}-{nanos}.toml", std::process::id()));
+    std::fs::write(&path, text).expect("the temporary directory is writable");
+    path
+}
+
 /// `weir serve <service> --config <config>` on a free port of 127.0.0.1, with no metrics
 /// endpoint, no trace export and warnings only; add what a test needs before [`Serve::start`].
 pub fn serve_command(service: &str, config: &Path) -> Command {
