@@ -126,7 +126,7 @@ pub async fn run(
                 .map_err(|s| failed(&s))?
                 .into_inner()
                 .job
-                .ok_or_else(|| anyhow::anyhow!("the router answered without a job"))?;
+                .ok_or_else(no_job)?;
             writeln!(out, "{}", job.id)?;
             if wait {
                 watch(&mut client, &job.id, out).await
@@ -142,7 +142,7 @@ pub async fn run(
                 .map_err(|s| failed(&s))?
                 .into_inner()
                 .job
-                .ok_or_else(|| anyhow::anyhow!("the router answered without a job"))?;
+                .ok_or_else(no_job)?;
             show(&job, out)
         }
         JobsCommand::Watch { id } => watch(&mut client, &id, out).await,
@@ -154,7 +154,7 @@ pub async fn run(
                 .map_err(|s| failed(&s))?
                 .into_inner()
                 .job
-                .ok_or_else(|| anyhow::anyhow!("the router answered without a job"))?;
+                .ok_or_else(no_job)?;
             show(&job, out)
         }
         JobsCommand::List { limit } => list(&mut client, limit, out).await,
@@ -170,6 +170,11 @@ impl Client {
     fn request<T>(&self, body: T) -> anyhow::Result<Request<T>> {
         crate::call::request(self.key.as_deref(), body)
     }
+}
+
+/// The error for an answer that should carry a job and does not (a router bug).
+fn no_job() -> anyhow::Error {
+    anyhow::anyhow!("the router answered without a job")
 }
 
 /// `queued`, `running`, `succeeded`, ...

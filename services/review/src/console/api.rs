@@ -16,7 +16,7 @@ use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
 use tonic::{Code, Status, metadata::MetadataValue};
-use weir_mesh::ApiError;
+use weir_mesh::{ApiError, error::code_name};
 use weir_proto::review::{
     ClaimNextRequest, GetItemRequest, GetQueueStatsRequest, ListItemsRequest, RenewLeaseRequest,
     SubmitDecisionRequest, WatchQueueRequest,
@@ -83,29 +83,16 @@ impl From<Status> for ApiFailure {
 
 impl IntoResponse for ApiFailure {
     fn into_response(self) -> Response {
-        let code = format!("{:?}", self.code);
         (
             self.status,
             Json(json!({
-                "code": screaming(&code),
+                "code": code_name(self.code),
                 "reason": self.reason,
                 "message": self.message,
             })),
         )
             .into_response()
     }
-}
-
-/// `FailedPrecondition` → `FAILED_PRECONDITION`.
-fn screaming(camel: &str) -> String {
-    let mut out = String::with_capacity(camel.len() + 4);
-    for (i, c) in camel.chars().enumerate() {
-        if c.is_ascii_uppercase() && i > 0 {
-            out.push('_');
-        }
-        out.push(c.to_ascii_uppercase());
-    }
-    out
 }
 
 type ApiResult = Result<Response, ApiFailure>;
@@ -219,12 +206,15 @@ pub(super) async fn events(
     let events = stream.map(|next| -> Result<Event, Infallible> {
         Ok(match next {
             Ok(change) => match change.item {
-                Some(item) => Event::default().event("item").data(json::item(&item).to_string()),
+                Some(item) => Event::default()
+                    .event("item")
+                    .data(json::item(&item).to_string()),
                 None => Event::default().comment("empty change"),
             },
-            Err(status) => Event::default()
-                .event("error")
-                .data(json!({ "code": screaming(&format!("{:?}", status.code())), "message": status.message() }).to_string()),
+            Err(status) => Event::default().event("error").data(
+                json!({ "code": code_name(status.code()), "message": status.message() })
+                    .to_string(),
+            ),
         })
     });
     Ok(sse(events))
@@ -360,11 +350,20 @@ pub(super) async fn decide(
 mod tests {
     use super::*;
 
-    #[test]
-    fn codes_are_written_as_grpc_names() {
-        assert_eq!(screaming("FailedPrecondition"), "FAILED_PRECONDITION");
-        assert_eq!(screaming("NotFound"), "NOT_FOUND");
-        assert_eq!(screaming("Ok"), "OK");
+    #[tokio::test]
+    async fn codes_are_written_as_grpc_names() {
+        for (status, name) in [
+            (Status::failed_precondition("x"), "FAILED_PRECONDITION"),
+            (Status::not_found("x"), "NOT_FOUND"),
+            (Status::ok("x"), "OK"),
+        ] {
+            let response = ApiFailure::from(status).into_response();
+            let body = axum::body::to_bytes(response.into_body(), 4096)
+                .await
+                .unwrap();
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(json["code"], name);
+        }
     }
 
     #[test]
