@@ -118,7 +118,12 @@ pub fn parse(text: &str) -> Result<Input, InvalidInput> {
 
 /// One line as an item, or what to fix.
 fn parse_line(raw: &str) -> Result<BatchItem, String> {
-    let value: Value = serde_json::from_str(raw).map_err(|e| format!("not valid JSON: {e}"))?;
+    let value: Value = serde_json::from_str(raw).map_err(|e| {
+        // serde's message ends "at line 1 column N"; within one line only the column helps.
+        let text = e.to_string();
+        let what = text.split(" at line ").next().unwrap_or(&text).to_string();
+        format!("not valid JSON at column {}: {what}", e.column())
+    })?;
     let Value::Object(object) = value else {
         return Err("expected a JSON object with custom_id, method, url and body".to_string());
     };
