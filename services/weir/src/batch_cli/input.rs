@@ -12,8 +12,7 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 use weir_proto::router::BatchItem;
-
-use super::openai;
+use weir_router::openai::{convert, types::ChatCompletionRequest};
 
 /// The only endpoint a Weir batch runs.
 pub const CHAT_COMPLETIONS_URL: &str = "/v1/chat/completions";
@@ -160,7 +159,14 @@ fn parse_line(raw: &str) -> Result<BatchItem, String> {
     if body.get("stream").and_then(Value::as_bool) == Some(true) {
         return Err("body.stream must be false or absent: batch answers are not streamed".into());
     }
-    let request = openai::request(body).map_err(|e| format!("body: {e}"))?;
+    // The HTTP edge's conversion: a batch line means what the same body means over HTTP.
+    let chat: ChatCompletionRequest =
+        serde_json::from_value(body.clone()).map_err(|e| format!("body: {e}"))?;
+    if chat.messages.is_empty() {
+        return Err("body.messages: at least one message is required".to_string());
+    }
+    let request =
+        convert::complete_request(chat).map_err(|e| format!("body.{}: {}", e.param, e.message))?;
     Ok(BatchItem {
         custom_id,
         request: Some(request),
@@ -261,19 +267,50 @@ mod tests {
 
     #[test]
     fn a_body_that_is_not_a_chat_request_is_refused_with_the_field() {
-        let text = r#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"m"}}"#;
-        let problems = parse(text).unwrap_err().0;
-        assert_eq!(problems[0].line, 1);
-        assert!(
-            problems[0].message.starts_with("body: "),
-            "{}",
-            problems[0].message
+        let cases = [
+            (r#"{"model":"m"}"#, "body.messages: at least one message"),
+            (
+                r#"{"messages":[{"role":"user","content":"hi"}]}"#,
+                "body: missing field `model`",
+            ),
+            (
+                r#"{"model":"m","n":2,"messages":[{"role":"user","content":"hi"}]}"#,
+                "body.n: n must be 1",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"wizard","content":"hi"}]}"#,
+                "body",
+            ),
+        ];
+        for (body, expected) in cases {
+            let text = format!(
+                r#"{{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{body}}}"#
+            );
+            let problems = parse(&text).unwrap_err().0;
+            assert_eq!(problems[0].line, 1);
+            assert!(
+                problems[0].message.starts_with(expected),
+                "{body}: {}",
+                problems[0].message
+            );
+        }
+    }
+
+    #[test]
+    fn a_body_becomes_the_request_the_http_edge_would_send() {
+        let text = r#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"auto","max_completion_tokens":12,"temperature":0.5,"stop":"END","metadata":{"team":"search"},"messages":[{"role":"developer","content":"be brief"},{"role":"user","content":"hi"}]}}"#;
+        let input = parse(text).unwrap();
+        let request = input.items[0].request.as_ref().unwrap();
+        assert_eq!(request.model, "auto");
+        assert_eq!(request.messages.len(), 2);
+        assert_eq!(
+            request.messages[0].role,
+            weir_proto::common::Role::System as i32
         );
-        assert!(
-            problems[0].message.contains("messages"),
-            "{}",
-            problems[0].message
-        );
+        let params = request.params.as_ref().unwrap();
+        assert_eq!(params.max_tokens, Some(12));
+        assert_eq!(params.stop, ["END"]);
+        assert_eq!(request.labels["team"], "search");
     }
 
     #[test]

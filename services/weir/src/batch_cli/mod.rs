@@ -14,7 +14,6 @@
 //! `--api-key` (`WEIR_API_KEY`).
 
 pub mod input;
-pub mod openai;
 pub mod output;
 pub mod progress;
 
@@ -91,7 +90,7 @@ pub enum BatchCommand {
         #[arg(long)]
         request_id: Option<String>,
         /// A label for the batch and its items, key=value (repeatable).
-        #[arg(long = "label", value_parser = parse_label)]
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
         labels: Vec<(String, String)>,
         /// Print the batch id and exit without waiting (fetch results later with `results`).
         #[arg(long)]
@@ -455,7 +454,7 @@ fn write_line(
     output: &mut JsonlFile,
     errors: &mut JsonlFile,
 ) -> anyhow::Result<()> {
-    match output::line(result, created) {
+    match output::line(result, created)? {
         Line::Output(value) => output.write(&value),
         Line::Error(value) => errors.write(&value),
     }

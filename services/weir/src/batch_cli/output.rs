@@ -21,7 +21,7 @@ use weir_proto::router::{
     JobError, JobState, StreamBatchResultsResponse, stream_batch_results_response::Outcome,
 };
 
-use super::openai;
+use weir_router::openai::convert;
 
 /// Which file a result goes to, and its line.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,17 +33,18 @@ pub enum Line {
 }
 
 /// The line of one item's result. `created` is the `chat.completion`'s time (Unix seconds).
-pub fn line(result: &StreamBatchResultsResponse, created: i64) -> Line {
+pub fn line(result: &StreamBatchResultsResponse, created: i64) -> anyhow::Result<Line> {
     if let (JobState::Succeeded, Some(Outcome::Response(response))) =
         (result.state(), &result.outcome)
     {
-        let body = openai::completion(response, &format!("chatcmpl-{}", result.job_id), created);
-        return Line::Output(json!({
+        // The HTTP edge's conversion: the body is what `POST /v1/chat/completions` answers.
+        let body = serde_json::to_value(convert::chat_completion(response.clone(), created))?;
+        return Ok(Line::Output(json!({
             "id": result.job_id,
             "custom_id": result.custom_id,
             "response": {"status_code": 200, "request_id": result.job_id, "body": body},
             "error": null,
-        }));
+        })));
     }
     let (code, message) = match (&result.outcome, result.state()) {
         (Some(Outcome::Error(error)), _) => error_fields(error),
@@ -60,12 +61,12 @@ pub fn line(result: &StreamBatchResultsResponse, created: i64) -> Line {
             format!("the item ended {} without an answer", state.as_str_name()),
         ),
     };
-    Line::Error(json!({
+    Ok(Line::Error(json!({
         "id": result.job_id,
         "custom_id": result.custom_id,
         "response": null,
         "error": {"code": code, "message": message},
-    }))
+    })))
 }
 
 /// `(code, message)` of a failed item: its reason, else its gRPC code's name.
@@ -180,7 +181,7 @@ mod tests {
 
     #[test]
     fn a_succeeded_item_is_an_output_line_with_a_chat_completion() {
-        let Line::Output(value) = line(&answered(), 1_700_000_000) else {
+        let Line::Output(value) = line(&answered(), 1_700_000_000).unwrap() else {
             panic!("not an output line");
         };
         assert_eq!(value["id"], "job-1");
@@ -206,7 +207,7 @@ mod tests {
             message: "max_tokens too large".into(),
             reason: "INVALID_ARGUMENT".into(),
         }));
-        let Line::Error(value) = line(&failed, 0) else {
+        let Line::Error(value) = line(&failed, 0).unwrap() else {
             panic!("not an error line");
         };
         assert_eq!(value["custom_id"], "q1");
@@ -219,7 +220,7 @@ mod tests {
             message: "down".into(),
             reason: String::new(),
         }));
-        let Line::Error(value) = line(&failed, 0) else {
+        let Line::Error(value) = line(&failed, 0).unwrap() else {
             panic!("not an error line");
         };
         assert_eq!(value["error"]["code"], "UNAVAILABLE");
@@ -234,7 +235,7 @@ mod tests {
             let mut item = answered();
             item.state = state as i32;
             item.outcome = None;
-            let Line::Error(value) = line(&item, 0) else {
+            let Line::Error(value) = line(&item, 0).unwrap() else {
                 panic!("not an error line");
             };
             assert_eq!(value["error"]["code"], code);
@@ -242,7 +243,7 @@ mod tests {
         // A result that says SUCCEEDED without an answer is not counted as a success.
         let mut odd = answered();
         odd.outcome = None;
-        assert!(matches!(line(&odd, 0), Line::Error(_)));
+        assert!(matches!(line(&odd, 0).unwrap(), Line::Error(_)));
     }
 
     #[test]
