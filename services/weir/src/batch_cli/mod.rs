@@ -17,6 +17,9 @@ pub mod input;
 pub mod output;
 pub mod progress;
 
+#[cfg(test)]
+mod flow_tests;
+
 use std::{
     collections::HashMap,
     io::Write,
