@@ -22,7 +22,7 @@ use weir_proto::{
     },
 };
 
-use super::{BatchCommand, BatchOptions, input, run};
+use super::{BatchCommand, BatchOptions, SubmitArgs, input, run};
 
 /// Items end a few per poll; `bad-*` items fail; a `cancel-*` item cancels the batch at the
 /// second poll, when some items have ended.
@@ -244,7 +244,7 @@ fn lines(path: &Path) -> Vec<Value> {
 }
 
 fn submit(input: PathBuf) -> BatchCommand {
-    BatchCommand::Submit {
+    BatchCommand::Submit(SubmitArgs {
         input,
         output: None,
         errors: None,
@@ -253,7 +253,7 @@ fn submit(input: PathBuf) -> BatchCommand {
         request_id: None,
         labels: vec![("team".into(), "search".into())],
         no_wait: false,
-    }
+    })
 }
 
 #[tokio::test]
@@ -351,8 +351,8 @@ async fn no_wait_get_results_and_cancel() {
     let (input, _) = write_input(&dir, &ids);
 
     let mut command = submit(input);
-    if let BatchCommand::Submit { no_wait, .. } = &mut command {
-        *no_wait = true;
+    if let BatchCommand::Submit(args) = &mut command {
+        args.no_wait = true;
     }
     let mut out = Vec::new();
     run(options.clone(), command, &mut out).await.unwrap();

@@ -73,32 +73,7 @@ pub enum BatchCommand {
     /// crash, a lost connection or Ctrl-C) returns the batch it already created instead of
     /// running it twice. Pass --request-id to run the same file again as a new batch. Exits
     /// non-zero unless the batch completed (cancelled or expired batches still write what ran).
-    Submit {
-        /// The input file (JSONL).
-        input: PathBuf,
-        /// Where to write the succeeded items (default: <input stem>.output.jsonl beside it).
-        #[arg(long, short)]
-        output: Option<PathBuf>,
-        /// Where to write the failed, cancelled and expired items (default:
-        /// <input stem>.errors.jsonl beside it).
-        #[arg(long, short)]
-        errors: Option<PathBuf>,
-        /// Time within which the items should run (e.g. 24h, 90m); unfinished items then expire.
-        #[arg(long, default_value = "24h", value_parser = parse_duration)]
-        completion_window: Duration,
-        /// No item starts before this time (RFC 3339, e.g. 2026-12-04T02:00:00Z).
-        #[arg(long, value_parser = parse_time)]
-        not_before: Option<prost_types::Timestamp>,
-        /// Idempotency key (default: file-sha256:<hash of the file>).
-        #[arg(long)]
-        request_id: Option<String>,
-        /// A label for the batch and its items, key=value (repeatable).
-        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
-        labels: Vec<(String, String)>,
-        /// Print the batch id and exit without waiting (fetch results later with `results`).
-        #[arg(long)]
-        no_wait: bool,
-    },
+    Submit(SubmitArgs),
     /// Show a batch: its state and item counts.
     Get {
         /// Batch id.
@@ -126,66 +101,45 @@ pub enum BatchCommand {
     },
 }
 
+/// What `weir batch submit` runs, and how.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SubmitArgs {
+    /// The input file (JSONL).
+    pub input: PathBuf,
+    /// Where to write the succeeded items (default: <input stem>.output.jsonl beside it).
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+    /// Where to write the failed, cancelled and expired items (default:
+    /// <input stem>.errors.jsonl beside it).
+    #[arg(long, short)]
+    pub errors: Option<PathBuf>,
+    /// Time within which the items should run (e.g. 24h, 90m); unfinished items then expire.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub completion_window: Duration,
+    /// No item starts before this time (RFC 3339, e.g. 2026-12-04T02:00:00Z).
+    #[arg(long, value_parser = parse_time)]
+    pub not_before: Option<prost_types::Timestamp>,
+    /// Idempotency key (default: file-sha256:<hash of the file>).
+    #[arg(long)]
+    pub request_id: Option<String>,
+    /// A label for the batch and its items, key=value (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Print the batch id and exit without waiting (fetch results later with `results`).
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
 /// Runs one subcommand, writing its output to `out` (progress goes to stderr).
 pub async fn run(
     options: BatchOptions,
     command: BatchCommand,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
-    // A bad input file is reported before any connection is made.
-    let prepared = match &command {
-        BatchCommand::Submit { input, .. } => Some(read_input(input)?),
-        _ => None,
-    };
-    let mut client = Client::connect(options).await?;
     match command {
-        BatchCommand::Submit {
-            input: path,
-            output,
-            errors,
-            completion_window,
-            not_before,
-            request_id,
-            labels,
-            no_wait,
-        } => {
-            let (input, digest) = prepared.ok_or_else(|| anyhow::anyhow!("input not read"))?;
-            let (default_output, default_errors) = output::default_paths(&path);
-            let paths = Paths {
-                output: output.unwrap_or(default_output),
-                errors: errors.unwrap_or(default_errors),
-            };
-            let body = CreateBatchRequest {
-                items: input.items.clone(),
-                completion_window: Some(prost_types::Duration {
-                    seconds: i64::try_from(completion_window.as_secs()).unwrap_or(i64::MAX),
-                    nanos: 0,
-                }),
-                request_id: request_id.unwrap_or(digest),
-                labels: labels.into_iter().collect(),
-                not_before,
-                ..CreateBatchRequest::default()
-            };
-            let batch = client
-                .inner
-                .create_batch(client.request(body)?)
-                .await
-                .map_err(|s| failed(&s))?
-                .into_inner()
-                .batch
-                .ok_or_else(no_batch)?;
-            writeln!(out, "{}", batch.id)?;
-            out.flush()?;
-            if no_wait {
-                return Ok(());
-            }
-            let batch = wait(&mut client, batch).await?;
-            let written =
-                write_results(&mut client, &batch.id, false, &paths, Some(&input)).await?;
-            report(&batch, &written, &paths, Some(input.items.len()))
-        }
+        BatchCommand::Submit(args) => submit(options, args, out).await,
         BatchCommand::Get { id } => {
-            let batch = client.get(&id).await?;
+            let batch = Client::connect(options).await?.get(&id).await?;
             show(&batch, out)
         }
         BatchCommand::Results {
@@ -194,6 +148,7 @@ pub async fn run(
             output,
             errors,
         } => {
+            let mut client = Client::connect(options).await?;
             let paths = Paths {
                 output: output.unwrap_or_else(|| PathBuf::from(format!("{id}.output.jsonl"))),
                 errors: errors.unwrap_or_else(|| PathBuf::from(format!("{id}.errors.jsonl"))),
@@ -201,7 +156,7 @@ pub async fn run(
             let written = write_results(&mut client, &id, follow, &paths, None).await?;
             let batch = client.get(&id).await?;
             if follow {
-                report(&batch, &written, &paths, None)
+                report(&batch, &written, &paths)
             } else {
                 eprintln!("{}", progress::summary(&batch));
                 eprintln!("{}", written.describe(&paths));
@@ -209,6 +164,7 @@ pub async fn run(
             }
         }
         BatchCommand::Cancel { id } => {
+            let mut client = Client::connect(options).await?;
             let batch = client
                 .inner
                 .cancel_batch(client.request(CancelBatchRequest { batch_id: id })?)
@@ -220,6 +176,49 @@ pub async fn run(
             show(&batch, out)
         }
     }
+}
+
+/// `weir batch submit`: check the file, create the batch, wait for it, write its results.
+async fn submit(
+    options: BatchOptions,
+    args: SubmitArgs,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    // A bad input file is reported before any connection is made.
+    let (input, digest) = read_input(&args.input)?;
+    let (default_output, default_errors) = output::default_paths(&args.input);
+    let paths = Paths {
+        output: args.output.unwrap_or(default_output),
+        errors: args.errors.unwrap_or(default_errors),
+    };
+    let mut client = Client::connect(options).await?;
+    let body = CreateBatchRequest {
+        items: input.items.clone(),
+        completion_window: Some(prost_types::Duration {
+            seconds: i64::try_from(args.completion_window.as_secs()).unwrap_or(i64::MAX),
+            nanos: 0,
+        }),
+        request_id: args.request_id.unwrap_or(digest),
+        labels: args.labels.into_iter().collect(),
+        not_before: args.not_before,
+        ..CreateBatchRequest::default()
+    };
+    let batch = client
+        .inner
+        .create_batch(client.request(body)?)
+        .await
+        .map_err(|s| failed(&s))?
+        .into_inner()
+        .batch
+        .ok_or_else(no_batch)?;
+    writeln!(out, "{}", batch.id)?;
+    out.flush()?;
+    if args.no_wait {
+        return Ok(());
+    }
+    let batch = wait(&mut client, batch).await?;
+    let written = write_results(&mut client, &batch.id, false, &paths, Some(&input)).await?;
+    report(&batch, &written, &paths)
 }
 
 /// Reads and checks an input file; returns its items and its default idempotency key.
@@ -464,20 +463,14 @@ fn write_line(
 }
 
 /// Prints where the results went and how the batch ended; an error unless it completed.
-fn report(
-    batch: &Batch,
-    written: &Written,
-    paths: &Paths,
-    expected: Option<usize>,
-) -> anyhow::Result<()> {
+fn report(batch: &Batch, written: &Written, paths: &Paths) -> anyhow::Result<()> {
     eprintln!("{}", progress::summary(batch));
     eprintln!("{}", written.describe(paths));
     if !written.missing.is_empty() {
         let shown: Vec<_> = written.missing.iter().take(5).map(String::as_str).collect();
         eprintln!(
-            "weir: {} of {} items have no result yet (e.g. {}); `weir batch results {}` later",
+            "weir: {} items have no result yet (e.g. {}); `weir batch results {}` later",
             written.missing.len(),
-            expected.unwrap_or_default(),
             shown.join(", "),
             batch.id
         );
