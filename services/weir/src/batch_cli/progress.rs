@@ -22,7 +22,7 @@ impl Progress {
         let bar = ProgressBar::new(total);
         if !bar.is_hidden() {
             let style = ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg} ETA {eta}",
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}, ETA {eta}",
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar());
             bar.set_style(style);
@@ -40,32 +40,24 @@ impl Progress {
         }
         self.bar.set_position(done);
         self.bar.set_message(format!(
-            "{} succeeded, {} failed, {} cancelled/expired  {}",
+            "{}: {} ok, {} failed, {} cancelled/expired",
+            state_name(batch),
             counts.succeeded,
             counts.failed,
             counts.cancelled,
-            state_name(batch)
         ));
         let now = (batch.state, counts);
-        if self.bar.is_hidden() && self.last != Some(now) {
+        // The final state is the summary the caller prints once the results are written.
+        if self.bar.is_hidden() && self.last != Some(now) && !super::is_terminal(batch) {
             eprintln!("{}", summary(batch));
             let _ = std::io::stderr().flush();
         }
         self.last = Some(now);
     }
 
-    /// Leaves the bar as it is, ending its redraws.
+    /// Removes the bar (what follows on stderr says how the batch ended).
     pub fn finish(&self) {
-        self.bar.abandon();
-    }
-
-    /// Prints a line above the bar (or plainly, when there is no bar).
-    pub fn println(&self, line: &str) {
-        if self.bar.is_hidden() {
-            eprintln!("{line}");
-        } else {
-            self.bar.println(line);
-        }
+        self.bar.finish_and_clear();
     }
 }
 
