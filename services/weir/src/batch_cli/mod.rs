@@ -305,7 +305,23 @@ fn show(batch: &Batch, out: &mut impl Write) -> anyhow::Result<()> {
         "total {}  succeeded {}  failed {}  cancelled/expired {}  pending {}",
         counts.total, counts.succeeded, counts.failed, counts.cancelled, counts.pending
     )?;
+    for (name, time) in [
+        ("created", batch.create_time),
+        ("not before", batch.not_before),
+        ("expires", batch.expire_time),
+        ("ended", batch.end_time),
+    ] {
+        if let Some(time) = time.and_then(rfc3339) {
+            writeln!(out, "{name} {time}")?;
+        }
+    }
     Ok(())
+}
+
+/// A protobuf time as RFC 3339 (UTC, whole seconds).
+fn rfc3339(time: prost_types::Timestamp) -> Option<String> {
+    chrono::DateTime::from_timestamp(time.seconds, 0)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
 }
 
 /// Polls the batch, showing its progress, until it ends. A router that cannot be reached for a
@@ -533,5 +549,6 @@ mod tests {
         assert_eq!(parse_label("a=b=c").unwrap(), ("a".into(), "b=c".into()));
         assert!(parse_label("=x").is_err());
         assert!(parse_label("novalue").is_err());
+        assert_eq!(rfc3339(time).unwrap(), "2026-12-04T02:00:00Z");
     }
 }
