@@ -46,17 +46,29 @@ pub fn line(result: &StreamBatchResultsResponse, created: i64) -> anyhow::Result
             "error": null,
         })));
     }
-    let (code, message) = match (&result.outcome, result.state()) {
-        (Some(Outcome::Error(error)), _) => error_fields(error),
-        (_, JobState::Cancelled) => (
+    let error = match &result.outcome {
+        Some(Outcome::Error(error)) => Some(error),
+        _ => None,
+    };
+    // Cancelled and expired items take OpenAI's codes (Weir's reasons are BATCH_CANCELLED and
+    // BATCH_EXPIRED), so tools written for OpenAI's error files read them as they expect.
+    let message_or = |default: &str| {
+        error
+            .map(|e| e.message.clone())
+            .filter(|m| !m.is_empty())
+            .unwrap_or_else(|| default.to_string())
+    };
+    let (code, message) = match (result.state(), error) {
+        (JobState::Cancelled, _) => (
             "batch_cancelled".to_string(),
-            "the batch was cancelled before this request ran".to_string(),
+            message_or("the batch was cancelled before this request ran"),
         ),
-        (_, JobState::Expired) => (
+        (JobState::Expired, _) => (
             "batch_expired".to_string(),
-            "this request did not run before the batch's completion window ended".to_string(),
+            message_or("this request did not run before the batch's completion window ended"),
         ),
-        (_, state) => (
+        (_, Some(error)) => error_fields(error),
+        (state, None) => (
             "UNKNOWN".to_string(),
             format!("the item ended {} without an answer", state.as_str_name()),
         ),
@@ -228,9 +240,9 @@ mod tests {
 
     #[test]
     fn cancelled_and_expired_items_use_openais_codes() {
-        for (state, code) in [
-            (JobState::Cancelled, "batch_cancelled"),
-            (JobState::Expired, "batch_expired"),
+        for (state, reason, code) in [
+            (JobState::Cancelled, "BATCH_CANCELLED", "batch_cancelled"),
+            (JobState::Expired, "BATCH_EXPIRED", "batch_expired"),
         ] {
             let mut item = answered();
             item.state = state as i32;
@@ -239,6 +251,18 @@ mod tests {
                 panic!("not an error line");
             };
             assert_eq!(value["error"]["code"], code);
+            assert!(!value["error"]["message"].as_str().unwrap().is_empty());
+            // With Weir's error: its message, OpenAI's code.
+            item.outcome = Some(Outcome::Error(JobError {
+                code: tonic::Code::Cancelled as i32,
+                message: "batch batch-1 ended first".into(),
+                reason: reason.into(),
+            }));
+            let Line::Error(value) = line(&item, 0).unwrap() else {
+                panic!("not an error line");
+            };
+            assert_eq!(value["error"]["code"], code);
+            assert_eq!(value["error"]["message"], "batch batch-1 ended first");
         }
         // A result that says SUCCEEDED without an answer is not counted as a success.
         let mut odd = answered();
