@@ -19,7 +19,8 @@ fn config() -> PathBuf {
         "batch-cli",
         "[models.sim-instant]\nsim = { output_tokens = 4 }\n\
          [models.sim-slow]\nsim = { output_tokens = 10, tokens_per_second = 5.0 }\n\
-         [router]\nsession_url = \"\"\n",
+         [router]\nsession_url = \"\"\n\
+         [router.jobs]\nworkers = 2\n[router.jobs.batches]\nconcurrency = 4\n",
     )
 }
 
@@ -229,7 +230,8 @@ fn a_cancelled_batch_writes_what_ran_and_exits_non_zero() {
     let url = router.url.as_str();
     let dir = scratch("cancel");
 
-    // Slow items (2 s each): most are still pending when the batch is cancelled.
+    // Slow items (2 s each, two workers, four queued at a time): most have not started when the
+    // batch is cancelled.
     let text: Vec<String> = (0..20)
         .map(|i| line(&format!("slow-{i}"), "sim-slow", "take your time"))
         .collect();

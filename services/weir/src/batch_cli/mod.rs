@@ -153,7 +153,7 @@ pub async fn run(
                 output: output.unwrap_or_else(|| PathBuf::from(format!("{id}.output.jsonl"))),
                 errors: errors.unwrap_or_else(|| PathBuf::from(format!("{id}.errors.jsonl"))),
             };
-            let written = write_results(&mut client, &id, follow, &paths, None).await?;
+            let written = write_results(&mut client, &id, follow, &paths, None, unix_now()).await?;
             let batch = client.get(&id).await?;
             if follow {
                 report(&batch, &written, &paths)
@@ -207,7 +207,7 @@ async fn submit(
         .inner
         .create_batch(client.request(body)?)
         .await
-        .map_err(|s| failed(&s))?
+        .map_err(|s| refused(&s, &input, &args.input))?
         .into_inner()
         .batch
         .ok_or_else(no_batch)?;
@@ -217,8 +217,39 @@ async fn submit(
         return Ok(());
     }
     let batch = wait(&mut client, batch).await?;
-    let written = write_results(&mut client, &batch.id, false, &paths, Some(&input)).await?;
+    // The batch's end, so writing the same batch's results again gives the same files.
+    let created = batch.end_time.map_or_else(unix_now, |t| t.seconds);
+    let written =
+        write_results(&mut client, &batch.id, false, &paths, Some(&input), created).await?;
     report(&batch, &written, &paths)
+}
+
+/// A refused create, with the input line of the item the router named (`items[7]...` is line 8
+/// of a file without blank lines), since the file is what the user edits.
+fn refused(status: &tonic::Status, input: &input::Input, path: &Path) -> anyhow::Error {
+    let error = weir_mesh::ApiError::from_status(status);
+    let named = error
+        .field_violations()
+        .iter()
+        .map(|(field, _)| field.as_str())
+        .chain([error.message()])
+        .find_map(item_index);
+    let located = named.and_then(|index| Some((input.lines.get(index)?, input.items.get(index)?)));
+    match located {
+        Some((line, item)) => failed(status).context(format!(
+            "{} line {line} (custom_id {:?}) was refused",
+            path.display(),
+            item.custom_id
+        )),
+        None => failed(status),
+    }
+}
+
+/// `7` in `items[7].request.model: ...`.
+fn item_index(text: &str) -> Option<usize> {
+    let start = text.find("items[")? + "items[".len();
+    let end = start + text[start..].find(']')?;
+    text[start..end].parse().ok()
 }
 
 /// Reads and checks an input file; returns its items and its default idempotency key.
@@ -411,12 +442,14 @@ impl Written {
 
 /// Reads the batch's results and writes both files. With `input`, lines are written in the
 /// input's order and items without a result are returned; otherwise in the order they arrive.
+/// `created` is the answers' `created` time (Unix seconds): results carry no time of their own.
 async fn write_results(
     client: &mut Client,
     id: &str,
     follow: bool,
     paths: &Paths,
     input: Option<&input::Input>,
+    created: i64,
 ) -> anyhow::Result<Written> {
     let request = client.request(StreamBatchResultsRequest {
         batch_id: id.to_string(),
@@ -430,7 +463,6 @@ async fn write_results(
         .into_inner();
     let mut output = JsonlFile::create(&paths.output)?;
     let mut errors = JsonlFile::create(&paths.errors)?;
-    let created = unix_now();
     let mut results: Vec<StreamBatchResultsResponse> = Vec::new();
     while let Some(result) = stream.next().await {
         let result = result.map_err(|s| failed(&s))?;
@@ -473,8 +505,8 @@ fn write_line(
     errors: &mut JsonlFile,
 ) -> anyhow::Result<()> {
     match output::line(result, created)? {
-        Line::Output(value) => output.write(&value),
-        Line::Error(value) => errors.write(&value),
+        Line::Output(text) => output.write(&text),
+        Line::Error(text) => errors.write(&text),
     }
 }
 
@@ -550,5 +582,28 @@ mod tests {
         assert!(parse_label("=x").is_err());
         assert!(parse_label("novalue").is_err());
         assert_eq!(rfc3339(time).unwrap(), "2026-12-04T02:00:00Z");
+    }
+
+    #[test]
+    fn a_refused_item_is_named_by_its_line() {
+        let text = "{\"custom_id\":\"a\",\"method\":\"POST\",\"url\":\"/v1/chat/completions\",\"body\":{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}}";
+        let input = input::parse(&format!("{text}\n\n{}", text.replace("\"a\"", "\"b\""))).unwrap();
+        let error = weir_mesh::ApiError::invalid_argument(
+            "items[1].request.model",
+            "model \"m\" not found",
+        );
+        let status = tonic::Status::from(error);
+        let text = format!("{:#}", refused(&status, &input, Path::new("in.jsonl")));
+        assert!(
+            text.starts_with("in.jsonl line 3 (custom_id \"b\") was refused: "),
+            "{text}"
+        );
+        assert!(text.contains("not found"), "{text}");
+        assert_eq!(item_index("items[12].request: bad"), Some(12));
+        assert_eq!(item_index("items: empty"), None);
+        // No item named: the router's error as it is.
+        let status = tonic::Status::invalid_argument("too many items");
+        let text = format!("{:#}", refused(&status, &input, Path::new("in.jsonl")));
+        assert!(!text.contains("line"), "{text}");
     }
 }

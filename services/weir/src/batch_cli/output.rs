@@ -16,20 +16,41 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use serde_json::{Value, json};
+use serde::Serialize;
 use weir_proto::router::{
     JobError, JobState, StreamBatchResultsResponse, stream_batch_results_response::Outcome,
 };
+use weir_router::openai::{convert, types::ChatCompletion};
 
-use weir_router::openai::convert;
-
-/// Which file a result goes to, and its line.
+/// Which file a result goes to, and its line (JSON, without the newline).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Line {
     /// A succeeded item: a line of the output file.
-    Output(Value),
+    Output(String),
     /// A failed, cancelled or expired item: a line of the errors file.
-    Error(Value),
+    Error(String),
+}
+
+/// One line of either file, its fields in OpenAI's order.
+#[derive(Serialize)]
+struct Record<'a> {
+    id: &'a str,
+    custom_id: &'a str,
+    response: Option<Answer>,
+    error: Option<ErrorBody>,
+}
+
+#[derive(Serialize)]
+struct Answer {
+    status_code: u16,
+    request_id: String,
+    body: ChatCompletion,
+}
+
+#[derive(Serialize)]
+struct ErrorBody {
+    code: String,
+    message: String,
 }
 
 /// The line of one item's result. `created` is the `chat.completion`'s time (Unix seconds).
@@ -37,14 +58,19 @@ pub fn line(result: &StreamBatchResultsResponse, created: i64) -> anyhow::Result
     if let (JobState::Succeeded, Some(Outcome::Response(response))) =
         (result.state(), &result.outcome)
     {
-        // The HTTP edge's conversion: the body is what `POST /v1/chat/completions` answers.
-        let body = serde_json::to_value(convert::chat_completion(response.clone(), created))?;
-        return Ok(Line::Output(json!({
-            "id": result.job_id,
-            "custom_id": result.custom_id,
-            "response": {"status_code": 200, "request_id": result.job_id, "body": body},
-            "error": null,
-        })));
+        let record = Record {
+            id: &result.job_id,
+            custom_id: &result.custom_id,
+            response: Some(Answer {
+                status_code: 200,
+                request_id: result.job_id.clone(),
+                // The HTTP edge's conversion: the body is what `POST /v1/chat/completions`
+                // answers.
+                body: convert::chat_completion(response.clone(), created),
+            }),
+            error: None,
+        };
+        return Ok(Line::Output(serde_json::to_string(&record)?));
     }
     let error = match &result.outcome {
         Some(Outcome::Error(error)) => Some(error),
@@ -73,12 +99,13 @@ pub fn line(result: &StreamBatchResultsResponse, created: i64) -> anyhow::Result
             format!("the item ended {} without an answer", state.as_str_name()),
         ),
     };
-    Ok(Line::Error(json!({
-        "id": result.job_id,
-        "custom_id": result.custom_id,
-        "response": null,
-        "error": {"code": code, "message": message},
-    })))
+    let record = Record {
+        id: &result.job_id,
+        custom_id: &result.custom_id,
+        response: None,
+        error: Some(ErrorBody { code, message }),
+    };
+    Ok(Line::Error(serde_json::to_string(&record)?))
 }
 
 /// `(code, message)` of a failed item: its reason, else its gRPC code's name.
@@ -116,9 +143,9 @@ impl JsonlFile {
         })
     }
 
-    /// Appends one line.
-    pub fn write(&mut self, value: &Value) -> anyhow::Result<()> {
-        serde_json::to_writer(&mut self.writer, value)?;
+    /// Appends one line (`line` is one JSON object, without a newline).
+    pub fn write(&mut self, line: &str) -> anyhow::Result<()> {
+        self.writer.write_all(line.as_bytes())?;
         self.writer.write_all(b"\n")?;
         self.lines += 1;
         Ok(())
@@ -165,7 +192,17 @@ mod tests {
         router::CompleteResponse,
     };
 
+    use serde_json::Value;
+
     use super::*;
+
+    /// The line's file and its JSON.
+    fn parsed(line: Line) -> (bool, Value) {
+        match line {
+            Line::Output(text) => (true, serde_json::from_str(&text).unwrap()),
+            Line::Error(text) => (false, serde_json::from_str(&text).unwrap()),
+        }
+    }
 
     fn answered() -> StreamBatchResultsResponse {
         StreamBatchResultsResponse {
@@ -193,9 +230,14 @@ mod tests {
 
     #[test]
     fn a_succeeded_item_is_an_output_line_with_a_chat_completion() {
-        let Line::Output(value) = line(&answered(), 1_700_000_000).unwrap() else {
+        let Line::Output(text) = line(&answered(), 1_700_000_000).unwrap() else {
             panic!("not an output line");
         };
+        assert!(
+            text.starts_with(r#"{"id":"job-1","custom_id":"q1","response":{"#),
+            "{text}"
+        );
+        let value: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(value["id"], "job-1");
         assert_eq!(value["custom_id"], "q1");
         assert_eq!(value["error"], Value::Null);
@@ -219,7 +261,7 @@ mod tests {
             message: "max_tokens too large".into(),
             reason: "INVALID_ARGUMENT".into(),
         }));
-        let Line::Error(value) = line(&failed, 0).unwrap() else {
+        let (false, value) = parsed(line(&failed, 0).unwrap()) else {
             panic!("not an error line");
         };
         assert_eq!(value["custom_id"], "q1");
@@ -232,7 +274,7 @@ mod tests {
             message: "down".into(),
             reason: String::new(),
         }));
-        let Line::Error(value) = line(&failed, 0).unwrap() else {
+        let (false, value) = parsed(line(&failed, 0).unwrap()) else {
             panic!("not an error line");
         };
         assert_eq!(value["error"]["code"], "UNAVAILABLE");
@@ -247,7 +289,7 @@ mod tests {
             let mut item = answered();
             item.state = state as i32;
             item.outcome = None;
-            let Line::Error(value) = line(&item, 0).unwrap() else {
+            let (false, value) = parsed(line(&item, 0).unwrap()) else {
                 panic!("not an error line");
             };
             assert_eq!(value["error"]["code"], code);
@@ -258,7 +300,7 @@ mod tests {
                 message: "batch batch-1 ended first".into(),
                 reason: reason.into(),
             }));
-            let Line::Error(value) = line(&item, 0).unwrap() else {
+            let (false, value) = parsed(line(&item, 0).unwrap()) else {
                 panic!("not an error line");
             };
             assert_eq!(value["error"]["code"], code);
@@ -285,8 +327,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("a.output.jsonl");
         let mut file = JsonlFile::create(&path).unwrap();
-        file.write(&json!({"a": 1})).unwrap();
-        file.write(&json!({"b": 2})).unwrap();
+        file.write(r#"{"a":1}"#).unwrap();
+        file.write(r#"{"b":2}"#).unwrap();
         file.flush().unwrap();
         assert!(!path.exists());
         assert_eq!(file.finish().unwrap(), 2);
