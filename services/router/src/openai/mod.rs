@@ -1,4 +1,6 @@
 //! OpenAI's chat API on the router: the JSON types ([`types`]) and their conversion to and from
-//! the router's messages ([`convert`]), shared by the HTTP edge and batch input.
+//! the router's messages ([`convert`]), shared by the HTTP edge and batch input
+//! ([`batch_input`]: OpenAI's batch input files, read by `weir batch` and by recurring batches).
+pub mod batch_input;
 pub mod convert;
 pub mod types;

@@ -13,7 +13,7 @@
 //! address is `--router` (`WEIR_ROUTER_URL`, default `http://127.0.0.1:50051`); the key is
 //! `--api-key` (`WEIR_API_KEY`).
 
-pub mod input;
+pub use weir_router::openai::batch_input as input;
 pub mod output;
 pub mod progress;
 

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 use weir_proto::router::BatchItem;
-use weir_router::openai::{convert, types::ChatCompletionRequest};
+use super::{convert, types::ChatCompletionRequest};
 
 /// The only endpoint a Weir batch runs.
 pub const CHAT_COMPLETIONS_URL: &str = "/v1/chat/completions";
