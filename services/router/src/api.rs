@@ -691,6 +691,13 @@ impl RouterService for RouterApi {
     ) -> Result<Response<weir_proto::router::CancelBatchResponse>, Status> {
         crate::jobs::batch_api::cancel(self, request).await
     }
+
+    async fn list_batches(
+        &self,
+        request: Request<weir_proto::router::ListBatchesRequest>,
+    ) -> Result<Response<weir_proto::router::ListBatchesResponse>, Status> {
+        crate::jobs::batch_api::list(self, request).await
+    }
 }
 
 /// The `start` event of a stream served by `model`.

@@ -217,6 +217,15 @@ pub struct ResultsPage {
     pub next: u64,
 }
 
+/// A page of `ListBatches`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BatchPage {
+    /// The batches, newest first.
+    pub batches: Vec<BatchRecord>,
+    /// The sequence to continue below (None: last page).
+    pub next: Option<u64>,
+}
+
 /// The id of a batch's `n`th item's job.
 pub fn item_job_id(batch_id: &str, n: usize) -> String {
     format!("{batch_id}-{n}")

@@ -1,5 +1,5 @@
-//! The four batch RPCs (`CreateBatch`, `GetBatch`, `StreamBatchResults`, `CancelBatch`) and the
-//! batch view of `ListJobs`, called by the router's `RouterService` implementation.
+//! The batch RPCs (`CreateBatch`, `GetBatch`, `StreamBatchResults`, `CancelBatch`,
+//! `ListBatches`) and the batch view of `ListJobs`, called by the router's `RouterService` implementation.
 //!
 //! As with jobs, the tenant is always the authenticated one and every key carries it, so another
 //! tenant's batch id is NOT_FOUND. Every item is checked as `SubmitJob` checks its request (the
@@ -13,8 +13,9 @@ use tonic::{Code, Request, Response, Status, codegen::BoxStream};
 use weir_mesh::{ApiError, idempotency::validate_key, tenant::Tenant};
 use weir_proto::router::{
     Batch, CancelBatchRequest, CancelBatchResponse, CreateBatchRequest, CreateBatchResponse,
-    GetBatchRequest, GetBatchResponse, Job, JobError, ListJobsResponse, StreamBatchResultsRequest,
-    StreamBatchResultsResponse, stream_batch_results_response::Outcome,
+    GetBatchRequest, GetBatchResponse, Job, JobError, ListBatchesRequest, ListBatchesResponse,
+    ListJobsResponse, StreamBatchResultsRequest, StreamBatchResultsResponse,
+    stream_batch_results_response::Outcome,
 };
 
 use super::{
@@ -349,6 +350,43 @@ pub async fn results(
         Some((item, cursor))
     });
     Ok(Response::new(stream.boxed()))
+}
+
+/// Default `ListBatches` page size.
+pub const DEFAULT_BATCH_PAGE: usize = 20;
+/// Largest `ListBatches` page size.
+pub const MAX_BATCH_PAGE: usize = 100;
+
+/// `ListBatches`: the tenant's batches, newest first.
+pub async fn list(
+    api: &RouterApi,
+    request: Request<ListBatchesRequest>,
+) -> Result<Response<ListBatchesResponse>, Status> {
+    let jobs = jobs(api)?;
+    let tenant = tenant(&request)?;
+    let body = request.into_inner();
+    let limit = match usize::try_from(body.page_size) {
+        Ok(0) => DEFAULT_BATCH_PAGE,
+        Ok(size) => size.min(MAX_BATCH_PAGE),
+        Err(_) => return Err(invalid("page_size", "must be >= 0")),
+    };
+    let before = match body.page_token.as_str() {
+        "" => None,
+        token => Some(
+            token
+                .parse::<u64>()
+                .map_err(|_| invalid("page_token", "not a token from a previous page"))?,
+        ),
+    };
+    let page = jobs
+        .store()
+        .list_batches(&tenant, limit, before)
+        .await
+        .map_err(store_error)?;
+    Ok(Response::new(ListBatchesResponse {
+        batches: page.batches.iter().map(BatchRecord::to_batch).collect(),
+        next_page_token: page.next.map(|n| n.to_string()).unwrap_or_default(),
+    }))
 }
 
 /// `ListJobs` with a `batch_id`: the batch's items queued or running (on the first page), then its

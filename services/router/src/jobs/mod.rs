@@ -534,6 +534,17 @@ impl JobStore {
         each!(self, s => s.batch_results(tenant, id, from, limit).await)
     }
 
+    /// A page of the tenant's batches, newest first: at most `limit`, created before the
+    /// sequence `before` (None: from the newest).
+    pub async fn list_batches(
+        &self,
+        tenant: &Tenant,
+        limit: usize,
+        before: Option<u64>,
+    ) -> Result<batch::BatchPage, JobsError> {
+        each!(self, s => s.list_batches(tenant, limit, before).await)
+    }
+
     /// The jobs of the batch's items queued or running now.
     pub async fn batch_active(
         &self,

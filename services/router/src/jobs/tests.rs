@@ -510,18 +510,33 @@ async fn a_batch_runs_every_item_once_within_its_concurrency(store: &JobStore) {
             .all(|j| j.result.as_ref().is_some_and(|r| r.model == "sim-ok"))
     );
     assert_eq!(store.pending().await.unwrap(), 0);
-    // Another tenant does not see it; a full queue refuses a batch it cannot hold.
+    // Listed, newest first, paginated; another tenant does not see it.
+    let second = store
+        .create_batch(&acme, new_batch("", 1, Duration::from_secs(60), 0), &config)
+        .await
+        .unwrap()
+        .batch;
+    let page = store.list_batches(&acme, 1, None).await.unwrap();
+    assert_eq!(page.batches[0].id, second.id);
+    let rest = store.list_batches(&acme, 5, page.next).await.unwrap();
+    assert_eq!(rest.batches.len(), 1);
+    assert_eq!(rest.batches[0].id, batch.id);
+    assert_eq!(rest.next, None);
+    let globex = tenant("globex");
     assert!(
         store
-            .get_batch(&tenant("globex"), &batch.id)
+            .list_batches(&globex, 5, None)
             .await
             .unwrap()
-            .is_none()
+            .batches
+            .is_empty()
     );
+    assert!(store.get_batch(&globex, &batch.id).await.unwrap().is_none());
+    // A full queue refuses a batch it cannot hold (one item of `second` is open).
     let full = store
         .create_batch(
             &acme,
-            new_batch("", 21, Duration::from_secs(60), 0),
+            new_batch("", 20, Duration::from_secs(60), 0),
             &config,
         )
         .await;

@@ -10,9 +10,9 @@
 
 use std::collections::HashMap;
 
+use super::{convert, types::ChatCompletionRequest};
 use serde_json::Value;
 use weir_proto::router::BatchItem;
-use super::{convert, types::ChatCompletionRequest};
 
 /// The only endpoint a Weir batch runs.
 pub const CHAT_COMPLETIONS_URL: &str = "/v1/chat/completions";

@@ -26,6 +26,8 @@ if rid ~= '' then
   redis.call('SET', rkey, bid, 'PX', ARGV[10])
 end
 redis.call('INCRBY', BATCH_OPEN, total)
+local seq = redis.call('INCR', BATCH .. ':_seq')
+redis.call('ZADD', BATCH .. ':_index', seq, bid)
 redis.call('HSET', bkey, 'state', '1', 'expire', ARGV[6], 'not_before', ARGV[7],
   'concurrency', ARGV[8])
 redis.call('PERSIST', bkey)

@@ -15,6 +15,8 @@
 --   BATCH:<bid>:active      set: the ids of its items queued or running
 --   BATCH:<bid>:done        list: the ids of its ended items, in the order they ended (results)
 --   BATCH:_req:<request_id> string: the batch created with that request_id
+--   BATCH:_index            zset: the tenant's batches by creation sequence (ListBatches)
+--   BATCH:_seq              the tenant's batch counter
 --   <prefix>:jobs:<q>             stream (group `workers`) of queue q (async, batch): one entry
 --                                 {tenant, id} per delivery
 --   <prefix>:jobs:<q>:dead        stream: jobs given up after max_deliveries

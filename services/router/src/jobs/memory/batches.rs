@@ -10,7 +10,10 @@ use weir_proto::router::{Job, JobError};
 use super::{MemoryJobs, State};
 use crate::jobs::{
     JobRecord, JobsConfig, JobsError, Queue,
-    batch::{BATCH_CANCELLED, BATCH_EXPIRED, BatchRecord, Created, NewBatch, ResultsPage, state},
+    batch::{
+        BATCH_CANCELLED, BATCH_EXPIRED, BatchPage, BatchRecord, Created, NewBatch, ResultsPage,
+        state,
+    },
     state as job_state,
 };
 
@@ -252,6 +255,9 @@ impl MemoryJobs {
             return Err(JobsError::BatchesFull(config.batches.capacity));
         }
         st.batch_open += total;
+        let index = st.batch_index.entry(tenant.clone()).or_default();
+        let seq = index.keys().next_back().map_or(1, |last| last + 1);
+        index.insert(seq, new.id.clone());
         if !new.request_id.is_empty() {
             st.batch_requests
                 .insert((tenant.clone(), new.request_id.clone()), new.id.clone());
@@ -347,6 +353,29 @@ impl MemoryJobs {
                 .collect(),
             next: from + ids.len() as u64,
         })
+    }
+
+    pub(in crate::jobs) async fn list_batches(
+        &self,
+        tenant: &Tenant,
+        limit: usize,
+        before: Option<u64>,
+    ) -> Result<BatchPage, JobsError> {
+        let st = self.lock()?;
+        let mut page = BatchPage::default();
+        let Some(index) = st.batch_index.get(tenant) else {
+            return Ok(page);
+        };
+        for (&seq, id) in index.range(..before.unwrap_or(u64::MAX)).rev() {
+            if let Some(batch) = st.batches.get(&(tenant.clone(), id.clone())) {
+                page.batches.push(batch.record.clone());
+                if page.batches.len() == limit {
+                    page.next = Some(seq);
+                    break;
+                }
+            }
+        }
+        Ok(page)
     }
 
     pub(in crate::jobs) async fn batch_active(

@@ -44,6 +44,8 @@ struct State {
     batch_stream: VecDeque<Delivery>,
     /// Batches by (tenant, id).
     batches: HashMap<(Tenant, String), batches::MemBatch>,
+    /// By tenant: batch sequence → batch id.
+    batch_index: HashMap<Tenant, BTreeMap<u64, String>>,
     /// Batch ids by (tenant, request_id).
     batch_requests: HashMap<(Tenant, String), String>,
     /// Items of open batches that have not ended.

@@ -17,7 +17,7 @@ use weir_proto::router::Batch;
 use super::{JobsConfig, JobsError, RedisJobs, Reply, millis, parsing, record, unexpected};
 use crate::jobs::{
     JobRecord,
-    batch::{BatchRecord, Created, NewBatch, ResultsPage, state},
+    batch::{BatchPage, BatchRecord, Created, NewBatch, ResultsPage, state},
 };
 
 /// Items added per `batch_add` call.
@@ -163,6 +163,55 @@ impl RedisJobs {
             jobs: self.jobs_of(tenant, &ids).await?,
             next,
         })
+    }
+
+    pub(in crate::jobs) async fn list_batches(
+        &self,
+        tenant: &Tenant,
+        limit: usize,
+        before: Option<u64>,
+    ) -> Result<BatchPage, JobsError> {
+        let index = format!("{}:{tenant}:batch:_index", self.prefix);
+        let mut conn = self.conn.clone();
+        let mut page = BatchPage::default();
+        let mut max = before.map_or("+inf".to_string(), |b| format!("({b}"));
+        loop {
+            let chunk: Vec<(String, u64)> = redis::cmd("ZRANGE")
+                .arg(&index)
+                .arg(&max)
+                .arg("-inf")
+                .arg("BYSCORE")
+                .arg("REV")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit.max(1))
+                .arg("WITHSCORES")
+                .query_async(&mut conn)
+                .await?;
+            let Some(&(_, last)) = chunk.last() else {
+                return Ok(page);
+            };
+            for (id, seq) in chunk {
+                match self.get_batch(tenant, &id).await? {
+                    Some(batch) => {
+                        page.batches.push(batch);
+                        if page.batches.len() == limit {
+                            page.next = Some(seq);
+                            return Ok(page);
+                        }
+                    }
+                    None => {
+                        // Past its retention: drop it from the index too.
+                        let _: i64 = redis::cmd("ZREM")
+                            .arg(&index)
+                            .arg(&id)
+                            .query_async(&mut conn)
+                            .await?;
+                    }
+                }
+            }
+            max = format!("({last}");
+        }
     }
 
     pub(in crate::jobs) async fn batch_active(
