@@ -561,3 +561,120 @@ async fn critical_traffic_is_served_first_while_a_batch_runs() {
     mesh.stop().await;
     delete_prefix(&prefix).await;
 }
+
+/// Dev mode (no keys): the whole mesh is the default tenant, whose schedule this is.
+fn scheduled_config(prefix: &str, input: &std::path::Path) -> String {
+    format!(
+        r#"
+[models.sim-instant]
+sim = {{ output_tokens = 4 }}
+
+[router]
+session_url = ""
+[router.rate_limit]
+enabled = false
+[router.jobs]
+redis_url = "{redis}"
+key_prefix = "{prefix}"
+workers = 1
+
+[[router.jobs.schedules]]
+name = "every-two-seconds"
+cron = "*/2 * * * * *"
+tenant = "{tenant}"
+input = "{input}"
+catch_up = "1s"
+labels = {{ team = "search" }}
+"#,
+        redis = redis_url(),
+        tenant = weir_mesh::tenant::DEFAULT_TENANT,
+        input = input.display(),
+    )
+}
+
+#[tokio::test]
+async fn a_schedule_creates_one_batch_per_run_from_two_processes() {
+    let prefix = unique_prefix();
+    let dir = std::env::temp_dir().join(format!("weir-schedule-{prefix}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = dir.join("nightly.jsonl");
+    let line = |id: &str| {
+        format!(
+            r#"{{"custom_id":"{id}","method":"POST","url":"/v1/chat/completions","body":{{"model":"sim-instant","messages":[{{"role":"user","content":"digest {id}"}}]}}}}"#
+        )
+    };
+    std::fs::write(&input, format!("{}\n{}\n", line("a"), line("b"))).unwrap();
+    let config = scheduled_config(&prefix, &input);
+    let mesh = Mesh::start(&config).await;
+    // A second process's schedulers: the same schedules, their own workers, the same router.
+    let parsed =
+        weir::stack::StackConfig::from_source(&weir_mesh::config::Source::from_toml(&config))
+            .unwrap();
+    let jobs = weir_router::jobs::api::Jobs::new(
+        weir_router::jobs::JobStore::from_config(&parsed.router.jobs, "router.jobs")
+            .unwrap()
+            .unwrap(),
+        parsed.router.jobs.clone(),
+    );
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let second = weir_router::jobs::worker::spawn(
+        &jobs,
+        1,
+        &mesh.url(weir::stack::Service::Router),
+        weir_mesh::identity::MeshIdentity::disabled(),
+        shutdown.clone(),
+    )
+    .unwrap();
+
+    // Five seconds: two or three runs, each fired by both processes.
+    tokio::time::sleep(Duration::from_millis(5200)).await;
+    shutdown.cancel();
+    for handle in second {
+        let _ = handle.await;
+    }
+    let listed = mesh
+        .router()
+        .list_batches(weir_proto::router::ListBatchesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .batches;
+    let runs: Vec<&str> = listed
+        .iter()
+        .map(|b| b.labels["schedule_run"].as_str())
+        .collect();
+    let distinct: HashSet<&str> = runs.iter().copied().collect();
+    assert!(runs.len() >= 2, "runs: {runs:?}");
+    assert_eq!(distinct.len(), runs.len(), "a run created twice: {runs:?}");
+    for batch in &listed {
+        assert_eq!(batch.labels["schedule"], "every-two-seconds");
+        assert_eq!(batch.labels["team"], "search");
+        assert_eq!(batch.counts.unwrap().total, 2);
+    }
+    // Each run's batch runs its items (the oldest has had the most time).
+    let oldest = &listed[listed.len() - 1];
+    let mut router = mesh.router();
+    let results = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let batch = router
+                .get_batch(GetBatchRequest {
+                    batch_id: oldest.id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .batch
+                .unwrap();
+            if batch.state == BatchState::Completed as i32 {
+                return batch.counts.unwrap().succeeded;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the scheduled batch completed");
+    assert_eq!(results, 2);
+    mesh.stop().await;
+    delete_prefix(&prefix).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

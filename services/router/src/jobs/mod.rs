@@ -46,6 +46,7 @@ pub mod batch_api;
 pub mod callbacks;
 pub mod memory;
 pub mod redis;
+pub mod schedule;
 pub mod worker;
 
 #[cfg(test)]
@@ -119,6 +120,7 @@ impl Queue {
 /// retention = "7d"          # how long an ended job (and batch) is kept
 /// [router.jobs.callbacks]   # see callbacks::CallbacksConfig
 /// [router.jobs.batches]     # see batch::BatchesConfig
+/// [[router.jobs.schedules]] # recurring batches, see schedule::ScheduleConfig
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -155,6 +157,8 @@ pub struct JobsConfig {
     pub callbacks: callbacks::CallbacksConfig,
     /// Batches.
     pub batches: batch::BatchesConfig,
+    /// Recurring batches, created by every process that runs workers.
+    pub schedules: Vec<schedule::ScheduleConfig>,
 }
 
 impl Default for JobsConfig {
@@ -173,6 +177,7 @@ impl Default for JobsConfig {
             retention: Duration::from_secs(7 * 24 * 3600),
             callbacks: callbacks::CallbacksConfig::default(),
             batches: batch::BatchesConfig::default(),
+            schedules: Vec::new(),
         }
     }
 }
@@ -211,7 +216,8 @@ impl JobsConfig {
             ));
         }
         self.callbacks.validate(&format!("{key}.callbacks"))?;
-        self.batches.validate(&format!("{key}.batches"))
+        self.batches.validate(&format!("{key}.batches"))?;
+        schedule::parse_all(&self.schedules, &format!("{key}.schedules")).map(|_| ())
     }
 
     /// The retry delay after `attempts` attempts.

@@ -69,7 +69,8 @@ pub fn router_client(
 
 /// Starts `count` workers on `jobs`, calling the router at `router_url` signed with `identity`,
 /// until `shutdown`. Their consumer names are `<host>-<pid>-<random>-<n>`, unique per process.
-/// With at least one worker, a callback [`Dispatcher`] runs too.
+/// With at least one worker, a callback [`Dispatcher`] and the recurring batches
+/// ([`super::schedule`]) run too.
 pub fn spawn(
     jobs: &Jobs,
     count: usize,
@@ -96,8 +97,11 @@ pub fn spawn(
         })
         .collect();
     if count > 0 {
-        // Callbacks are delivered wherever workers run.
+        // Callbacks are delivered, and recurring batches created, wherever workers run.
         let dispatcher = Dispatcher::new(jobs.store().clone(), jobs.config().callbacks.clone())?;
+        let schedules =
+            super::schedule::parse_all(&jobs.config().schedules, "router.jobs.schedules")?;
+        handles.extend(super::schedule::spawn(schedules, client, shutdown.clone()));
         handles.push(tokio::spawn(dispatcher.run(shutdown)));
     }
     Ok(handles)
