@@ -13,9 +13,10 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use weir::{
-    batch_cli::{self, BatchCommand, BatchOptions},
+    batch_cli::{self, BatchCommand},
+    call::RouterOptions,
     chat::{self, ChatOptions},
-    jobs_cli::{self, JobsCommand, JobsOptions},
+    jobs_cli::{self, JobsCommand},
     review_cli::{self, ReviewCommand, ReviewOptions},
     stack::{self, Service, StackConfig},
 };
@@ -94,14 +95,14 @@ enum Command {
     /// Asynchronous jobs: submit, get, watch, cancel or list them.
     Jobs {
         #[command(flatten)]
-        options: JobsOptions,
+        options: RouterOptions,
         #[command(subcommand)]
         command: JobsCommand,
     },
     /// Batches: run an OpenAI batch input file, read its progress and results, cancel it.
     Batch {
         #[command(flatten)]
-        options: BatchOptions,
+        options: RouterOptions,
         #[command(subcommand)]
         command: BatchCommand,
     },

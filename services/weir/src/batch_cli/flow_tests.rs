@@ -22,7 +22,8 @@ use weir_proto::{
     },
 };
 
-use super::{BatchCommand, BatchOptions, SubmitArgs, input, run};
+use super::{BatchCommand, SubmitArgs, input, run};
+use crate::call::RouterOptions;
 
 /// Items end a few per poll; `bad-*` items fail; a `cancel-*` item cancels the batch at the
 /// second poll, when some items have ended.
@@ -193,8 +194,8 @@ impl RouterService for Fake {
     }
 }
 
-/// The fake on a free port; its state and `BatchOptions` that reach it.
-async fn start() -> (Fake, BatchOptions) {
+/// The fake on a free port; its state and `RouterOptions` that reach it.
+async fn start() -> (Fake, RouterOptions) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let fake = Fake::default();
@@ -204,7 +205,7 @@ async fn start() -> (Fake, BatchOptions) {
             .add_service(service)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    let options = BatchOptions {
+    let options = RouterOptions {
         router: format!("http://{addr}"),
         api_key: None,
     };

@@ -36,7 +36,7 @@ use weir_proto::router::{
     router_service_client::RouterServiceClient,
 };
 
-use crate::call::failed;
+use crate::call::{RouterOptions, failed};
 use output::{JsonlFile, Line};
 use progress::Progress;
 
@@ -45,22 +45,6 @@ const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// How long `submit` keeps trying to read a batch while the router cannot be reached, before it
 /// gives up (the batch goes on running on the server).
 const UNREACHABLE_LIMIT: Duration = Duration::from_secs(60);
-
-/// Where and who.
-#[derive(Debug, Clone, clap::Args)]
-pub struct BatchOptions {
-    /// Router address.
-    #[arg(
-        long,
-        global = true,
-        env = "WEIR_ROUTER_URL",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    pub router: String,
-    /// API key, sent as `authorization: Bearer <key>`.
-    #[arg(long, global = true, env = "WEIR_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
-}
 
 /// A `weir batch` subcommand.
 #[derive(Debug, Clone, Subcommand)]
@@ -132,7 +116,7 @@ pub struct SubmitArgs {
 
 /// Runs one subcommand, writing its output to `out` (progress goes to stderr).
 pub async fn run(
-    options: BatchOptions,
+    options: RouterOptions,
     command: BatchCommand,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
@@ -180,7 +164,7 @@ pub async fn run(
 
 /// `weir batch submit`: check the file, create the batch, wait for it, write its results.
 async fn submit(
-    options: BatchOptions,
+    options: RouterOptions,
     args: SubmitArgs,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
@@ -268,7 +252,7 @@ struct Client {
 }
 
 impl Client {
-    async fn connect(options: BatchOptions) -> anyhow::Result<Self> {
+    async fn connect(options: RouterOptions) -> anyhow::Result<Self> {
         let channel = Channel::from_shared(options.router.clone())
             .map_err(|e| anyhow::anyhow!("invalid router URL {:?}: {e}", options.router))?
             .connect()
