@@ -18,6 +18,7 @@ use weir::stack::Service;
 use weir_proto::{
     inference::{GenerateRequest, inference_service_client::InferenceServiceClient},
     router::{CompleteRequest, router_service_client::RouterServiceClient},
+    session::{CreateSessionRequest, session_service_client::SessionServiceClient},
 };
 use weir_tests::{Mesh, complete, delete_prefix, percentile, redis_url, unique_prefix, user};
 
@@ -62,18 +63,33 @@ enum Path {
 struct Clients {
     router: RouterServiceClient<Channel>,
     inference: InferenceServiceClient<Channel>,
+    session: Option<SessionServiceClient<Channel>>,
 }
 
 impl Clients {
-    fn of(mesh: &Mesh) -> Self {
+    fn of(mesh: &Mesh, path: Path) -> Self {
         Self {
             router: mesh.router(),
             inference: mesh.inference(),
+            session: matches!(path, Path::Session).then(|| mesh.session()),
         }
     }
 }
 
 async fn call(clients: &mut Clients, path: Path, n: usize, worker: usize) -> Duration {
+    // A conversation of 20 turns per session: created before the clock starts.
+    let session_id = format!("bench-{worker}-{}-{}", std::process::id(), n / 20);
+    if matches!(path, Path::Session) && n.is_multiple_of(20) {
+        let session = clients.session.as_mut().expect("the session service runs");
+        session
+            .create_session(CreateSessionRequest {
+                session_id: session_id.clone(),
+                model: "sim-zero".to_string(),
+                ..CreateSessionRequest::default()
+            })
+            .await
+            .unwrap();
+    }
     let start = Instant::now();
     match path {
         Path::Direct => {
@@ -93,7 +109,7 @@ async fn call(clients: &mut Clients, path: Path, n: usize, worker: usize) -> Dur
         }
         Path::Session => {
             let request = CompleteRequest {
-                session_id: format!("bench-{worker}-{}", n / 20),
+                session_id,
                 ..complete("sim-zero", &format!("call {n}"))
             };
             clients.router.complete(request).await.unwrap();
@@ -103,7 +119,7 @@ async fn call(clients: &mut Clients, path: Path, n: usize, worker: usize) -> Dur
 }
 
 async fn sequential(mesh: &Mesh, path: Path, calls: usize) -> Vec<Duration> {
-    let mut clients = Clients::of(mesh);
+    let mut clients = Clients::of(mesh, path);
     for n in 0..100 {
         call(&mut clients, path, n, 0).await;
     }
@@ -119,7 +135,7 @@ async fn concurrent(mesh: &Mesh, path: Path, callers: usize, period: Duration) -
     let until = Instant::now() + period;
     let mut tasks = Vec::new();
     for worker in 0..callers {
-        let mut clients = Clients::of(mesh);
+        let mut clients = Clients::of(mesh, path);
         tasks.push(tokio::spawn(async move {
             let mut done = 0;
             while Instant::now() < until {
