@@ -59,7 +59,10 @@ async fn the_python_client_examples_run_against_weir() {
     let out = example(&python, "unary.py", std::slice::from_ref(&router)).await;
     assert!(out.starts_with("unary model=sim-small"), "{out}");
     let out = example(&python, "stream.py", std::slice::from_ref(&router)).await;
-    assert!(out.contains("stream deltas=") && out.contains("async deltas="), "{out}");
+    assert!(
+        out.contains("stream deltas=") && out.contains("async deltas="),
+        "{out}"
+    );
     let out = example(&python, "session.py", &[router.clone(), sessions]).await;
     assert!(out.starts_with("session "), "{out}");
     let out = example(&python, "error.py", std::slice::from_ref(&router)).await;
