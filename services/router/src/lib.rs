@@ -37,6 +37,7 @@ pub mod config;
 pub mod fallback;
 pub mod inference;
 pub mod jobs;
+pub mod openai;
 pub mod prices;
 pub mod relay;
 pub mod replay;
