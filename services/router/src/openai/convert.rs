@@ -288,6 +288,17 @@ pub fn completion_id(trace_id: &str) -> String {
     }
 }
 
+/// The OpenAI id of the answer to a request with an idempotency key: `chatcmpl-` and a hash of
+/// the key, so a replayed answer has the id of the first (whose trace id was another request's).
+pub fn keyed_id(request_id: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, request_id.as_bytes());
+    let hex: String = digest.as_ref()[..16]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
+    format!("chatcmpl-{hex}")
+}
+
 fn served_model(model: &str, requested_model: &str) -> String {
     if model.is_empty() {
         requested_model.to_string()
@@ -382,6 +393,12 @@ impl ChunkWriter {
                 ..WeirInfo::default()
             },
         }
+    }
+
+    /// The same writer with chunks of id `id` (see [`keyed_id`]).
+    pub fn with_id(mut self, id: String) -> Self {
+        self.id = id;
+        self
     }
 
     fn chunk(
@@ -671,6 +688,14 @@ mod tests {
             completion.choices[0].finish_reason.as_deref(),
             Some("content_filter")
         );
+    }
+
+    #[test]
+    fn a_keyed_answer_has_an_id_of_its_key() {
+        let id = keyed_id("order-1");
+        assert_eq!(id, keyed_id("order-1"));
+        assert_ne!(id, keyed_id("order-2"));
+        assert_eq!(id.len(), "chatcmpl-".len() + 32);
     }
 
     #[test]
