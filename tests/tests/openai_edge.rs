@@ -55,6 +55,13 @@ session_url = ""
 [router.routes.auto]
 models = ["quick"]
 
+[router.review]
+review_url = "http://127.0.0.1:50055"   # replaced by the review service started with it
+
+[[router.review.policies]]
+name = "held"
+prompt_regex = "(?i)hold[- ]me"
+
 [router.idempotency]
 redis_url = "{redis}"
 key_prefix = "{prefix}"
@@ -488,5 +495,50 @@ async fn a_client_that_goes_away_mid_stream_cancels_the_model_call() {
     );
     // 400 tokens at 20/s would take 20 s: the stream stopped long before.
     assert_eq!(model_calls("drip", "OK"), 0.0);
+    edge.stop().await;
+}
+
+#[tokio::test]
+async fn an_answer_held_for_review_is_202_pending_with_no_content() {
+    let edge = Edge::start().await;
+    let (status, _, body) = edge.send(&chat("quick", "please hold-me for review")).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["choices"][0]["message"]["content"], Value::Null);
+    assert_eq!(body["choices"][0]["finish_reason"], Value::Null);
+    assert_eq!(body["weir"]["review_status"], "pending");
+    assert!(
+        body["weir"]["review_id"]
+            .as_str()
+            .is_some_and(|id| !id.is_empty())
+    );
+    assert!(
+        body["usage"]["completion_tokens"].as_i64().unwrap() > 0,
+        "the model ran"
+    );
+
+    // Streamed: no token goes out; the last chunk says pending and names the item.
+    let mut request = chat("quick", "hold me again");
+    request["stream"] = json!(true);
+    let response = edge.post(&request).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let lines = data_lines(&response.text().await.unwrap());
+    assert_eq!(lines.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = lines[..lines.len() - 1]
+        .iter()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "", "no token of a held answer");
+    let last = chunks.last().unwrap();
+    assert_eq!(last["weir"]["review_status"], "pending");
+    assert!(
+        last["weir"]["review_id"]
+            .as_str()
+            .is_some_and(|id| !id.is_empty())
+    );
     edge.stop().await;
 }
