@@ -542,3 +542,28 @@ async fn an_answer_held_for_review_is_202_pending_with_no_content() {
     );
     edge.stop().await;
 }
+
+#[tokio::test]
+async fn a_taken_port_fails_the_start_naming_the_setting() {
+    let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut config = weir::stack::StackConfig::from_source(&weir_mesh::config::Source::from_toml(
+        "[models.quick]\nsim = { output_tokens = 2 }\n",
+    ))
+    .unwrap();
+    config.listen_on_any_port("127.0.0.1".parse().unwrap());
+    config.router.http.listen = Some(taken.local_addr().unwrap());
+    let error = weir::stack::start(config, &[weir::stack::Service::Router], Default::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("OpenAI-compatible HTTP edge"), "{error}");
+    assert!(error.contains("WEIR_ROUTER__HTTP__LISTEN"), "{error}");
+
+    // Too large a body is refused in OpenAI's shape, before any call.
+    let edge = Edge::start().await;
+    let huge = "x".repeat(weir_router::openai::edge::MAX_BODY_BYTES + 1);
+    let answer = edge.send(&chat("quick", &huge)).await;
+    assert_eq!(answer.0, 413, "{}", answer.2);
+    assert_eq!(answer.2["error"]["type"], "invalid_request_error");
+    edge.stop().await;
+}

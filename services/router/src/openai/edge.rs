@@ -35,7 +35,7 @@ use std::{
 use axum::{
     Router,
     body::Bytes,
-    extract::{State, rejection::BytesRejection},
+    extract::{DefaultBodyLimit, State, rejection::BytesRejection},
     http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header},
     response::{
         IntoResponse, Response,
@@ -80,6 +80,9 @@ const FORWARDED: [&str; 4] = [
     "traceparent",
     "tracestate",
 ];
+/// Largest request body: the router's gRPC server decodes messages up to 4 MiB (tonic's default),
+/// so a larger body could never be served; it is refused here with 413 instead.
+pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 /// How often an idle stream sends an SSE comment, so proxies keep it open.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
@@ -145,6 +148,7 @@ pub fn app(
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(list_models))
         .fallback(unknown_path)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(edge))
 }
 
