@@ -16,6 +16,11 @@ const KEY: &str = "acme-key-0123456789";
 const PRICE: &str = "price = { input_micros_per_mtok = 1000000, output_micros_per_mtok = 1000000 }";
 
 fn config(prefix: &str) -> String {
+    config_with(prefix, "session_url = \"\"")
+}
+
+/// The test stack's config, with `router_line` in `[router]` (sessions are off unless it says).
+fn config_with(prefix: &str, router_line: &str) -> String {
     format!(
         r#"
 [[auth.api_keys]]
@@ -50,7 +55,7 @@ sim = {{ error_rate = 1.0, error_code = "INTERNAL" }}
 
 [router]
 budget_url = "http://127.0.0.1:50054"   # replaced by the budget service started with it
-session_url = ""
+{router_line}
 
 [router.routes.auto]
 models = ["quick"]
@@ -82,6 +87,10 @@ struct Edge {
 
 impl Edge {
     async fn start() -> Self {
+        Self::start_with(config).await
+    }
+
+    async fn start_with(config: impl FnOnce(&str) -> String) -> Self {
         let prefix = unique_prefix();
         let mesh = Mesh::start(&config(&prefix)).await;
         Self {
@@ -362,6 +371,13 @@ async fn each_failure_has_its_http_status_in_openai_s_error_shape() {
         .await
         .unwrap();
     assert_eq!(answer.status(), 400);
+    let answer = edge
+        .post(&chat("quick", "x"))
+        .header("weir-criticality", "SHEDDABLE")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200, "a known criticality is passed on");
 
     // 409: the same Idempotency-Key while the first request still runs.
     let first = edge
@@ -565,5 +581,41 @@ async fn a_taken_port_fails_the_start_naming_the_setting() {
     let answer = edge.send(&chat("quick", &huge)).await;
     assert_eq!(answer.0, 413, "{}", answer.2);
     assert_eq!(answer.2["error"]["type"], "invalid_request_error");
+    edge.stop().await;
+}
+
+#[tokio::test]
+async fn a_session_header_continues_the_conversation() {
+    let edge = Edge::start_with(|prefix| {
+        config_with(
+            prefix,
+            "session_url = \"http://127.0.0.1:50053\"  # its own",
+        )
+    })
+    .await;
+    let create = weir_proto::session::CreateSessionRequest {
+        session_id: "http-chat-1".to_string(),
+        model: "quick".to_string(),
+        ..Default::default()
+    };
+    edge.mesh
+        .session()
+        .create_session(with_key(create, KEY))
+        .await
+        .unwrap();
+    let turn = |text: &str| {
+        edge.post(&chat("quick", text))
+            .header("weir-session-id", "http-chat-1")
+            .send()
+    };
+    let first: Value = turn("my name is ada").await.unwrap().json().await.unwrap();
+    let second: Value = turn("what is my name").await.unwrap().json().await.unwrap();
+    let alone = edge.send(&chat("quick", "what is my name")).await.2;
+    // The second turn's prompt is the first exchange plus its own message.
+    let prompt = |body: &Value| body["usage"]["prompt_tokens"].as_i64().unwrap();
+    assert!(
+        prompt(&second) >= prompt(&first) + prompt(&alone),
+        "{first}\n{second}\n{alone}"
+    );
     edge.stop().await;
 }
