@@ -3,6 +3,9 @@
 //! `POST /v1/chat/completions` on the edge, so both see the same machine at the same moment.
 //! Streams too: time to the first token, `CompleteStream` against the SSE edge.
 //!
+//! A third figure splits the edge's cost: `GET /v1/models` is an HTTP round trip to the same
+//! edge that makes no gRPC call, so what remains of the difference is the loopback gRPC hop.
+//!
 //! Prints figures; asserts nothing (machines are shared and noisy). The target (issue 14): the
 //! edge adds at most 0.2 ms p50 over gRPC `Complete`.
 //!
@@ -106,6 +109,8 @@ async fn main() {
 
     let (mut grpc, mut edge) = (Vec::with_capacity(calls), Vec::with_capacity(calls));
     let (mut grpc_ttft, mut edge_ttft) = (Vec::new(), Vec::new());
+    let mut http_only = Vec::with_capacity(calls);
+    let models_url = format!("{}/models", mesh.openai_url());
     let warm_up = calls / 10 + 50;
     for i in 0..warm_up + calls {
         // Which door goes first alternates, so neither always follows the other's work.
@@ -122,14 +127,30 @@ async fn main() {
             let grpc_first = time_grpc_stream(&mut router, i).await;
             (grpc_time, edge_time, grpc_first, edge_first)
         };
+        let start = Instant::now();
+        http.get(&models_url)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let models_time = start.elapsed();
         if i >= warm_up {
+            http_only.push(models_time);
             grpc.push(grpc_time);
             edge.push(edge_time);
             grpc_ttft.push(grpc_first);
             edge_ttft.push(edge_first);
         }
     }
-    for samples in [&mut grpc, &mut edge, &mut grpc_ttft, &mut edge_ttft] {
+    for samples in [
+        &mut grpc,
+        &mut edge,
+        &mut grpc_ttft,
+        &mut edge_ttft,
+        &mut http_only,
+    ] {
         samples.sort();
     }
     println!("sequential calls over loopback, sim model with zero latency, alternating doors:");
@@ -145,6 +166,7 @@ async fn main() {
     );
     report("router.Complete (gRPC)", grpc);
     report("POST /v1/chat/completions (HTTP edge)", edge);
+    report("GET /v1/models (HTTP only, no gRPC call)", http_only);
     report("CompleteStream, first token (gRPC)", grpc_ttft);
     report("stream: true, first token (HTTP edge)", edge_ttft);
     mesh.stop().await;
