@@ -32,7 +32,7 @@ max_output_tokens = 64
 sim = {{ output_tokens = 12 }}
 {PRICE}
 [models.slow]
-sim = {{ output_tokens = 20, time_to_first_token = "600ms" }}
+sim = {{ output_tokens = 20, time_to_first_token = "1s" }}
 {PRICE}
 [models.drip]
 sim = {{ output_tokens = 400, tokens_per_second = 20.0 }}
@@ -385,7 +385,7 @@ async fn each_failure_has_its_http_status_in_openai_s_error_shape() {
         .header("idempotency-key", "busy-1")
         .send();
     let second = async {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
         // It waits for the first one's answer, within its own deadline.
         edge.post(&chat("slow", "once"))
             .header("idempotency-key", "busy-1")

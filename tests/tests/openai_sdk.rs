@@ -35,7 +35,7 @@ max_output_tokens = 64
 sim = {{ output_tokens = 12 }}
 {PRICE}
 [models.slow]
-sim = {{ output_tokens = 20, time_to_first_token = "600ms" }}
+sim = {{ output_tokens = 20, time_to_first_token = "1s" }}
 {PRICE}
 [models.drip]
 sim = {{ output_tokens = 400, tokens_per_second = 20.0 }}
