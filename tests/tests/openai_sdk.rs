@@ -133,13 +133,22 @@ async fn the_official_openai_sdk_works_against_weir() {
         }
         panic!("{why}; ./tests/run installs it, or set WEIR_SKIP_OPENAI_SDK_TESTS=1");
     }
+    let prefix = unique_prefix();
+    // Run apart, so the Redis keys are deleted even when the suite fails (CI shares the Redis).
+    let outcome = tokio::spawn(suite(prefix.clone())).await;
+    delete_prefix(&prefix).await;
+    if let Err(failure) = outcome {
+        std::panic::resume_unwind(failure.into_panic());
+    }
+}
+
+async fn suite(prefix: String) {
     let handle = telemetry::install_metrics_recorder();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let metrics_url = format!("http://{}/metrics", listener.local_addr().unwrap());
     let stop = CancellationToken::new();
     let metrics = tokio::spawn(telemetry::serve_metrics(listener, handle, stop.clone()));
 
-    let prefix = unique_prefix();
     let mesh = Mesh::start(&config(&prefix)).await;
     let limited = Mesh::start_services(
         LIMITED,
@@ -193,7 +202,6 @@ async fn the_official_openai_sdk_works_against_weir() {
 
     limited.stop().await;
     mesh.stop().await;
-    delete_prefix(&prefix).await;
     stop.cancel();
     metrics.await.unwrap().unwrap();
 }
