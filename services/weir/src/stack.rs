@@ -441,6 +441,15 @@ pub async fn start(
     let mut servers: Vec<(Service, GrpcServer, TcpListener)> = Vec::new();
     let mut inference = None;
     let mut router_jobs = None;
+    // The HTTP edge calls the router's own stack in the process (every layer, no socket).
+    let (local_router, local_router_rx) = match openai_listener {
+        Some(_) => {
+            let (sender, receiver) = tokio::sync::oneshot::channel();
+            (Some(sender), Some(receiver))
+        }
+        None => (None, None),
+    };
+    let mut local_router = local_router;
     for (service, listener) in listeners {
         let server = match service {
             Service::Router => {
@@ -450,7 +459,10 @@ pub async fn start(
                     authenticator.clone(),
                 )?;
                 router_jobs = jobs;
-                server
+                match local_router.take() {
+                    Some(sender) => server.with_local(sender),
+                    None => server,
+                }
             }
             Service::Inference => {
                 config.inference.validate()?;
@@ -528,22 +540,22 @@ pub async fn start(
             (Service::Review, served.map_err(ServeError::from))
         });
     }
-    if let (Some(listener), Some(router)) = (openai_listener, addrs.get(&Service::Router)) {
-        // The edge calls the router's own gRPC port, as any client would, so every request
-        // takes the gRPC walk (auth, admission, limits, idempotency, budgets) unchanged.
-        let router_url = format!("http://{}", loopback(*router));
+    if let (Some(listener), Some(router)) = (openai_listener, local_router_rx) {
+        // The edge calls the router's own server stack in the process, as a client over a
+        // socket would, so every request takes the gRPC walk (auth, admission, limits,
+        // idempotency, budgets) unchanged, without a loopback hop.
         let models = openai_models.clone();
         let authenticator = authenticator.clone();
         let token = shutdown.clone();
         tasks.spawn(async move {
-            let served = weir_router::openai::edge::serve(
-                listener,
-                &router_url,
-                models,
-                authenticator,
-                token,
-            )
-            .await;
+            let served = match router.await {
+                Ok(router) => {
+                    weir_router::openai::edge::serve(listener, router, models, authenticator, token)
+                        .await
+                }
+                // The router stopped before it served: its own task reports why.
+                Err(_) => Ok(()),
+            };
             (Service::Router, served.map_err(ServeError::from))
         });
     }

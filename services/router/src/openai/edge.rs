@@ -6,10 +6,12 @@
 //! ```
 //!
 //! A thin gateway, not a second implementation: each `POST /v1/chat/completions` becomes one
-//! gRPC call (`Complete`, or `CompleteStream` with `stream: true`) to the router's own listener
-//! over loopback, carrying the caller's `Authorization` header. So authentication, admission,
-//! rate limits, deadlines, idempotency, sessions, budgets and review apply exactly as they do to
-//! gRPC callers, and an answer costs the same by either door. docs/http-edge.md has the header
+//! gRPC call (`Complete`, or `CompleteStream` with `stream: true`), carrying the caller's
+//! `Authorization` header, into the router server's own stack, every layer included, handed to
+//! the edge in the process ([`weir_mesh::server::LocalService`]) so the call skips only the
+//! loopback socket. So authentication, admission, rate limits, deadlines, idempotency, sessions,
+//! budgets and review apply exactly as they do to gRPC callers, and an answer costs the same by
+//! either door. docs/http-edge.md has the header
 //! and error tables and the answer to a blocking review.
 //!
 //! | HTTP | gRPC |
@@ -47,8 +49,8 @@ use futures::{Stream, stream};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::{Status, Streaming, metadata::MetadataValue, transport::Channel};
-use weir_mesh::{auth::Authenticator, catalog::Catalog, config::ConfigError};
+use tonic::{Status, Streaming, metadata::MetadataValue};
+use weir_mesh::{auth::Authenticator, catalog::Catalog, config::ConfigError, server::LocalService};
 use weir_proto::router::{
     CompleteResponse, CompleteStreamResponse, ReviewStatus,
     complete_stream_response::{Event as StreamEvent, Start},
@@ -121,26 +123,25 @@ pub fn model_ids(config: &Config, catalog: Arc<Catalog>) -> Result<Vec<String>, 
 /// What the edge's handlers share.
 #[derive(Debug, Clone)]
 struct Edge {
-    /// The router this edge fronts (its own gRPC listener).
-    router: RouterServiceClient<Channel>,
+    /// The router this edge fronts: its whole gRPC stack, in the process.
+    router: RouterServiceClient<LocalService>,
     /// The answer of `GET /v1/models`, serialized once.
     models: Bytes,
     /// Checks the key of `GET /v1/models` (which makes no gRPC call) as the router would.
     authenticator: Authenticator,
 }
 
-/// The edge's routes over the router at `router_url` (`http://127.0.0.1:50051`), listing
-/// `models`, checking keys of calls that make no gRPC call with `authenticator`.
+/// The edge's routes over `router`, the router server's stack in the process
+/// ([`weir_mesh::server::GrpcServer::with_local`]), listing `models`, checking keys of calls
+/// that make no gRPC call with `authenticator`.
 pub fn app(
-    router_url: &str,
+    router: LocalService,
     models: Vec<String>,
     authenticator: Authenticator,
 ) -> std::io::Result<Router> {
-    let channel = weir_mesh::client::lazy_channel(router_url)
-        .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidInput, error))?;
     let models = serde_json::to_vec(&ModelList::new(models)).map_err(std::io::Error::other)?;
     let edge = Edge {
-        router: RouterServiceClient::new(channel),
+        router: RouterServiceClient::new(router),
         models: Bytes::from(models),
         authenticator,
     };
@@ -155,12 +156,12 @@ pub fn app(
 /// Serves the edge on `listener` until `shutdown` is cancelled (see [`app`]).
 pub async fn serve(
     listener: TcpListener,
-    router_url: &str,
+    router: LocalService,
     models: Vec<String>,
     authenticator: Authenticator,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = app(router_url, models, authenticator)?;
+    let app = app(router, models, authenticator)?;
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "serving the OpenAI-compatible HTTP edge");
     }
