@@ -388,7 +388,6 @@ impl ChunkWriter {
                 requested_model: start.requested_model,
                 route: start.route,
                 served_by: served_by_name(start.served_by).to_string(),
-                review_status: review_status_name(ReviewStatus::Unspecified as i32).to_string(),
                 trace_id: start.trace_id,
                 ..WeirInfo::default()
             },
@@ -736,6 +735,10 @@ mod tests {
         assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
         assert_eq!(first["usage"], serde_json::Value::Null);
         assert_eq!(first["weir"]["served_by"], "primary");
+        assert!(
+            first["weir"].get("review_status").is_none(),
+            "not known yet"
+        );
         let delta = serde_json::to_value(writer.delta("Hi".to_string())).unwrap();
         assert_eq!(delta["choices"][0]["delta"], json!({"content": "Hi"}));
         let last = writer.done(done.clone());
