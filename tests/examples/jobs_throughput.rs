@@ -5,6 +5,8 @@
 //!   timed until it has no open job left: the queue's own throughput. Keys are deleted afterwards.
 //! - In-memory queue: the router's own 1 to 4 workers, timed from the first submit to the last job
 //!   ended (submits and runs overlap).
+//! - A batch of `jobs` items on the Redis queue, the router's own 1 to 4 workers: timed from
+//!   `CreateBatch` to the batch COMPLETED (the create's own time is printed too).
 //!
 //! Prints figures; asserts nothing (machines are shared and noisy).
 //!
@@ -17,7 +19,10 @@ use std::time::{Duration, Instant};
 
 use weir::stack::Service;
 use weir_mesh::identity::MeshIdentity;
-use weir_proto::router::{GetJobRequest, JobState, SubmitJobRequest};
+use weir_proto::router::{
+    BatchItem, BatchState, CreateBatchRequest, GetBatchRequest, GetJobRequest, JobState,
+    SubmitJobRequest,
+};
 use weir_router::jobs::{JobStore, JobsConfig, api::Jobs, worker};
 use weir_tests::{Mesh, complete, delete_prefix, redis_url, unique_prefix};
 
@@ -170,6 +175,58 @@ async fn run_drain(mesh: &Mesh, prefix: &str, submit: usize, workers: usize) -> 
     queued as f64 / elapsed.as_secs_f64()
 }
 
+/// A batch of `items` items run by `workers` router workers on Redis: (create seconds, items/s).
+async fn batch_rate(items: usize, workers: usize) -> (f64, f64) {
+    let prefix = unique_prefix();
+    let mesh = Mesh::start(&config(&prefix, workers, true)).await;
+    let mut router = mesh.router();
+    let request = |count: usize| CreateBatchRequest {
+        items: (0..count)
+            .map(|n| BatchItem {
+                custom_id: format!("item-{n}"),
+                request: Some(complete("sim-zero", "a report, please")),
+            })
+            .collect(),
+        ..CreateBatchRequest::default()
+    };
+    let wait = |id: String| {
+        let mut router = mesh.router();
+        async move {
+            loop {
+                let batch = router
+                    .get_batch(GetBatchRequest {
+                        batch_id: id.clone(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .batch
+                    .unwrap();
+                if batch.state != BatchState::InProgress as i32 {
+                    assert_eq!(batch.state, BatchState::Completed as i32, "{batch:?}");
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    // Warm up.
+    let warm = router.create_batch(request(20)).await.unwrap().into_inner();
+    wait(warm.batch.unwrap().id).await;
+    let start = Instant::now();
+    let created = router
+        .create_batch(request(items))
+        .await
+        .unwrap()
+        .into_inner();
+    let create = start.elapsed().as_secs_f64();
+    wait(created.batch.unwrap().id).await;
+    let rate = items as f64 / start.elapsed().as_secs_f64();
+    mesh.stop().await;
+    delete_prefix(&prefix).await;
+    (create, rate)
+}
+
 #[tokio::main]
 async fn main() {
     let jobs: usize = std::env::args()
@@ -203,5 +260,18 @@ async fn main() {
             rate / single
         );
         mesh.stop().await;
+    }
+    let mut single = 0.0;
+    for workers in 1..=4 {
+        let (create, rate) = batch_rate(jobs, workers).await;
+        if workers == 1 {
+            single = rate;
+        }
+        println!(
+            "batch redis   workers {workers}  {rate:>8.0} items/s created and run  ({:.2}x one \
+             worker; CreateBatch took {:.0} ms)",
+            rate / single,
+            create * 1000.0
+        );
     }
 }

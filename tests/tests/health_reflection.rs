@@ -1,5 +1,5 @@
-//! Every service answers gRPC health and reflection, RPCs whose issue has not landed answer
-//! UNIMPLEMENTED, and shutdown drains: NOT_SERVING first, in-flight calls finish.
+//! Every service answers gRPC health and reflection, an unknown batch is a clear NOT_FOUND, and
+//! shutdown drains: NOT_SERVING first, in-flight calls finish.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
@@ -111,19 +111,19 @@ async fn reflection_serves_the_file_descriptors() {
 }
 
 #[tokio::test]
-async fn services_not_yet_built_answer_unimplemented() {
+async fn an_unknown_batch_is_not_found() {
     use weir_proto::router::GetBatchRequest;
     let mesh = Mesh::start("").await;
-    // Batches are the part of the router still to come: a clear UNIMPLEMENTED, not a hang or a
-    // transport error.
+    // A clear NOT_FOUND naming the batch, not a hang or a transport error.
     let status = mesh
         .router()
         .get_batch(GetBatchRequest {
-            batch_id: "b".into(),
+            batch_id: "batch-nope".into(),
         })
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::Unimplemented);
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(status.message().contains("batch-nope"), "{status:?}");
     mesh.stop().await;
 }
 

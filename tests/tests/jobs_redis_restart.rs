@@ -1,6 +1,7 @@
-//! Jobs survive a Redis crash: a Redis process of the test's own, with the append-only file on,
-//! is killed (SIGKILL) while jobs are queued and running, then started again on the same port and
-//! data directory. Every job still completes, exactly once in state, with its result.
+//! Jobs and batches survive a Redis crash: a Redis process of the test's own, with the
+//! append-only file on, is killed (SIGKILL) while jobs and a batch's items are queued and running,
+//! then started again on the same port and data directory. Every job still completes, exactly once
+//! in state, with its result, and so does every item of the batch.
 //!
 //! Needs `redis-server` on the PATH (`./tests/run` installs it).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -12,11 +13,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use weir_proto::router::{GetJobRequest, JobState, SubmitJobRequest};
+use tokio_stream::StreamExt;
+use weir_proto::router::{
+    BatchItem, BatchState, CreateBatchRequest, GetBatchRequest, GetJobRequest, JobState,
+    StreamBatchResultsRequest, SubmitJobRequest,
+};
 use weir_tests::{Mesh, complete, with_key};
 
 const ACME: &str = "acme-key-0123456789";
 const JOBS: usize = 20;
+const ITEMS: usize = 10;
 
 /// A `redis-server` on `port` with its data (the append-only file) in `dir`; killed on drop.
 struct Redis {
@@ -95,6 +101,8 @@ handler_limit = "2s"
 backoff = "50ms"
 max_backoff = "200ms"
 max_deliveries = 10
+[router.jobs.batches]
+concurrency = 2
 "#
     )
 }
@@ -127,6 +135,26 @@ async fn every_queued_job_completes_after_redis_crashes_and_restarts() {
             .unwrap();
         ids.push(job.id);
     }
+
+    // And a batch, whose items wait behind the jobs.
+    let batch = router
+        .create_batch(with_key(
+            CreateBatchRequest {
+                items: (0..ITEMS)
+                    .map(|i| BatchItem {
+                        custom_id: format!("item-{i}"),
+                        request: Some(complete("sim-steady", &format!("item {i}"))),
+                    })
+                    .collect(),
+                ..CreateBatchRequest::default()
+            },
+            ACME,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .batch
+        .unwrap();
 
     // Redis dies mid-work, and comes back a moment later from its append-only file.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -169,6 +197,48 @@ async fn every_queued_job_completes_after_redis_crashes_and_restarts() {
         pending = still;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The batch completes too: every item once, each with its answer.
+    let done = loop {
+        assert!(
+            Instant::now() < deadline,
+            "the batch did not complete after the restart"
+        );
+        let reply = router
+            .get_batch(with_key(
+                GetBatchRequest {
+                    batch_id: batch.id.clone(),
+                },
+                ACME,
+            ))
+            .await;
+        if let Ok(reply) = reply
+            && let Some(batch) = reply.into_inner().batch
+            && batch.state() != BatchState::InProgress
+        {
+            break batch;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(done.state(), BatchState::Completed, "{done:?}");
+    assert_eq!(done.counts.unwrap().succeeded, ITEMS as i64);
+    let mut results = router
+        .stream_batch_results(with_key(
+            StreamBatchResultsRequest {
+                batch_id: batch.id.clone(),
+                follow: false,
+            },
+            ACME,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = std::collections::HashSet::new();
+    while let Some(result) = results.next().await {
+        let result = result.unwrap();
+        assert_eq!(result.state(), JobState::Succeeded);
+        assert!(seen.insert(result.custom_id), "an item twice");
+    }
+    assert_eq!(seen.len(), ITEMS);
     mesh.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

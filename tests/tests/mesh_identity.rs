@@ -941,10 +941,11 @@ min_limit = 1
     )
 }
 
-/// A router call that admission must decide on (the job RPCs answer UNIMPLEMENTED once
-/// admitted): `key` claims CRITICAL_PLUS.
+/// A router call that admission must decide on (GetBatch without an id answers INVALID_ARGUMENT
+/// once admitted): `key` claims CRITICAL_PLUS.
 async fn claim_critical_plus(mesh: &Mesh, key: &str) -> Code {
-    // GetBatch answers UNIMPLEMENTED once admitted: a cheap call that never reaches a model.
+    // GetBatch without an id answers INVALID_ARGUMENT once admitted: a cheap call that never
+    // reaches a model or a store.
     let mut request = with_key(GetBatchRequest::default(), key);
     request
         .metadata_mut()
@@ -958,7 +959,7 @@ async fn a_keys_criticality_ceiling_is_what_admission_sees() {
     // With nothing in flight every claim is admitted.
     assert_eq!(
         claim_critical_plus(&mesh, BATCH_KEY).await,
-        Code::Unimplemented
+        Code::InvalidArgument
     );
 
     // One slow stream holds one of the router's two slots.
@@ -985,7 +986,7 @@ async fn a_keys_criticality_ceiling_is_what_admission_sees() {
     // still has a slot.
     assert_eq!(
         claim_critical_plus(&mesh, ATTACKER_KEY).await,
-        Code::Unimplemented
+        Code::InvalidArgument
     );
 
     // With both slots held, CRITICAL is shed too: only a key configured for CRITICAL_PLUS still
@@ -1003,7 +1004,7 @@ async fn a_keys_criticality_ceiling_is_what_admission_sees() {
     );
     assert_eq!(
         claim_critical_plus(&mesh, VICTIM_KEY).await,
-        Code::Unimplemented
+        Code::InvalidArgument
     );
     drop((stream, second));
     mesh.stop().await;

@@ -67,7 +67,13 @@ fn one<'a>(spans: &'a [Span], name: &str, kind: SpanKind) -> &'a Span {
         .iter()
         .filter(|s| s.name == name && s.kind == kind as i32)
         .collect();
-    assert_eq!(found.len(), 1, "{name} ({kind:?}) spans: {}", found.len());
+    assert_eq!(
+        found.len(),
+        1,
+        "{name} ({kind:?}) spans: {}; the trace holds {:?}",
+        found.len(),
+        spans.iter().map(|s| (&s.name, s.kind)).collect::<Vec<_>>()
+    );
     found[0]
 }
 

@@ -20,3 +20,9 @@ pub const GRPC_TIMEOUT: &str = "grpc-timeout";
 pub const RETRY_PUSHBACK_MS: &str = "grpc-retry-pushback-ms";
 /// Number of earlier attempts of this call, sent on retries (gRFC A6).
 pub const PREVIOUS_RPC_ATTEMPTS: &str = "grpc-previous-rpc-attempts";
+/// The price tier a job worker asks for its call: [`BATCH_PRICE_TIER`] for a batch item. The
+/// router believes it only from a call with a valid [`MESH_TOKEN`] (a Weir worker); from anyone
+/// else it is ignored and the standard tier applies, so a client cannot buy at batch prices.
+pub const PRICE_TIER: &str = "weir-price-tier";
+/// The [`PRICE_TIER`] value of a batch item: priced at the model's batch prices.
+pub const BATCH_PRICE_TIER: &str = "batch";

@@ -29,7 +29,7 @@
 //! a user can find it in Jaeger. A degraded answer is never reviewed (`review_status`
 //! NOT_REQUIRED): it is the route's configured text, not a model's.
 //!
-//! Jobs are served by [`crate::jobs`]; batches answer UNIMPLEMENTED (the generated defaults).
+//! Jobs and batches are served by [`crate::jobs`].
 
 use std::sync::Arc;
 
@@ -212,7 +212,8 @@ impl RouterApi {
             .cloned()
             .or_else(|| Tenant::from_metadata(metadata).ok())
             .unwrap_or_default();
-        let payer = Payer::new(tenant, ApiKeyId::of(extensions));
+        let payer = Payer::new(tenant, ApiKeyId::of(extensions))
+            .with_tier(crate::request::price_tier(metadata, extensions));
         let mut walk = Walk {
             completion,
             plan,
@@ -658,6 +659,44 @@ impl RouterService for RouterApi {
         request: Request<weir_proto::router::ListJobsRequest>,
     ) -> Result<Response<weir_proto::router::ListJobsResponse>, Status> {
         crate::jobs::api::list(self, request).await
+    }
+
+    async fn create_batch(
+        &self,
+        request: Request<weir_proto::router::CreateBatchRequest>,
+    ) -> Result<Response<weir_proto::router::CreateBatchResponse>, Status> {
+        crate::jobs::batch_api::create(self, request).await
+    }
+
+    async fn get_batch(
+        &self,
+        request: Request<weir_proto::router::GetBatchRequest>,
+    ) -> Result<Response<weir_proto::router::GetBatchResponse>, Status> {
+        crate::jobs::batch_api::get(self, request).await
+    }
+
+    async fn stream_batch_results(
+        &self,
+        request: Request<weir_proto::router::StreamBatchResultsRequest>,
+    ) -> Result<
+        Response<tonic::codegen::BoxStream<weir_proto::router::StreamBatchResultsResponse>>,
+        Status,
+    > {
+        crate::jobs::batch_api::results(self, request).await
+    }
+
+    async fn cancel_batch(
+        &self,
+        request: Request<weir_proto::router::CancelBatchRequest>,
+    ) -> Result<Response<weir_proto::router::CancelBatchResponse>, Status> {
+        crate::jobs::batch_api::cancel(self, request).await
+    }
+
+    async fn list_batches(
+        &self,
+        request: Request<weir_proto::router::ListBatchesRequest>,
+    ) -> Result<Response<weir_proto::router::ListBatchesResponse>, Status> {
+        crate::jobs::batch_api::list(self, request).await
     }
 }
 

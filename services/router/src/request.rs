@@ -204,6 +204,30 @@ impl Completion {
     }
 }
 
+/// The price tier a request is charged at: the batch tier when a job worker (a caller with a
+/// valid mesh token) asks for it with `weir-price-tier: batch` for a batch item, else the standard
+/// tier. Anyone else's header is ignored: a client cannot buy at batch prices.
+pub fn price_tier(
+    metadata: &tonic::metadata::MetadataMap,
+    extensions: &http::Extensions,
+) -> weir_mesh::pricing::Tier {
+    use weir_mesh::{
+        auth::{Caller, Via},
+        metadata::{BATCH_PRICE_TIER, PRICE_TIER},
+        pricing::Tier,
+    };
+    let from_mesh = Caller::of(extensions).is_some_and(|caller| caller.via == Via::MeshToken);
+    let asked = metadata
+        .get(PRICE_TIER)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value == BATCH_PRICE_TIER);
+    if from_mesh && asked {
+        Tier::Batch
+    } else {
+        Tier::Standard
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {

@@ -183,6 +183,9 @@ impl fmt::Debug for Spend {
 pub(crate) struct Payer {
     tenant: Tenant,
     scopes: Vec<Scope>,
+    /// The price tier the request is charged at: the batch tier for batch items (asked for by a
+    /// job worker, see [`crate::request::price_tier`]), else the standard one.
+    tier: Tier,
 }
 
 impl Payer {
@@ -199,7 +202,17 @@ impl Payer {
                 id: id.to_string(),
             });
         }
-        Self { tenant, scopes }
+        Self {
+            tenant,
+            scopes,
+            tier: Tier::Standard,
+        }
+    }
+
+    /// The same payer, charged at `tier`.
+    pub fn with_tier(mut self, tier: Tier) -> Self {
+        self.tier = tier;
+        self
     }
 
     /// The tenant.
@@ -323,7 +336,7 @@ impl Spend {
             output: i64::from(max_output_tokens),
         };
         let price = pricing::price_of(&inner.catalog, model)?;
-        let amount = pricing::cost_micros(price, &tokens, Tier::Standard)?;
+        let amount = pricing::cost_micros(price, &tokens, payer.tier)?;
         if amount == 0 {
             return Ok(None);
         }
@@ -369,6 +382,7 @@ impl Spend {
                         model: model.to_string(),
                         prompt_tokens: i64::from(prompt_tokens),
                         output_tokens: 0,
+                        tier: payer.tier,
                     }),
                 }))
             }
@@ -454,6 +468,7 @@ struct HoldState {
     model: String,
     prompt_tokens: i64,
     output_tokens: i64,
+    tier: Tier,
 }
 
 impl fmt::Debug for Hold {
@@ -526,7 +541,11 @@ impl HoldState {
             reservation_id: self.reservation_id.clone(),
             request_id: self.key.clone(),
             usage: Some(usage),
-            tier: PriceTier::Standard.into(),
+            tier: match self.tier {
+                Tier::Standard => PriceTier::Standard,
+                Tier::Batch => PriceTier::Batch,
+            }
+            .into(),
             cost_micros: None,
         };
         let mut client = self.client.clone();

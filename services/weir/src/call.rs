@@ -1,5 +1,5 @@
-//! What the `weir` subcommands that call a service share: the API key on each request, and a
-//! failed call as a readable error.
+//! What the `weir` subcommands that call a service share: where the router is and the API key
+//! ([`RouterOptions`]), the key on each request, and a failed call as a readable error.
 
 use tonic::{Request, metadata::MetadataValue};
 use weir_mesh::ApiError;
@@ -21,4 +21,21 @@ pub fn request<T>(key: Option<&str>, body: T) -> anyhow::Result<Request<T>> {
 /// A failed call: its code, reason and message (`NOT_FOUND (JOB_NOT_FOUND): ...`).
 pub fn failed(status: &tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", ApiError::from_status(status))
+}
+
+/// Where the router is and who calls it: `--router` (`WEIR_ROUTER_URL`) and `--api-key`
+/// (`WEIR_API_KEY`), shared by `weir jobs` and `weir batch`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RouterOptions {
+    /// Router address.
+    #[arg(
+        long,
+        global = true,
+        env = "WEIR_ROUTER_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub router: String,
+    /// API key, sent as `authorization: Bearer <key>`.
+    #[arg(long, global = true, env = "WEIR_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }

@@ -25,23 +25,7 @@ use weir_proto::{
     },
 };
 
-use crate::call::failed;
-
-/// Where and who.
-#[derive(Debug, Clone, clap::Args)]
-pub struct JobsOptions {
-    /// Router address.
-    #[arg(
-        long,
-        global = true,
-        env = "WEIR_ROUTER_URL",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    pub router: String,
-    /// API key, sent as `authorization: Bearer <key>`.
-    #[arg(long, global = true, env = "WEIR_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
-}
+use crate::call::{RouterOptions, failed};
 
 /// A `weir jobs` subcommand.
 #[derive(Debug, Clone, Subcommand)]
@@ -85,7 +69,7 @@ pub enum JobsCommand {
 
 /// Runs one subcommand, writing its output to `out`.
 pub async fn run(
-    options: JobsOptions,
+    options: RouterOptions,
     command: JobsCommand,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {

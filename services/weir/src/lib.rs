@@ -6,6 +6,7 @@
 //! users run.
 #![warn(missing_docs)]
 
+pub mod batch_cli;
 pub mod call;
 pub mod chat;
 pub mod jobs_cli;

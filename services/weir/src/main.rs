@@ -7,13 +7,16 @@
 //! - `weir models`: list the models the inference service can call.
 //! - `weir review list|show|approve|reject`: the human review queue.
 //! - `weir jobs submit|get|watch|cancel|list`: asynchronous jobs.
+//! - `weir batch submit|get|results|cancel`: batches from an OpenAI batch input file.
 
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use weir::{
+    batch_cli::{self, BatchCommand},
+    call::RouterOptions,
     chat::{self, ChatOptions},
-    jobs_cli::{self, JobsCommand, JobsOptions},
+    jobs_cli::{self, JobsCommand},
     review_cli::{self, ReviewCommand, ReviewOptions},
     stack::{self, Service, StackConfig},
 };
@@ -92,9 +95,16 @@ enum Command {
     /// Asynchronous jobs: submit, get, watch, cancel or list them.
     Jobs {
         #[command(flatten)]
-        options: JobsOptions,
+        options: RouterOptions,
         #[command(subcommand)]
         command: JobsCommand,
+    },
+    /// Batches: run an OpenAI batch input file, read its progress and results, cancel it.
+    Batch {
+        #[command(flatten)]
+        options: RouterOptions,
+        #[command(subcommand)]
+        command: BatchCommand,
     },
     /// The human review queue: list, show, approve or reject items.
     Review {
@@ -136,6 +146,9 @@ async fn main() -> ExitCode {
         Command::Models { inference } => list_models(&inference).await,
         Command::Jobs { options, command } => {
             jobs_cli::run(options, command, &mut std::io::stdout().lock()).await
+        }
+        Command::Batch { options, command } => {
+            batch_cli::run(options, command, &mut std::io::stdout().lock()).await
         }
         Command::Review { options, command } => {
             review_cli::run(options, command, &mut std::io::stdout().lock()).await

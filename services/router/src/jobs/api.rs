@@ -4,9 +4,9 @@
 //! The tenant is always the authenticated one ([`Tenant::authenticated`]): every key carries it,
 //! so another tenant's job id is NOT_FOUND, never someone else's job. A submitted request is
 //! checked like `Complete` checks it (the cheap checks of [`crate::request`] and the route), so a
-//! bad request is refused now rather than failing later in a worker. Callbacks, batches and
-//! schedules are not implemented yet. A `callback` URL is checked against the allow-list
-//! ([`super::callbacks::check_url`]) and the tenant must have a signing secret.
+//! bad request is refused now rather than failing later in a worker. A `callback` URL is checked
+//! against the allow-list ([`super::callbacks::check_url`]) and the tenant must have a signing
+//! secret. The batch RPCs are in [`super::batch_api`].
 
 use std::{sync::Arc, time::Duration};
 
@@ -56,7 +56,7 @@ impl Jobs {
 }
 
 /// The jobs of `api`, or FAILED_PRECONDITION `JOBS_DISABLED`.
-fn jobs(api: &RouterApi) -> Result<&Jobs, Status> {
+pub(super) fn jobs(api: &RouterApi) -> Result<&Jobs, Status> {
     api.jobs.as_ref().ok_or_else(|| {
         Status::from(ApiError::new(
             Code::FailedPrecondition,
@@ -66,7 +66,7 @@ fn jobs(api: &RouterApi) -> Result<&Jobs, Status> {
     })
 }
 
-fn tenant<T>(request: &Request<T>) -> Result<Tenant, Status> {
+pub(super) fn tenant<T>(request: &Request<T>) -> Result<Tenant, Status> {
     Tenant::authenticated(request.extensions()).map_err(Status::from)
 }
 
@@ -255,8 +255,16 @@ pub async fn list(
         Err(_) => return Err(ApiError::invalid_argument("page_size", "must be >= 0").into()),
     };
     if !body.batch_id.is_empty() {
-        // No batches exist yet (CreateBatch is UNIMPLEMENTED): no job belongs to one.
-        return Ok(Response::new(ListJobsResponse::default()));
+        return super::batch_api::list_jobs(
+            jobs,
+            &tenant,
+            &body.batch_id,
+            limit,
+            &body.page_token,
+            body.state,
+        )
+        .await
+        .map(Response::new);
     }
     let before = match body.page_token.as_str() {
         "" => None,

@@ -30,7 +30,9 @@
 //!   starting, when a read finds it before a worker does.
 //! - A job with a callback that ends gets an entry in the callback outbox in the same step;
 //!   `claim_callbacks` and `callback_outcome` serve the [`callbacks::Dispatcher`].
-//! - Neither store has batches or schedules yet: those RPCs answer UNIMPLEMENTED.
+//! - Batches ([`batch`]) are jobs of a second queue ([`Queue::Batch`]) that a batch record feeds
+//!   a few at a time; `create_batch`, `get_batch`, `cancel_batch` and `batch_results` serve the
+//!   batch RPCs, and `reclaim` also starts, expires and closes the batches that are due.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -39,9 +41,12 @@ use weir_mesh::{ApiError, config::ConfigError, tenant::Tenant};
 use weir_proto::router::{CompleteResponse, Job, JobError, JobState};
 
 pub mod api;
+pub mod batch;
+pub mod batch_api;
 pub mod callbacks;
 pub mod memory;
 pub mod redis;
+pub mod schedule;
 pub mod worker;
 
 #[cfg(test)]
@@ -78,6 +83,26 @@ pub const QUEUE_FULL: &str = "QUEUE_FULL";
 /// Reason of a job RPC on a router whose jobs are off.
 pub const JOBS_DISABLED: &str = "JOBS_DISABLED";
 
+/// A queue of deliveries: one stream (on Redis) per tier.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Queue {
+    /// `SubmitJob`'s jobs, run at SHEDDABLE_PLUS.
+    #[default]
+    Async,
+    /// Batch items, run at SHEDDABLE and priced at the batch tier.
+    Batch,
+}
+
+impl Queue {
+    /// The name in keys (`<prefix>:jobs:<name>`) and scripts.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Async => "async",
+            Self::Batch => "batch",
+        }
+    }
+}
+
 /// The `[router.jobs]` table.
 ///
 /// ```toml
@@ -92,8 +117,10 @@ pub const JOBS_DISABLED: &str = "JOBS_DISABLED";
 /// backoff = "1s"            # first retry delay, doubled per attempt, at most `max_backoff`
 /// max_backoff = "1m"
 /// default_ttl = "24h"       # how long a job may wait when SubmitJob's ttl is 0
-/// retention = "7d"          # how long an ended job is kept
+/// retention = "7d"          # how long an ended job (and batch) is kept
 /// [router.jobs.callbacks]   # see callbacks::CallbacksConfig
+/// [router.jobs.batches]     # see batch::BatchesConfig
+/// [[router.jobs.schedules]] # recurring batches, see schedule::ScheduleConfig
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -128,6 +155,10 @@ pub struct JobsConfig {
     pub retention: Duration,
     /// Job callbacks (webhooks).
     pub callbacks: callbacks::CallbacksConfig,
+    /// Batches.
+    pub batches: batch::BatchesConfig,
+    /// Recurring batches, created by every process that runs workers.
+    pub schedules: Vec<schedule::ScheduleConfig>,
 }
 
 impl Default for JobsConfig {
@@ -145,6 +176,8 @@ impl Default for JobsConfig {
             default_ttl: Duration::from_secs(24 * 3600),
             retention: Duration::from_secs(7 * 24 * 3600),
             callbacks: callbacks::CallbacksConfig::default(),
+            batches: batch::BatchesConfig::default(),
+            schedules: Vec::new(),
         }
     }
 }
@@ -182,7 +215,9 @@ impl JobsConfig {
                 "must be non-empty, without spaces",
             ));
         }
-        self.callbacks.validate(&format!("{key}.callbacks"))
+        self.callbacks.validate(&format!("{key}.callbacks"))?;
+        self.batches.validate(&format!("{key}.batches"))?;
+        schedule::parse_all(&self.schedules, &format!("{key}.schedules")).map(|_| ())
     }
 
     /// The retry delay after `attempts` attempts.
@@ -290,6 +325,8 @@ pub struct Submitted {
 /// One delivery of a job to a worker (a stream entry).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
+    /// The queue (stream) it came from.
+    pub queue: Queue,
     /// The job's tenant.
     pub tenant: Tenant,
     /// The job id.
@@ -324,6 +361,11 @@ pub enum JobsError {
     /// The queue holds `capacity` open jobs.
     #[error("the job queue is full ({0} open jobs); retry later")]
     Full(u64),
+    /// The batch queue cannot hold another batch of this size (`capacity` open items).
+    #[error(
+        "the batch queue is full (at most {0} items of open batches); retry later or send fewer items"
+    )]
+    BatchesFull(u64),
     /// Redis failed.
     #[error("job store: {0}")]
     Redis(#[from] ::redis::RedisError),
@@ -341,6 +383,12 @@ impl From<JobsError> for ApiError {
                 error.to_string(),
             )
             .with_retry_after(Duration::from_secs(5)),
+            JobsError::BatchesFull(_) => ApiError::new(
+                tonic::Code::ResourceExhausted,
+                batch::BATCH_QUEUE_FULL,
+                error.to_string(),
+            )
+            .with_retry_after(Duration::from_secs(60)),
             JobsError::Redis(_) | JobsError::Corrupt(_) => {
                 ApiError::unavailable("JOB_STORE_UNAVAILABLE", error.to_string())
                     .with_retry_after(Duration::from_secs(1))
@@ -430,23 +478,86 @@ impl JobStore {
         each!(self, s => s.cancel(tenant, id, config, now_ms()).await)
     }
 
-    /// A new delivery for `consumer`, waiting at most `wait`.
-    pub async fn next(
-        &self,
-        consumer: &str,
-        wait: Duration,
-    ) -> Result<Option<Delivery>, JobsError> {
+    /// New deliveries for `consumer`, waiting at most `wait`: at most one per queue, the async
+    /// one first. They are the consumer's (pending) until acknowledged.
+    pub async fn next(&self, consumer: &str, wait: Duration) -> Result<Vec<Delivery>, JobsError> {
         each!(self, s => s.next(consumer, wait).await)
     }
 
-    /// Deliveries held by any consumer for longer than `idle`, now `consumer`'s (XAUTOCLAIM);
-    /// also moves jobs whose retry backoff is over back onto the queue.
+    /// The janitor's round: moves jobs whose retry backoff is over back onto their queue; starts,
+    /// expires and goes on closing the batches that are due; and returns the deliveries held by
+    /// any consumer longer than `idle` (workers use [`JobsConfig::reclaim_after`]), now
+    /// `consumer`'s (XAUTOCLAIM).
     pub async fn reclaim(
         &self,
         consumer: &str,
         idle: Duration,
+        config: &JobsConfig,
     ) -> Result<Vec<Delivery>, JobsError> {
-        each!(self, s => s.reclaim(consumer, idle, now_ms()).await)
+        each!(self, s => s.reclaim(consumer, idle, config, now_ms()).await)
+    }
+
+    /// Creates a batch (or returns the one created with the same `request_id`): IN_PROGRESS, its
+    /// first items queued at once unless `not_before` is ahead. [`JobsError::Full`] when the
+    /// batch queue cannot hold its items.
+    pub async fn create_batch(
+        &self,
+        tenant: &Tenant,
+        new: batch::NewBatch,
+        config: &JobsConfig,
+    ) -> Result<batch::Created, JobsError> {
+        each!(self, s => s.create_batch(tenant, new, config, now_ms()).await)
+    }
+
+    /// The batch, if `tenant` has it.
+    pub async fn get_batch(
+        &self,
+        tenant: &Tenant,
+        id: &str,
+    ) -> Result<Option<batch::BatchRecord>, JobsError> {
+        each!(self, s => s.get_batch(tenant, id).await)
+    }
+
+    /// Cancels the batch unless it has ended (see [`batch`]); None when `tenant` has no such
+    /// batch.
+    pub async fn cancel_batch(
+        &self,
+        tenant: &Tenant,
+        id: &str,
+        config: &JobsConfig,
+    ) -> Result<Option<batch::BatchRecord>, JobsError> {
+        each!(self, s => s.cancel_batch(tenant, id, config, now_ms()).await)
+    }
+
+    /// Up to `limit` results of the batch from position `from` (0: the first item that ended).
+    pub async fn batch_results(
+        &self,
+        tenant: &Tenant,
+        id: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<batch::ResultsPage, JobsError> {
+        each!(self, s => s.batch_results(tenant, id, from, limit).await)
+    }
+
+    /// A page of the tenant's batches, newest first: at most `limit`, created before the
+    /// sequence `before` (None: from the newest).
+    pub async fn list_batches(
+        &self,
+        tenant: &Tenant,
+        limit: usize,
+        before: Option<u64>,
+    ) -> Result<batch::BatchPage, JobsError> {
+        each!(self, s => s.list_batches(tenant, limit, before).await)
+    }
+
+    /// The jobs of the batch's items queued or running now.
+    pub async fn batch_active(
+        &self,
+        tenant: &Tenant,
+        id: &str,
+    ) -> Result<Vec<JobRecord>, JobsError> {
+        each!(self, s => s.batch_active(tenant, id).await)
     }
 
     /// Returns the RUNNING job of a `delivery` just reclaimed by `consumer` to QUEUED: the worker
@@ -537,7 +648,7 @@ pub fn now_ms() -> i64 {
 }
 
 /// A protobuf timestamp of Unix ms (None for 0).
-fn timestamp(ms: i64) -> Option<prost_types::Timestamp> {
+pub(crate) fn timestamp(ms: i64) -> Option<prost_types::Timestamp> {
     (ms > 0).then(|| prost_types::Timestamp {
         seconds: ms.div_euclid(1000),
         nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),

@@ -45,6 +45,8 @@ async fn next(store: &JobStore, consumer: &str) -> Delivery {
         .next(consumer, Duration::from_millis(200))
         .await
         .unwrap()
+        .into_iter()
+        .next()
         .expect("a delivery")
 }
 
@@ -161,7 +163,7 @@ async fn a_lost_delivery_is_reclaimed_and_a_poison_job_dead_lettered(store: &Job
     // w1 takes the job and dies without a word.
     let lost = next(store, "w1").await;
     store.start(&lost, "w1", &config).await.unwrap().unwrap();
-    let reclaimed = store.reclaim("w2", Duration::ZERO).await.unwrap();
+    let reclaimed = store.reclaim("w2", Duration::ZERO, &config).await.unwrap();
     assert_eq!(reclaimed.len(), 1);
     // The lost lease returns the job to QUEUED; the next start counts the next attempt.
     store.lost(&reclaimed[0], "w2").await.unwrap();
@@ -209,7 +211,7 @@ async fn a_retried_job_is_queued_again_after_its_backoff(store: &JobStore) {
     assert_eq!((job.state, job.attempts), (state::QUEUED, 1));
     assert!(
         store
-            .reclaim("w1", Duration::from_secs(60))
+            .reclaim("w1", Duration::from_secs(60), &config)
             .await
             .unwrap()
             .is_empty()
@@ -378,6 +380,313 @@ async fn the_callback_outbox_survives_a_dispatcher_crash(store: &JobStore) {
     assert!(store.claim_callbacks(lease, 10).await.unwrap().is_empty());
 }
 
+fn batch_config(concurrency: u32) -> JobsConfig {
+    let mut config = config();
+    config.batches.concurrency = concurrency;
+    config.batches.capacity = 20;
+    config
+}
+
+fn new_batch(
+    request_id: &str,
+    items: usize,
+    expire_in: Duration,
+    not_before_ms: i64,
+) -> batch::NewBatch {
+    let id = format!("batch-{}", uuid::Uuid::new_v4().simple());
+    batch::NewBatch {
+        items: (0..items)
+            .map(|n| Job {
+                id: batch::item_job_id(&id, n),
+                request: Some(CompleteRequest {
+                    model: "sim-small".to_string(),
+                    ..CompleteRequest::default()
+                }),
+                batch_id: id.clone(),
+                custom_id: format!("item-{n}"),
+                ..Job::default()
+            })
+            .collect(),
+        id,
+        request_id: request_id.to_string(),
+        body: weir_proto::router::Batch::default(),
+        expire_ms: now_ms() + i64::try_from(expire_in.as_millis()).unwrap(),
+        not_before_ms,
+    }
+}
+
+/// Every delivery available now (none left when it returns).
+async fn drain(store: &JobStore, consumer: &str) -> Vec<Delivery> {
+    let mut all = Vec::new();
+    loop {
+        let got = store
+            .next(consumer, Duration::from_millis(50))
+            .await
+            .unwrap();
+        if got.is_empty() {
+            return all;
+        }
+        all.extend(got);
+    }
+}
+
+async fn all_results(store: &JobStore, tenant: &Tenant, id: &str) -> Vec<JobRecord> {
+    let mut from = 0;
+    let mut jobs = Vec::new();
+    loop {
+        let page = store.batch_results(tenant, id, from, 2).await.unwrap();
+        if page.next == from {
+            return jobs;
+        }
+        from = page.next;
+        jobs.extend(page.jobs);
+    }
+}
+
+fn answer() -> CompleteResponse {
+    CompleteResponse {
+        model: "sim-ok".to_string(),
+        ..CompleteResponse::default()
+    }
+}
+
+async fn a_batch_runs_every_item_once_within_its_concurrency(store: &JobStore) {
+    let acme = tenant("acme");
+    let config = batch_config(2);
+    let created = store
+        .create_batch(
+            &acme,
+            new_batch("b-1", 5, Duration::from_secs(60), 0),
+            &config,
+        )
+        .await
+        .unwrap();
+    assert!(created.created);
+    let batch = created.batch;
+    assert_eq!((batch.state, batch.total), (batch::state::IN_PROGRESS, 5));
+    // A retried create returns the same batch and queues nothing more.
+    let again = store
+        .create_batch(
+            &acme,
+            new_batch("b-1", 5, Duration::from_secs(60), 0),
+            &config,
+        )
+        .await
+        .unwrap();
+    assert!(!again.created);
+    assert_eq!(again.batch.id, batch.id);
+    let mut seen = std::collections::HashSet::new();
+    loop {
+        let deliveries = drain(store, "w1").await;
+        if deliveries.is_empty() {
+            break;
+        }
+        // Never more than the batch's concurrency on the queue at once.
+        assert!(deliveries.len() <= 2, "{} deliveries", deliveries.len());
+        assert!(deliveries.iter().all(|d| d.queue == Queue::Batch));
+        for delivery in deliveries {
+            let job = store
+                .start(&delivery, "w1", &config)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(job.body.batch_id, batch.id);
+            assert!(seen.insert(job.body.custom_id.clone()), "ran twice");
+            assert!(store.succeed(&delivery, &answer(), &config).await.unwrap());
+        }
+    }
+    assert_eq!(seen.len(), 5);
+    let ended = store.get_batch(&acme, &batch.id).await.unwrap().unwrap();
+    assert_eq!(ended.state, batch::state::COMPLETED);
+    let counts = ended.to_batch().counts.unwrap();
+    assert_eq!((counts.succeeded, counts.pending), (5, 0));
+    let results = all_results(store, &acme, &batch.id).await;
+    let ids: std::collections::HashSet<_> =
+        results.iter().map(|j| j.body.custom_id.clone()).collect();
+    assert_eq!((results.len(), ids.len()), (5, 5), "each item exactly once");
+    assert!(
+        results
+            .iter()
+            .all(|j| j.result.as_ref().is_some_and(|r| r.model == "sim-ok"))
+    );
+    assert_eq!(store.pending().await.unwrap(), 0);
+    // Listed, newest first, paginated; another tenant does not see it.
+    let second = store
+        .create_batch(&acme, new_batch("", 1, Duration::from_secs(60), 0), &config)
+        .await
+        .unwrap()
+        .batch;
+    let page = store.list_batches(&acme, 1, None).await.unwrap();
+    assert_eq!(page.batches[0].id, second.id);
+    let rest = store.list_batches(&acme, 5, page.next).await.unwrap();
+    assert_eq!(rest.batches.len(), 1);
+    assert_eq!(rest.batches[0].id, batch.id);
+    assert_eq!(rest.next, None);
+    let globex = tenant("globex");
+    assert!(
+        store
+            .list_batches(&globex, 5, None)
+            .await
+            .unwrap()
+            .batches
+            .is_empty()
+    );
+    assert!(store.get_batch(&globex, &batch.id).await.unwrap().is_none());
+    // A full queue refuses a batch it cannot hold (one item of `second` is open).
+    let full = store
+        .create_batch(
+            &acme,
+            new_batch("", 20, Duration::from_secs(60), 0),
+            &config,
+        )
+        .await;
+    assert!(matches!(full, Err(JobsError::BatchesFull(20))), "{full:?}");
+}
+
+async fn a_cancelled_batch_lets_running_items_finish(store: &JobStore) {
+    let acme = tenant("acme");
+    let config = batch_config(2);
+    let batch = store
+        .create_batch(&acme, new_batch("", 4, Duration::from_secs(60), 0), &config)
+        .await
+        .unwrap()
+        .batch;
+    let deliveries = drain(store, "w1").await;
+    assert_eq!(deliveries.len(), 2);
+    let running = &deliveries[0];
+    store.start(running, "w1", &config).await.unwrap().unwrap();
+    let cancelled = store
+        .cancel_batch(&acme, &batch.id, &config)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(cancelled.state, batch::state::CANCELLING);
+    // The queued item and the two never queued ended; the running one may finish.
+    assert_eq!(cancelled.cancelled, 3);
+    assert!(
+        store
+            .start(&deliveries[1], "w1", &config)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(store.succeed(running, &answer(), &config).await.unwrap());
+    let ended = store.get_batch(&acme, &batch.id).await.unwrap().unwrap();
+    assert_eq!(ended.state, batch::state::CANCELLED);
+    assert_eq!((ended.succeeded, ended.cancelled), (1, 3));
+    let results = all_results(store, &acme, &batch.id).await;
+    assert_eq!(results.len(), 4);
+    let reasons: Vec<_> = results
+        .iter()
+        .filter_map(|j| j.error.as_ref().map(|e| e.reason.clone()))
+        .collect();
+    assert_eq!(reasons, vec![batch::BATCH_CANCELLED.to_string(); 3]);
+    assert!(drain(store, "w1").await.is_empty(), "nothing more runs");
+    assert_eq!(store.pending().await.unwrap(), 0);
+    // Cancelling again changes nothing.
+    let again = store
+        .cancel_batch(&acme, &batch.id, &config)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.state, batch::state::CANCELLED);
+}
+
+async fn an_expired_batch_keeps_its_results(store: &JobStore) {
+    let acme = tenant("acme");
+    let config = batch_config(1);
+    let batch = store
+        .create_batch(
+            &acme,
+            new_batch("", 3, Duration::from_millis(300), 0),
+            &config,
+        )
+        .await
+        .unwrap()
+        .batch;
+    let first = drain(store, "w1").await;
+    assert_eq!(first.len(), 1);
+    store
+        .start(&first[0], "w1", &config)
+        .await
+        .unwrap()
+        .unwrap();
+    store.succeed(&first[0], &answer(), &config).await.unwrap();
+    let second = drain(store, "w1").await;
+    store
+        .start(&second[0], "w1", &config)
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    // The janitor's round expires it: the running item too, and the one never queued.
+    store
+        .reclaim("w1", Duration::from_secs(60), &config)
+        .await
+        .unwrap();
+    let ended = store.get_batch(&acme, &batch.id).await.unwrap().unwrap();
+    assert_eq!(ended.state, batch::state::EXPIRED);
+    assert_eq!((ended.succeeded, ended.cancelled), (1, 2));
+    // The late answer of the running item is not stored.
+    assert!(!store.succeed(&second[0], &answer(), &config).await.unwrap());
+    let results = all_results(store, &acme, &batch.id).await;
+    assert_eq!(results.len(), 3);
+    assert_eq!(results[0].state, state::SUCCEEDED);
+    assert!(results[1..].iter().all(|j| {
+        j.state == state::EXPIRED
+            && j.error
+                .as_ref()
+                .is_some_and(|e| e.reason == batch::BATCH_EXPIRED)
+    }));
+    assert_eq!(store.pending().await.unwrap(), 0);
+}
+
+async fn a_batch_waits_for_its_not_before_time(store: &JobStore) {
+    let acme = tenant("acme");
+    let config = batch_config(8);
+    let batch = store
+        .create_batch(
+            &acme,
+            new_batch("", 2, Duration::from_secs(60), now_ms() + 300),
+            &config,
+        )
+        .await
+        .unwrap()
+        .batch;
+    assert!(
+        drain(store, "w1").await.is_empty(),
+        "nothing before not_before"
+    );
+    store
+        .reclaim("w1", Duration::from_secs(60), &config)
+        .await
+        .unwrap();
+    assert!(drain(store, "w1").await.is_empty());
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    store
+        .reclaim("w1", Duration::from_secs(60), &config)
+        .await
+        .unwrap();
+    let deliveries = drain(store, "w1").await;
+    assert_eq!(deliveries.len(), 2);
+    // An item whose worker died is reclaimed like any job.
+    store
+        .start(&deliveries[0], "w1", &config)
+        .await
+        .unwrap()
+        .unwrap();
+    let reclaimed = store.reclaim("w2", Duration::ZERO, &config).await.unwrap();
+    assert_eq!(reclaimed.len(), 2);
+    for delivery in &reclaimed {
+        store.lost(delivery, "w2").await.unwrap();
+        store.start(delivery, "w2", &config).await.unwrap().unwrap();
+        store.succeed(delivery, &answer(), &config).await.unwrap();
+    }
+    let ended = store.get_batch(&acme, &batch.id).await.unwrap().unwrap();
+    assert_eq!((ended.state, ended.succeeded), (batch::state::COMPLETED, 2));
+    assert_eq!(store.pending().await.unwrap(), 0);
+}
+
 macro_rules! both_stores {
     ($($suite:ident),* $(,)?) => {
         mod memory_store {
@@ -414,6 +723,10 @@ both_stores!(
     lists_are_newest_first_paginated_and_tenant_scoped,
     an_unstarted_job_expires,
     the_callback_outbox_survives_a_dispatcher_crash,
+    a_batch_runs_every_item_once_within_its_concurrency,
+    a_cancelled_batch_lets_running_items_finish,
+    an_expired_batch_keeps_its_results,
+    a_batch_waits_for_its_not_before_time,
 );
 
 fn redis_url() -> String {

@@ -4,8 +4,10 @@
 //!
 //! The call is signed with the mesh identity for the job's tenant (`weir-tenant` plus the mesh
 //! token of [`weir_mesh::identity`]), at criticality SHEDDABLE_PLUS so the router's admission
-//! serves interactive traffic first, with the job id as its `request_id`: a job re-run after its
-//! worker died is answered from the router's idempotency records, so it is paid once.
+//! serves interactive traffic first (batch items: SHEDDABLE, shed before async jobs, and
+//! `weir-price-tier: batch` so they are priced at the batch tier), with the job id as its
+//! `request_id`: a job re-run after its worker died is answered from the router's idempotency
+//! records, so it is paid once.
 //!
 //! Outcomes: an answer → SUCCEEDED (the result is stored, then the delivery acknowledged, in one
 //! step); a retryable error ([`retryable`]) → QUEUED again after a backoff, dead-lettered after
@@ -32,7 +34,8 @@ use weir_mesh::{
 };
 use weir_proto::router::{JobError, router_service_client::RouterServiceClient};
 
-use super::{Delivery, JobRecord, JobStore, JobsConfig, api::Jobs, callbacks::Dispatcher};
+use super::{Delivery, JobRecord, JobStore, JobsConfig, Queue, api::Jobs, callbacks::Dispatcher};
+use weir_mesh::metadata::{BATCH_PRICE_TIER, PRICE_TIER};
 
 /// How often a worker reclaims stuck deliveries and promotes retries.
 pub const JANITOR_INTERVAL: Duration = Duration::from_millis(500);
@@ -66,7 +69,8 @@ pub fn router_client(
 
 /// Starts `count` workers on `jobs`, calling the router at `router_url` signed with `identity`,
 /// until `shutdown`. Their consumer names are `<host>-<pid>-<random>-<n>`, unique per process.
-/// With at least one worker, a callback [`Dispatcher`] runs too.
+/// With at least one worker, a callback [`Dispatcher`] and the recurring batches
+/// ([`super::schedule`]) run too.
 pub fn spawn(
     jobs: &Jobs,
     count: usize,
@@ -93,8 +97,11 @@ pub fn spawn(
         })
         .collect();
     if count > 0 {
-        // Callbacks are delivered wherever workers run.
+        // Callbacks are delivered, and recurring batches created, wherever workers run.
         let dispatcher = Dispatcher::new(jobs.store().clone(), jobs.config().callbacks.clone())?;
+        let schedules =
+            super::schedule::parse_all(&jobs.config().schedules, "router.jobs.schedules")?;
+        handles.extend(super::schedule::spawn(schedules, client, shutdown.clone()));
         handles.push(tokio::spawn(dispatcher.run(shutdown)));
     }
     Ok(handles)
@@ -117,7 +124,7 @@ impl Worker {
                 janitor_due = tokio::time::Instant::now() + JANITOR_INTERVAL;
                 match self
                     .store
-                    .reclaim(&self.consumer, self.config.reclaim_after())
+                    .reclaim(&self.consumer, self.config.reclaim_after(), &self.config)
                     .await
                 {
                     Ok(reclaimed) => {
@@ -143,8 +150,11 @@ impl Worker {
                 next = self.store.next(&self.consumer, READ_WAIT) => next,
             };
             match next {
-                Ok(Some(delivery)) => self.handle(delivery, &shutdown).await,
-                Ok(None) => {}
+                Ok(deliveries) => {
+                    for delivery in deliveries {
+                        self.handle(delivery, &shutdown).await;
+                    }
+                }
                 Err(error) => {
                     tracing::warn!(%error, "job queue could not be read");
                     tokio::time::sleep(ERROR_PAUSE).await;
@@ -212,9 +222,18 @@ impl Worker {
         delivery: &Delivery,
         job: &JobRecord,
     ) -> Result<weir_proto::router::CompleteResponse, Status> {
+        // Async jobs come after interactive traffic, batch items after everything.
+        let (criticality, tier) = match delivery.queue {
+            Queue::Async => (Criticality::SheddablePlus, None),
+            Queue::Batch => (Criticality::Sheddable, Some(BATCH_PRICE_TIER)),
+        };
         let mut body = job.body.request.clone().unwrap_or_default();
         body.request_id.clone_from(&job.id);
-        body.criticality = weir_proto::common::Criticality::SheddablePlus.into();
+        body.criticality = match criticality {
+            Criticality::Sheddable => weir_proto::common::Criticality::Sheddable,
+            _ => weir_proto::common::Criticality::SheddablePlus,
+        }
+        .into();
         let tenant = tonic::metadata::MetadataValue::try_from(delivery.tenant.as_str())
             .map_err(|_| Status::internal("tenant id is not valid metadata"))?;
         let give_up = tokio::time::Instant::now() + self.config.handler_limit;
@@ -222,7 +241,13 @@ impl Worker {
             let mut request = tonic::Request::new(body.clone());
             request.set_timeout(give_up.saturating_duration_since(tokio::time::Instant::now()));
             request.metadata_mut().insert(TENANT, tenant.clone());
-            Criticality::SheddablePlus.set_on(&mut request);
+            if let Some(tier) = tier {
+                request.metadata_mut().insert(
+                    PRICE_TIER,
+                    tonic::metadata::MetadataValue::from_static(tier),
+                );
+            }
+            criticality.set_on(&mut request);
             let mut client = self.client.clone();
             let outcome = client.complete(request).await;
             // The router could not be reached, shed the job for more important traffic, or the

@@ -1,5 +1,6 @@
 -- Ends the job FAILED with its error, then acknowledges its delivery.
--- ARGV: 4 id  5 entry  6 code  7 message  8 reason  9 retention (ms)
+-- ARGV: 4 id  5 entry  6 code  7 message  8 reason  9 retention (ms)  10 queue
+use_queue(ARGV[10])
 local id, entry = ARGV[4], ARGV[5]
 local h = load(id)
 if not h or tonumber(h.state) >= 3 then

@@ -1,7 +1,8 @@
 -- A retryable failure: the job is QUEUED again, to be delivered after its backoff, or
 -- dead-lettered when it has had max_deliveries.
 -- ARGV: 4 id  5 entry  6 code  7 message  8 reason  9 due (Unix ms)  10 max_deliveries
---       11 retention (ms)
+--       11 retention (ms)  12 queue
+use_queue(ARGV[12])
 local id, entry = ARGV[4], ARGV[5]
 local h = load(id)
 if not h or tonumber(h.state) >= 3 then

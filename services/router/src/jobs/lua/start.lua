@@ -1,6 +1,8 @@
 -- A worker took a delivery: the job is RUNNING under its lease, or the delivery is dropped
 -- (terminal job), the job EXPIRED (never started before its deadline) or dead-lettered.
--- ARGV: 4 id  5 entry  6 consumer  7 max_deliveries  8 retention (ms)
+-- A batch item whose batch is closing ends (CANCELLED or EXPIRED) instead of running.
+-- ARGV: 4 id  5 entry  6 consumer  7 max_deliveries  8 retention (ms)  9 queue
+use_queue(ARGV[9])
 local id, entry = ARGV[4], ARGV[5]
 local h = load(id)
 if not h then
@@ -14,6 +16,10 @@ if st >= 3 then
 end
 if tonumber(h.attempts) == 0 and tonumber(h.expire) > 0 and tonumber(h.expire) <= NOW then
   finish(id, '6', ARGV[8])
+  ack(entry)
+  return {'skip'}
+end
+if closed_by_batch(h, ARGV[8]) then
   ack(entry)
   return {'skip'}
 end

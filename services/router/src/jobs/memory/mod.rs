@@ -14,8 +14,10 @@ use weir_mesh::tenant::Tenant;
 use weir_proto::router::{CompleteResponse, JobError};
 
 use super::{
-    Delivery, JobPage, JobRecord, JobsConfig, JobsError, ListQuery, NewJob, Submitted, state,
+    Delivery, JobPage, JobRecord, JobsConfig, JobsError, ListQuery, NewJob, Queue, Submitted, state,
 };
+
+mod batches;
 
 /// The in-memory job store. Cheap to clone (clones share the jobs).
 #[derive(Debug, Clone, Default)]
@@ -36,8 +38,18 @@ struct State {
     index: HashMap<Tenant, BTreeMap<u64, String>>,
     seq: HashMap<Tenant, u64>,
     requests: HashMap<(Tenant, String), String>,
-    /// Entries not yet read.
+    /// Entries not yet read, of the async queue.
     stream: VecDeque<Delivery>,
+    /// Entries not yet read, of the batch queue.
+    batch_stream: VecDeque<Delivery>,
+    /// Batches by (tenant, id).
+    batches: HashMap<(Tenant, String), batches::MemBatch>,
+    /// By tenant: batch sequence → batch id.
+    batch_index: HashMap<Tenant, BTreeMap<u64, String>>,
+    /// Batch ids by (tenant, request_id).
+    batch_requests: HashMap<(Tenant, String), String>,
+    /// Items of open batches that have not ended.
+    batch_open: u64,
     /// Entries read and not acknowledged: entry → (delivery, consumer, last delivered).
     pending: HashMap<String, (Delivery, String, Instant)>,
     /// Jobs waiting out a backoff: (due ms, tenant, id).
@@ -50,29 +62,41 @@ struct State {
 }
 
 impl State {
-    fn add_entry(&mut self, tenant: &Tenant, id: &str) -> String {
+    fn add_entry(&mut self, queue: Queue, tenant: &Tenant, id: &str) -> String {
         self.next_entry += 1;
         let entry = format!("{}-0", self.next_entry);
-        self.stream.push_back(Delivery {
+        let delivery = Delivery {
+            queue,
             tenant: tenant.clone(),
             id: id.to_string(),
             entry: entry.clone(),
-        });
+        };
+        match queue {
+            Queue::Async => self.stream.push_back(delivery),
+            Queue::Batch => self.batch_stream.push_back(delivery),
+        }
         entry
     }
 
     fn ack(&mut self, entry: &str) {
         self.pending.remove(entry);
         self.stream.retain(|d| d.entry != entry);
+        self.batch_stream.retain(|d| d.entry != entry);
     }
 
-    /// Moves an open job to a terminal state (once).
+    /// Moves an open job to a terminal state (once); a batch item is counted in its batch.
     fn finish(&mut self, tenant: &Tenant, id: &str, to: i32, now_ms: i64) {
+        let mut batch = None;
         if let Some(job) = self.jobs.get_mut(&(tenant.clone(), id.to_string())) {
             job.state = to;
             job.end_ms = now_ms;
             job.lease.clear();
-            self.open = self.open.saturating_sub(1);
+            if job.body.batch_id.is_empty() {
+                self.open = self.open.saturating_sub(1);
+            } else {
+                self.batch_open = self.batch_open.saturating_sub(1);
+                batch = Some(job.body.batch_id.clone());
+            }
             if job.body.callback.is_some() {
                 // In the same step as the result: nothing is sent before it is stored.
                 self.callbacks
@@ -80,6 +104,9 @@ impl State {
             }
         }
         self.delayed.retain(|(_, t, i)| !(t == tenant && i == id));
+        if let Some(batch) = batch {
+            self.item_ended(tenant, &batch, id, to, now_ms);
+        }
     }
 
     fn dead_letter(&mut self, delivery: &Delivery, now_ms: i64) {
@@ -164,7 +191,7 @@ impl MemoryJobs {
             .or_default()
             .insert(seq, new.id.clone());
         st.open += 1;
-        let entry = st.add_entry(tenant, &new.id);
+        let entry = st.add_entry(Queue::Async, tenant, &new.id);
         let job = JobRecord {
             id: new.id.clone(),
             state: state::QUEUED,
@@ -236,22 +263,27 @@ impl MemoryJobs {
         &self,
         consumer: &str,
         wait: Duration,
-    ) -> Result<Option<Delivery>, JobsError> {
+    ) -> Result<Vec<Delivery>, JobsError> {
         let deadline = Instant::now() + wait;
         loop {
             let arrived = self.inner.arrived.notified();
             {
                 let mut st = self.lock()?;
-                if let Some(delivery) = st.stream.pop_front() {
+                // The async queue first: one delivery at a time.
+                let next = match st.stream.pop_front() {
+                    Some(delivery) => Some(delivery),
+                    None => st.batch_stream.pop_front(),
+                };
+                if let Some(delivery) = next {
                     st.pending.insert(
                         delivery.entry.clone(),
                         (delivery.clone(), consumer.to_string(), Instant::now()),
                     );
-                    return Ok(Some(delivery));
+                    return Ok(vec![delivery]);
                 }
             }
             if tokio::time::timeout_at(deadline, arrived).await.is_err() {
-                return Ok(None);
+                return Ok(Vec::new());
             }
         }
     }
@@ -260,6 +292,7 @@ impl MemoryJobs {
         &self,
         consumer: &str,
         idle: Duration,
+        _config: &JobsConfig,
         now_ms: i64,
     ) -> Result<Vec<Delivery>, JobsError> {
         let mut st = self.lock()?;
@@ -268,17 +301,25 @@ impl MemoryJobs {
         for (due, tenant, id) in delayed {
             if due > now_ms {
                 st.delayed.push((due, tenant, id));
-            } else if st
-                .job(&tenant, &id)
-                .is_some_and(|j| j.state == state::QUEUED)
-            {
-                let entry = st.add_entry(&tenant, &id);
-                if let Some(job) = st.jobs.get_mut(&(tenant, id)) {
-                    job.entry = entry;
-                }
-                promoted = true;
+                continue;
             }
+            let queue = match st.job(&tenant, &id) {
+                Some(job) if job.state == state::QUEUED => {
+                    if job.body.batch_id.is_empty() {
+                        Queue::Async
+                    } else {
+                        Queue::Batch
+                    }
+                }
+                _ => continue,
+            };
+            let entry = st.add_entry(queue, &tenant, &id);
+            if let Some(job) = st.jobs.get_mut(&(tenant, id)) {
+                job.entry = entry;
+            }
+            promoted = true;
         }
+        promoted |= st.tick_batches(now_ms);
         let now = Instant::now();
         let mut reclaimed = Vec::new();
         for (delivery, owner, since) in st.pending.values_mut() {
@@ -347,6 +388,14 @@ impl MemoryJobs {
             st.ack(&delivery.entry);
             return Ok(None);
         }
+        let batch = job.body.batch_id.clone();
+        if !batch.is_empty() && st.closed_by_batch(&delivery.tenant, &batch, &delivery.id, now_ms) {
+            st.ack(&delivery.entry);
+            return Ok(None);
+        }
+        let Some(job) = st.open_job(delivery) else {
+            return Ok(None);
+        };
         if job.attempts >= config.max_deliveries {
             st.dead_letter(delivery, now_ms);
             return Ok(None);

@@ -24,9 +24,16 @@ use redis::{
 use weir_mesh::{store::redact, tenant::Tenant};
 use weir_proto::router::{CompleteResponse, Job, JobError};
 
-use super::{Delivery, JobPage, JobRecord, JobsConfig, JobsError, ListQuery, NewJob, Submitted};
+use super::{
+    Delivery, JobPage, JobRecord, JobsConfig, JobsError, ListQuery, NewJob, Queue, Submitted,
+};
 
-const PRELUDE: &str = include_str!("lua/prelude.lua");
+mod batches;
+
+/// Both queues, the async one first.
+const QUEUES: [Queue; 2] = [Queue::Async, Queue::Batch];
+
+const PRELUDE: &str = include_str!("../lua/prelude.lua");
 /// The consumer group of the workers.
 pub const GROUP: &str = "workers";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -50,23 +57,33 @@ struct Scripts {
     expire: Script,
     callback_claim: Script,
     callback_outcome: Script,
+    batch_begin: Script,
+    batch_add: Script,
+    batch_open: Script,
+    batch_cancel: Script,
+    batch_tick: Script,
 }
 
 impl Scripts {
     fn new() -> Self {
         let script = |body: &str| Script::new(&format!("{PRELUDE}\n{body}"));
         Self {
-            submit: script(include_str!("lua/submit.lua")),
-            start: script(include_str!("lua/start.lua")),
-            succeed: script(include_str!("lua/succeed.lua")),
-            fail: script(include_str!("lua/fail.lua")),
-            retry: script(include_str!("lua/retry.lua")),
-            cancel: script(include_str!("lua/cancel.lua")),
-            promote: script(include_str!("lua/promote.lua")),
-            lost: script(include_str!("lua/lost.lua")),
-            expire: script(include_str!("lua/expire.lua")),
-            callback_claim: script(include_str!("lua/callback_claim.lua")),
-            callback_outcome: script(include_str!("lua/callback_outcome.lua")),
+            submit: script(include_str!("../lua/submit.lua")),
+            start: script(include_str!("../lua/start.lua")),
+            succeed: script(include_str!("../lua/succeed.lua")),
+            fail: script(include_str!("../lua/fail.lua")),
+            retry: script(include_str!("../lua/retry.lua")),
+            cancel: script(include_str!("../lua/cancel.lua")),
+            promote: script(include_str!("../lua/promote.lua")),
+            lost: script(include_str!("../lua/lost.lua")),
+            expire: script(include_str!("../lua/expire.lua")),
+            callback_claim: script(include_str!("../lua/callback_claim.lua")),
+            callback_outcome: script(include_str!("../lua/callback_outcome.lua")),
+            batch_begin: script(include_str!("../lua/batch_begin.lua")),
+            batch_add: script(include_str!("../lua/batch_add.lua")),
+            batch_open: script(include_str!("../lua/batch_open.lua")),
+            batch_cancel: script(include_str!("../lua/batch_cancel.lua")),
+            batch_tick: script(include_str!("../lua/batch_tick.lua")),
         }
     }
 }
@@ -110,9 +127,9 @@ impl RedisJobs {
         })
     }
 
-    /// `<prefix>:jobs:async`, the queue's stream.
-    pub fn stream_key(&self) -> String {
-        format!("{}:jobs:async", self.prefix)
+    /// `<prefix>:jobs:<queue>`, a queue's stream.
+    pub fn stream_key(&self, queue: Queue) -> String {
+        format!("{}:jobs:{}", self.prefix, queue.as_str())
     }
 
     fn invocation<'a>(
@@ -268,30 +285,35 @@ impl RedisJobs {
         Ok(conn)
     }
 
-    /// Creates the stream and its group, if they do not exist yet.
-    async fn ensure_group(&self) -> Result<(), JobsError> {
+    /// Creates the streams and their group, if they do not exist yet.
+    async fn ensure_groups(&self) -> Result<(), JobsError> {
         let mut conn = self.conn.clone();
-        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(self.stream_key())
-            .arg(GROUP)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut conn)
-            .await;
-        match created {
-            Err(error) if error.code() != Some("BUSYGROUP") => Err(error.into()),
-            _ => Ok(()),
+        for queue in QUEUES {
+            let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(self.stream_key(queue))
+                .arg(GROUP)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async(&mut conn)
+                .await;
+            if let Err(error) = created
+                && error.code() != Some("BUSYGROUP")
+            {
+                return Err(error.into());
+            }
         }
+        Ok(())
     }
 
-    pub(super) async fn next(
+    /// One blocking read of both streams for `consumer`: at most one new entry of each.
+    async fn read(
         &self,
+        conn: &mut MultiplexedConnection,
         consumer: &str,
         wait: Duration,
-    ) -> Result<Option<Delivery>, JobsError> {
-        let mut conn = self.reader(consumer).await?;
-        let read: redis::RedisResult<Option<StreamReadReply>> = redis::cmd("XREADGROUP")
+    ) -> redis::RedisResult<Option<StreamReadReply>> {
+        redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(GROUP)
             .arg(consumer)
@@ -300,15 +322,29 @@ impl RedisJobs {
             .arg("BLOCK")
             .arg(millis(wait))
             .arg("STREAMS")
-            .arg(self.stream_key())
+            .arg(self.stream_key(Queue::Async))
+            .arg(self.stream_key(Queue::Batch))
             .arg(">")
-            .query_async(&mut conn)
-            .await;
+            .arg(">")
+            .query_async(conn)
+            .await
+    }
+
+    pub(super) async fn next(
+        &self,
+        consumer: &str,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>, JobsError> {
+        let mut conn = self.reader(consumer).await?;
+        let mut read = self.read(&mut conn, consumer, wait).await;
+        if let Err(error) = &read
+            && error.code() == Some("NOGROUP")
+        {
+            // A stream (or its group) does not exist yet: create both, then read.
+            self.ensure_groups().await?;
+            read = self.read(&mut conn, consumer, wait).await;
+        }
         let reply = match read {
-            Err(error) if error.code() == Some("NOGROUP") => {
-                self.ensure_group().await?;
-                return Ok(None);
-            }
             Err(error) => {
                 // A reader's connection is not a connection manager: once Redis has gone away
                 // (a restart, a failover) it stays broken. Forget it, so the next read connects
@@ -318,42 +354,65 @@ impl RedisJobs {
             }
             Ok(reply) => reply,
         };
-        Ok(reply
+        let batch_stream = self.stream_key(Queue::Batch);
+        let mut deliveries: Vec<Delivery> = reply
             .into_iter()
             .flat_map(|r| r.keys)
-            .flat_map(|k| k.ids)
-            .find_map(|entry| delivery(&entry)))
+            .flat_map(|k| {
+                let queue = if k.key == batch_stream {
+                    Queue::Batch
+                } else {
+                    Queue::Async
+                };
+                k.ids
+                    .into_iter()
+                    .filter_map(move |entry| delivery(&entry, queue))
+            })
+            .collect();
+        deliveries.sort_by_key(|d| d.queue == Queue::Batch);
+        Ok(deliveries)
     }
 
     pub(super) async fn reclaim(
         &self,
         consumer: &str,
         idle: Duration,
+        config: &JobsConfig,
         now_ms: i64,
     ) -> Result<Vec<Delivery>, JobsError> {
         let mut invocation = self.invocation(&self.scripts.promote, "", now_ms);
         invocation.arg(PROMOTE_BATCH);
         let mut conn = self.conn.clone();
         let _: Value = invocation.invoke_async(&mut conn).await?;
-        let claimed: redis::RedisResult<StreamAutoClaimReply> = redis::cmd("XAUTOCLAIM")
-            .arg(self.stream_key())
-            .arg(GROUP)
-            .arg(consumer)
-            .arg(u64::try_from(idle.as_millis()).unwrap_or(u64::MAX))
-            .arg("0-0")
-            .arg("COUNT")
-            .arg(RECLAIM_BATCH)
-            .query_async(&mut conn)
-            .await;
-        let claimed = match claimed {
-            Err(error) if error.code() == Some("NOGROUP") => {
-                self.ensure_group().await?;
-                return Ok(Vec::new());
-            }
-            other => other?,
-        };
-        // An entry deleted since it was read (its job ended) has nothing left to run.
-        Ok(claimed.claimed.iter().filter_map(delivery).collect())
+        self.tick_batches(config, now_ms).await?;
+        let mut reclaimed = Vec::new();
+        for queue in QUEUES {
+            let claimed: redis::RedisResult<StreamAutoClaimReply> = redis::cmd("XAUTOCLAIM")
+                .arg(self.stream_key(queue))
+                .arg(GROUP)
+                .arg(consumer)
+                .arg(u64::try_from(idle.as_millis()).unwrap_or(u64::MAX))
+                .arg("0-0")
+                .arg("COUNT")
+                .arg(RECLAIM_BATCH)
+                .query_async(&mut conn)
+                .await;
+            let claimed = match claimed {
+                Err(error) if error.code() == Some("NOGROUP") => {
+                    self.ensure_groups().await?;
+                    continue;
+                }
+                other => other?,
+            };
+            // An entry deleted since it was read (its job ended) has nothing left to run.
+            reclaimed.extend(
+                claimed
+                    .claimed
+                    .iter()
+                    .filter_map(|entry| delivery(entry, queue)),
+            );
+        }
+        Ok(reclaimed)
     }
 
     pub(super) async fn expire(
@@ -397,7 +456,8 @@ impl RedisJobs {
             .arg(&delivery.entry)
             .arg(consumer)
             .arg(config.max_deliveries)
-            .arg(millis(config.retention));
+            .arg(millis(config.retention))
+            .arg(delivery.queue.as_str());
         let reply = self.run(&invocation).await?;
         match reply.status.as_str() {
             "skip" => Ok(None),
@@ -419,7 +479,8 @@ impl RedisJobs {
             .arg(&delivery.id)
             .arg(&delivery.entry)
             .arg(result.encode_to_vec())
-            .arg(millis(config.retention));
+            .arg(millis(config.retention))
+            .arg(delivery.queue.as_str());
         Ok(self.run(&invocation).await?.status == "ok")
     }
 
@@ -437,7 +498,8 @@ impl RedisJobs {
             .arg(error.code)
             .arg(&error.message)
             .arg(&error.reason)
-            .arg(millis(config.retention));
+            .arg(millis(config.retention))
+            .arg(delivery.queue.as_str());
         Ok(self.run(&invocation).await?.status == "ok")
     }
 
@@ -459,7 +521,8 @@ impl RedisJobs {
             .arg(&error.reason)
             .arg(due)
             .arg(config.max_deliveries)
-            .arg(millis(config.retention));
+            .arg(millis(config.retention))
+            .arg(delivery.queue.as_str());
         self.run(&invocation).await.map(|_| ())
     }
 
@@ -503,47 +566,52 @@ impl RedisJobs {
 
     pub(super) async fn pending(&self) -> Result<u64, JobsError> {
         let mut conn = self.conn.clone();
-        let reply: redis::RedisResult<Value> = redis::cmd("XPENDING")
-            .arg(self.stream_key())
-            .arg(GROUP)
-            .query_async(&mut conn)
-            .await;
-        match reply {
-            Err(error) if error.code() == Some("NOGROUP") => Ok(0),
-            Ok(Value::Array(items)) => match items.first() {
-                Some(Value::Int(count)) => Ok(u64::try_from(*count).unwrap_or(0)),
-                _ => Ok(0),
-            },
-            Ok(_) => Ok(0),
-            Err(error) => Err(error.into()),
+        let mut pending = 0;
+        for queue in QUEUES {
+            let reply: redis::RedisResult<Value> = redis::cmd("XPENDING")
+                .arg(self.stream_key(queue))
+                .arg(GROUP)
+                .query_async(&mut conn)
+                .await;
+            pending += match reply {
+                Err(error) if error.code() == Some("NOGROUP") => 0,
+                Ok(Value::Array(items)) => match items.first() {
+                    Some(Value::Int(count)) => u64::try_from(*count).unwrap_or(0),
+                    _ => 0,
+                },
+                Ok(_) => 0,
+                Err(error) => return Err(error.into()),
+            };
         }
+        Ok(pending)
     }
 
     pub(super) async fn dead_letters(&self) -> Result<Vec<(String, String)>, JobsError> {
         let mut conn = self.conn.clone();
-        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-            .arg(format!("{}:dead", self.stream_key()))
-            .arg("-")
-            .arg("+")
-            .query_async(&mut conn)
-            .await?;
-        Ok(reply
-            .ids
-            .iter()
-            .filter_map(|entry| {
+        let mut dead = Vec::new();
+        for queue in QUEUES {
+            let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                .arg(format!("{}:dead", self.stream_key(queue)))
+                .arg("-")
+                .arg("+")
+                .query_async(&mut conn)
+                .await?;
+            dead.extend(reply.ids.iter().filter_map(|entry| {
                 let tenant: String = entry.get("tenant")?;
                 let id: String = entry.get("id")?;
                 Some((tenant, id))
-            })
-            .collect())
+            }));
+        }
+        Ok(dead)
     }
 }
 
-/// The delivery of a stream entry `{tenant, id}` (None for a malformed entry).
-fn delivery(entry: &StreamId) -> Option<Delivery> {
+/// The delivery of a stream entry `{tenant, id}` of `queue` (None for a malformed entry).
+fn delivery(entry: &StreamId, queue: Queue) -> Option<Delivery> {
     let tenant: String = entry.get("tenant")?;
     let id: String = entry.get("id")?;
     Some(Delivery {
+        queue,
         tenant: Tenant::new(&tenant).ok()?,
         id,
         entry: entry.id.clone(),
