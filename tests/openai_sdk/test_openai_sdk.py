@@ -132,7 +132,7 @@ class OpenAiSdk(unittest.TestCase):
 
         thread = threading.Thread(target=run_first)
         thread.start()
-        time.sleep(0.3)  # the first holds the key for about 1 s (the model's first token)
+        time.sleep(0.5)  # the first holds the key for about 1 s (the model's first token)
         with self.assertRaises(openai.ConflictError) as raised:
             client().chat.completions.create(
                 model="slow",

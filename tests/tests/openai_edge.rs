@@ -401,7 +401,15 @@ async fn each_failure_has_its_http_status_in_openai_s_error_shape() {
             .header("idempotency-key", "busy-1")
             .send();
         let second = async {
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            // Once the first holds the key (its model call has started; the first token takes 1 s).
+            let running = || async {
+                edge.mesh
+                    .inference_api()
+                    .sim_requests()
+                    .iter()
+                    .any(|r| r.request_id == "busy-1")
+            };
+            assert!(eventually(Duration::from_secs(5), running).await);
             // It waits for the first one's answer, within its own deadline.
             edge.post(&chat("slow", "once"))
                 .header("idempotency-key", "busy-1")
