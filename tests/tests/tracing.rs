@@ -262,7 +262,9 @@ async fn one_trace_per_request_from_the_router_to_the_model() {
         ("weir.session.v1.SessionService", "AppendTurns"),
     ];
     let names: Vec<String> = calls.iter().map(|(s, m)| format!("{s}/{m}")).collect();
-    let wanted: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut wanted: Vec<&str> = names.iter().map(String::as_str).collect();
+    // The router's own span ends last (after the answer is sent): wait for it too.
+    wanted.push("weir.router.v1.RouterService/Complete");
     let spans = spans_of(&collector, &telemetry, &trace_id, &wanted).await;
     let server = one(
         &spans,
@@ -321,7 +323,15 @@ async fn one_trace_per_request_from_the_router_to_the_model() {
         .into_inner();
     assert_eq!(answer.model, "sim-ok");
     let trace_id = unhex(&answer.trace_id);
-    let spans = spans_of(&collector, &telemetry, &trace_id, &["chat sim-ok"]).await;
+    // The router's server span ends after its answer is sent, so after the model's span: wait
+    // for both.
+    let spans = spans_of(
+        &collector,
+        &telemetry,
+        &trace_id,
+        &["chat sim-ok", "weir.router.v1.RouterService/Complete"],
+    )
+    .await;
     let server = one(
         &spans,
         "weir.router.v1.RouterService/Complete",

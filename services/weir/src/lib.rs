@@ -9,6 +9,7 @@
 pub mod batch_cli;
 pub mod call;
 pub mod chat;
+pub mod health;
 pub mod jobs_cli;
 pub mod review_cli;
 pub mod stack;

@@ -8,6 +8,7 @@
 //! - `weir review list|show|approve|reject`: the human review queue.
 //! - `weir jobs submit|get|watch|cancel|list`: asynchronous jobs.
 //! - `weir batch submit|get|results|cancel`: batches from an OpenAI batch input file.
+//! - `weir health <addr>`: whether a service serves (grpc.health.v1), for container health checks.
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -106,6 +107,19 @@ enum Command {
         #[command(subcommand)]
         command: BatchCommand,
     },
+    /// Ask a service whether it serves (grpc.health.v1); exit 0 when SERVING. For container
+    /// health checks.
+    Health {
+        /// The service's address (host:port).
+        #[arg(default_value = "127.0.0.1:50051")]
+        addr: String,
+        /// A service name (e.g. weir.router.v1.RouterService); empty asks for the whole server.
+        #[arg(long, default_value = "")]
+        service: String,
+        /// How long to wait for the connection and the answer.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// The human review queue: list, show, approve or reject items.
     Review {
         #[command(flatten)]
@@ -144,6 +158,13 @@ async fn main() -> ExitCode {
                 .map_err(anyhow::Error::from)
         }
         Command::Models { inference } => list_models(&inference).await,
+        Command::Health {
+            addr,
+            service,
+            timeout,
+        } => weir::health::check(&addr, &service, timeout)
+            .await
+            .map(|()| println!("SERVING")),
         Command::Jobs { options, command } => {
             jobs_cli::run(options, command, &mut std::io::stdout().lock()).await
         }

@@ -600,6 +600,54 @@ mod tests {
     }
 
     #[test]
+    fn the_kubernetes_config_loads_with_each_deployments_environment() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/k8s/base");
+        let text = std::fs::read_to_string(dir.join("weir.toml")).unwrap();
+        let config = load(&text).unwrap();
+        assert_eq!(config.server.drain_delay, std::time::Duration::from_secs(5));
+        // Every WEIR_<TABLE>__<KEY> a Deployment sets names a real key: its values (a secret
+        // stands for a Redis URL) applied over the ConfigMap's file, as the environment is.
+        for service in ["inference", "session", "budget", "review", "router"] {
+            let manifest = std::fs::read_to_string(dir.join(format!("{service}.yaml"))).unwrap();
+            let mut table: toml::Table = text.parse().unwrap();
+            let lines: Vec<&str> = manifest.lines().collect();
+            let mut set = 0;
+            for (n, line) in lines.iter().enumerate() {
+                let Some(name) = line.trim().strip_prefix("- name: WEIR_") else {
+                    continue;
+                };
+                if name == "CONFIG" || name.starts_with("MESH__") {
+                    continue;
+                }
+                let value = lines
+                    .get(n + 1)
+                    .and_then(|v| v.trim().strip_prefix("value: "))
+                    .map_or("redis://redis:6379", |v| v.trim_matches('"'));
+                let path: Vec<String> = name.split("__").map(str::to_ascii_lowercase).collect();
+                let (key, tables) = path.split_last().unwrap();
+                let mut at = &mut table;
+                for part in tables {
+                    at = at
+                        .entry(part.clone())
+                        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                        .as_table_mut()
+                        .unwrap();
+                }
+                at.insert(key.clone(), toml::Value::String(value.to_string()));
+                set += 1;
+            }
+            assert!(
+                set >= 2,
+                "{service}.yaml sets its listen address and telemetry"
+            );
+            let config = load(&toml::to_string(&table).unwrap())
+                .unwrap_or_else(|e| panic!("{service}.yaml: {e}"));
+            let service = Service::from_str(service, true).unwrap();
+            assert_eq!(config.listen(service).ip().to_string(), "0.0.0.0");
+        }
+    }
+
+    #[test]
     fn zero_config_is_dev_mode_with_a_generated_mesh_secret() {
         let config = load("").unwrap();
         let up = authenticator(&config, &Service::ALL).unwrap();
