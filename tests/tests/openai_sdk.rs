@@ -52,6 +52,9 @@ sim = {{ error_rate = 1.0, error_code = "UNAVAILABLE", retry_after = "1s" }}
 [models.internal]
 sim = {{ error_rate = 1.0, error_code = "INTERNAL" }}
 {PRICE}
+[models.conflict]
+sim = {{ error_rate = 1.0, error_code = "ABORTED" }}
+{PRICE}
 
 [router]
 budget_url = "http://127.0.0.1:50054"   # replaced by the budget service started with it
