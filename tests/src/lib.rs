@@ -94,6 +94,16 @@ impl Mesh {
         format!("http://{addr}")
     }
 
+    /// The OpenAI base URL of the router's HTTP edge, `http://127.0.0.1:<port>/v1` (the router
+    /// runs it unless `[router.http] listen = ""`).
+    pub fn openai_url(&self) -> String {
+        let addr = self
+            .running()
+            .openai_addr()
+            .expect("the router was started with its HTTP edge");
+        format!("http://{addr}/v1")
+    }
+
     /// A channel to a started service.
     pub fn channel(&self, service: Service) -> Channel {
         weir_mesh::client::lazy_channel(&self.url(service)).expect("valid URL")

@@ -13,6 +13,9 @@
 //!   criticality-aware load shedding under an adaptive concurrency limit) → rate limit
 //!   ([`crate::ratelimit`], the router only) → the service. Health and reflection are never shed,
 //!   authenticated or rate-limited.
+//! - An in-process handle ([`LocalService`], [`GrpcServer::with_local`]): the same layered stack
+//!   and routes as a tower service, for a gateway in the same process (the router's HTTP edge)
+//!   whose calls must take exactly the walk a socket caller's take, without a loopback hop.
 //! - Graceful shutdown: when the [`CancellationToken`] is cancelled the server reports
 //!   NOT_SERVING, waits [`ServerConfig::drain_delay`] (time for load balancers to notice), stops
 //!   accepting, and lets in-flight calls finish for up to [`ServerConfig::shutdown_grace`]; calls
@@ -30,7 +33,7 @@ use tonic::{
     transport::{Server, server::TcpIncoming},
 };
 use tonic_health::ServingStatus;
-use tower::{Service, ServiceBuilder};
+use tower::{Service, ServiceBuilder, ServiceExt};
 
 use crate::{
     admission::{AdmissionConfig, AdmissionController, AdmissionLayer},
@@ -98,6 +101,23 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
+/// `stack` as a [`LocalService`]: its answers' bodies boxed, its errors boxed.
+fn local_service<S, B>(stack: S) -> LocalService
+where
+    S: Service<http::Request<Body>, Response = http::Response<B>> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<tower::BoxError>,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<tower::BoxError>,
+{
+    let boxed =
+        ServiceExt::<http::Request<Body>>::map_response(stack, |response| response.map(Body::new));
+    LocalService::new(ServiceExt::<http::Request<Body>>::map_err(
+        boxed,
+        |error: S::Error| LocalError(error.into()),
+    ))
+}
+
 /// Binds a TCP listener (port 0 picks a free port; read it back with `local_addr`).
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
@@ -115,6 +135,31 @@ pub struct GrpcServer {
     authenticator: Authenticator,
     roles: Vec<(String, Role)>,
     rate_limit: Option<RateLimitLayer>,
+    /// Where to hand the in-process handle once the stack is built.
+    local: Option<tokio::sync::oneshot::Sender<LocalService>>,
+}
+
+/// A server's whole stack (every layer, then the routes) as an in-process tower service: a
+/// `RouterServiceClient::new(local)` calls it as a client over a socket would, minus the socket.
+pub type LocalService =
+    tower::util::BoxCloneSyncService<http::Request<Body>, http::Response<Body>, LocalError>;
+
+/// Why a [`LocalService`] call failed outside gRPC (a layer's own error; gRPC failures are
+/// answers with a status). A named type rather than a bare `BoxError`, which async handlers
+/// holding a client of the service could not prove `Send`.
+#[derive(Debug)]
+pub struct LocalError(tower::BoxError);
+
+impl std::fmt::Display for LocalError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for LocalError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
 }
 
 impl GrpcServer {
@@ -128,7 +173,16 @@ impl GrpcServer {
             authenticator: Authenticator::default_tenant(),
             roles: Vec::new(),
             rate_limit: None,
+            local: None,
         }
+    }
+
+    /// Sends the server's stack, as an in-process [`LocalService`], to `sender` when it starts
+    /// serving. The handle shares the server's layers (one admission limit, one rate limiter)
+    /// and stays usable until it is dropped.
+    pub fn with_local(mut self, sender: tokio::sync::oneshot::Sender<LocalService>) -> Self {
+        self.local = Some(sender);
+        self
     }
 
     /// Names the server in metrics (e.g. `"router"`); the default is the first service's name.
@@ -188,7 +242,7 @@ impl GrpcServer {
 
     /// Serves on `listener` until `shutdown` is cancelled, then drains (see the module doc).
     pub async fn serve(
-        self,
+        mut self,
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<(), ServeError> {
@@ -262,6 +316,11 @@ impl GrpcServer {
             }
         };
         tracing::info!(%addr, services = ?self.names, "serving gRPC");
+        if let Some(sender) = self.local.take() {
+            let stack = layers.clone().service(routes.clone().prepare());
+            // A receiver that went away wanted no handle.
+            let _ = sender.send(local_service(stack));
+        }
         let server = Server::builder()
             .layer(layers)
             .add_routes(routes)

@@ -7,6 +7,9 @@
 //! session_url = "http://127.0.0.1:50053"   # WEIR_ROUTER__SESSION_URL; "" turns sessions off
 //! budget_url = ""                          # WEIR_ROUTER__BUDGET_URL; "" (default) = no budgets
 //!
+//! [router.http]                            # the OpenAI-compatible HTTP edge (crate::openai::edge)
+//! listen = "127.0.0.1:50057"               # WEIR_ROUTER__HTTP__LISTEN; "" turns it off
+//!
 //! [router.budget]                          # only read when budget_url is set
 //! fail_open = false                        # WEIR_ROUTER__BUDGET__FAIL_OPEN
 //! [router.budget.tenants.internal-tools]
@@ -132,6 +135,9 @@ pub struct Config {
     pub idempotency: IdempotencyConfig,
     /// Asynchronous jobs (`[router.jobs]`: queue, workers, capacity; see [`crate::jobs`]).
     pub jobs: crate::jobs::JobsConfig,
+    /// The OpenAI-compatible HTTP edge (`[router.http]`: `listen`, default `127.0.0.1:50057`,
+    /// `""` off; see [`crate::openai::edge`]).
+    pub http: crate::openai::edge::HttpConfig,
 }
 
 impl Default for Config {
@@ -149,6 +155,7 @@ impl Default for Config {
             idempotency: IdempotencyConfig::default(),
             review: ReviewConfig::default(),
             jobs: crate::jobs::JobsConfig::default(),
+            http: crate::openai::edge::HttpConfig::default(),
         }
     }
 }

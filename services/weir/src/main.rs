@@ -219,6 +219,9 @@ async fn serve(config: Option<PathBuf>, services: &[Service]) -> anyhow::Result<
         // The router the job workers call.
         banner.push_str(&format!("{:<10} grpc://{router}\n", "worker"));
     }
+    if let Some(addr) = running.openai_addr() {
+        banner.push_str(&format!("{:<10} http://{addr}/v1\n", "openai"));
+    }
     if let Some(addr) = running.console_addr() {
         banner.push_str(&format!(
             "{:<10} http://{addr}/   reviewer console\n",

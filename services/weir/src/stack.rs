@@ -158,6 +158,9 @@ impl StackConfig {
         if self.review.console.listen.is_some() {
             self.review.console.listen = Some(any);
         }
+        if self.router.http.listen.is_some() {
+            self.router.http.listen = Some(any);
+        }
     }
 }
 
@@ -197,6 +200,17 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// The OpenAI-compatible HTTP edge's address could not be bound.
+    #[error(
+        "cannot listen on {addr} for the OpenAI-compatible HTTP edge: {source} (set [router.http] \
+         listen in weir.toml or WEIR_ROUTER__HTTP__LISTEN; \"\" turns the edge off)"
+    )]
+    HttpBind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The review service could not start (its config or its Redis).
     #[error("review service: {0}")]
     Review(#[from] weir_review::StartError),
@@ -209,6 +223,7 @@ pub struct Running {
     worker_router: Option<String>,
     addrs: BTreeMap<Service, SocketAddr>,
     console: Option<SocketAddr>,
+    openai: Option<SocketAddr>,
     auth_mode: AuthMode,
     inference: Option<weir_inference::InferenceApi>,
     tasks: JoinSet<(Service, Result<(), ServeError>)>,
@@ -235,6 +250,11 @@ impl Running {
     /// Where the reviewer console listens, when the review service was started with one.
     pub fn console_addr(&self) -> Option<SocketAddr> {
         self.console
+    }
+
+    /// Where the OpenAI-compatible HTTP edge listens, when the router was started with one.
+    pub fn openai_addr(&self) -> Option<SocketAddr> {
+        self.openai
     }
 
     /// Started services and their addresses, in start order.
@@ -369,6 +389,23 @@ pub async fn start(
             addr: config.review.console.listen.unwrap_or(config.review.listen),
             source,
         })?;
+    // The HTTP edge is part of the router: bound with it, likewise.
+    let openai_listener = match config.router.http.listen {
+        Some(addr) if listeners.contains_key(&Service::Router) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::HttpBind { addr, source })?,
+        ),
+        _ => None,
+    };
+    let openai = openai_listener
+        .as_ref()
+        .map(TcpListener::local_addr)
+        .transpose()
+        .map_err(|source| StartError::HttpBind {
+            addr: config.router.http.listen.unwrap_or(config.router.listen),
+            source,
+        })?;
     let mut addrs = BTreeMap::new();
     for (service, listener) in &listeners {
         let addr = listener.local_addr().map_err(|source| StartError::Bind {
@@ -404,6 +441,15 @@ pub async fn start(
     let mut servers: Vec<(Service, GrpcServer, TcpListener)> = Vec::new();
     let mut inference = None;
     let mut router_jobs = None;
+    // The HTTP edge calls the router's own stack in the process (every layer, no socket).
+    let (local_router, local_router_rx) = match openai_listener {
+        Some(_) => {
+            let (sender, receiver) = tokio::sync::oneshot::channel();
+            (Some(sender), Some(receiver))
+        }
+        None => (None, None),
+    };
+    let mut local_router = local_router;
     for (service, listener) in listeners {
         let server = match service {
             Service::Router => {
@@ -413,7 +459,10 @@ pub async fn start(
                     authenticator.clone(),
                 )?;
                 router_jobs = jobs;
-                server
+                match local_router.take() {
+                    Some(sender) => server.with_local(sender),
+                    None => server,
+                }
             }
             Service::Inference => {
                 config.inference.validate()?;
@@ -440,6 +489,10 @@ pub async fn start(
         servers.push((service, server, listener));
     }
 
+    let openai_models = match openai_listener {
+        Some(_) => weir_router::openai::edge::model_ids(&config.router, config.catalog.clone())?,
+        None => Vec::new(),
+    };
     let mut workers = Vec::new();
     // The router's own workers call it on its own port, as any client would.
     if let (Some(jobs), Some(router)) = (&router_jobs, addrs.get(&Service::Router)) {
@@ -487,10 +540,30 @@ pub async fn start(
             (Service::Review, served.map_err(ServeError::from))
         });
     }
+    if let (Some(listener), Some(router)) = (openai_listener, local_router_rx) {
+        // The edge calls the router's own server stack in the process, as a client over a
+        // socket would, so every request takes the gRPC walk (auth, admission, limits,
+        // idempotency, budgets) unchanged, without a loopback hop.
+        let models = openai_models.clone();
+        let authenticator = authenticator.clone();
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            let served = match router.await {
+                Ok(router) => {
+                    weir_router::openai::edge::serve(listener, router, models, authenticator, token)
+                        .await
+                }
+                // The router stopped before it served: its own task reports why.
+                Err(_) => Ok(()),
+            };
+            (Service::Router, served.map_err(ServeError::from))
+        });
+    }
     Ok(Running {
         worker_router,
         addrs,
         console,
+        openai,
         auth_mode: authenticator.mode(),
         inference,
         tasks,

@@ -17,6 +17,7 @@ struct Up {
     router: String,
     metrics: String,
     console: String,
+    openai: String,
     logs: Arc<Mutex<Vec<String>>>,
 }
 
@@ -34,6 +35,7 @@ impl Up {
             .env("WEIR_TELEMETRY__LOG_FORMAT", "json")
             .env("WEIR_TELEMETRY__METRICS_LISTEN", "127.0.0.1:0")
             .env("WEIR_REVIEW__CONSOLE__LISTEN", "127.0.0.1:0")
+            .env("WEIR_ROUTER__HTTP__LISTEN", "127.0.0.1:0")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -58,6 +60,7 @@ impl Up {
         let mut router = None;
         let mut metrics = None;
         let mut console = None;
+        let mut openai = None;
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             match rx.recv_timeout(Duration::from_millis(200)) {
@@ -73,6 +76,10 @@ impl Up {
                     let url = line.split("http://").nth(1).unwrap();
                     console = url.split('/').next().map(str::to_string);
                 }
+                Ok(line) if line.starts_with("openai") => {
+                    let url = line.split("http://").nth(1).unwrap();
+                    openai = url.split('/').next().map(str::to_string);
+                }
                 Ok(line) if line.starts_with("Weir is up") => break,
                 Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -83,6 +90,7 @@ impl Up {
             router: router.expect("weir up prints the router's address"),
             metrics: metrics.expect("weir up prints the metrics address"),
             console: console.expect("weir up prints the reviewer console's address"),
+            openai: openai.expect("weir up prints the OpenAI base URL"),
             logs,
         }
     }
@@ -207,6 +215,10 @@ fn up_then_chat_streams_an_answer_and_sigterm_stops_cleanly() {
     let mut refused = String::new();
     stream.read_to_string(&mut refused).unwrap();
     assert!(refused.starts_with("HTTP/1.0 401"), "{refused}");
+
+    // The OpenAI-compatible edge: its model list, served by the same process.
+    let models = get(&up.openai, "/v1/models");
+    assert!(models.contains(r#""id":"auto""#), "{models}");
 
     // Prometheus metrics of the same process: the calls above, by method and code.
     let metrics = scrape(&up.metrics);

@@ -288,6 +288,17 @@ pub fn completion_id(trace_id: &str) -> String {
     }
 }
 
+/// The OpenAI id of the answer to a request with an idempotency key: `chatcmpl-` and a hash of
+/// the key, so a replayed answer has the id of the first (whose trace id was another request's).
+pub fn keyed_id(request_id: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, request_id.as_bytes());
+    let hex: String = digest.as_ref()[..16]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
+    format!("chatcmpl-{hex}")
+}
+
 fn served_model(model: &str, requested_model: &str) -> String {
     if model.is_empty() {
         requested_model.to_string()
@@ -377,11 +388,16 @@ impl ChunkWriter {
                 requested_model: start.requested_model,
                 route: start.route,
                 served_by: served_by_name(start.served_by).to_string(),
-                review_status: review_status_name(ReviewStatus::Unspecified as i32).to_string(),
                 trace_id: start.trace_id,
                 ..WeirInfo::default()
             },
         }
+    }
+
+    /// The same writer with chunks of id `id` (see [`keyed_id`]).
+    pub fn with_id(mut self, id: String) -> Self {
+        self.id = id;
+        self
     }
 
     fn chunk(
@@ -674,6 +690,14 @@ mod tests {
     }
 
     #[test]
+    fn a_keyed_answer_has_an_id_of_its_key() {
+        let id = keyed_id("order-1");
+        assert_eq!(id, keyed_id("order-1"));
+        assert_ne!(id, keyed_id("order-2"));
+        assert_eq!(id.len(), "chatcmpl-".len() + 32);
+    }
+
+    #[test]
     fn a_degraded_answer_names_the_requested_model() {
         let mut degraded = answer();
         degraded.model = String::new();
@@ -711,6 +735,10 @@ mod tests {
         assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
         assert_eq!(first["usage"], serde_json::Value::Null);
         assert_eq!(first["weir"]["served_by"], "primary");
+        assert!(
+            first["weir"].get("review_status").is_none(),
+            "not known yet"
+        );
         let delta = serde_json::to_value(writer.delta("Hi".to_string())).unwrap();
         assert_eq!(delta["choices"][0]["delta"], json!({"content": "Hi"}));
         let last = writer.done(done.clone());

@@ -270,7 +270,9 @@ pub struct WeirInfo {
     pub served_by: String,
     /// Cost charged, in micro-USD.
     pub cost_micros: i64,
-    /// `not_required`, `pending`, `approved`, `rejected`, `edited` or `sampled`.
+    /// `not_required`, `pending`, `approved`, `rejected`, `edited` or `sampled` (left out of a
+    /// stream's first chunk: not known yet).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub review_status: String,
     /// The review item, when one was created.
     #[serde(default, skip_serializing_if = "String::is_empty")]

@@ -38,6 +38,7 @@ pub fn serve_command(service: &str, config: &Path) -> Command {
         .env("RUST_LOG", "warn")
         .env("WEIR_TELEMETRY__METRICS_LISTEN", "")
         .env("WEIR_REVIEW__CONSOLE__LISTEN", "")
+        .env("WEIR_ROUTER__HTTP__LISTEN", "")
         .env(
             format!("WEIR_{}__LISTEN", service.to_ascii_uppercase()),
             "127.0.0.1:0",
