@@ -189,7 +189,10 @@ async fn main() {
         .map(|rows| rows.split(',').map(|n| n.trim().parse().unwrap()).collect());
     let mut baseline = None;
     for (row, (name, mesh, path)) in rows.into_iter().enumerate() {
-        if selected.as_ref().is_some_and(|rows| !rows.contains(&(row + 1))) {
+        if selected
+            .as_ref()
+            .is_some_and(|rows| !rows.contains(&(row + 1)))
+        {
             continue;
         }
         let samples = sequential(mesh, path, calls).await;

@@ -371,7 +371,9 @@ impl BudgetApi {
                     if record.id == id {
                         self.inner.events.metrics.add_reservation();
                     }
-                    self.inner.cache.keep_model(tenant, &record.id, &record.model);
+                    self.inner
+                        .cache
+                        .keep_model(tenant, &record.id, &record.model);
                     return Ok(pb::ReserveResponse {
                         reservation: Some(reservation_to_proto(&record)),
                     });
@@ -456,9 +458,7 @@ impl BudgetApi {
                             .store
                             .reservation(tenant, &req.reservation_id)
                             .await?
-                            .ok_or_else(|| {
-                                ApiError::not_found("reservation", &req.reservation_id)
-                            })?
+                            .ok_or_else(|| ApiError::not_found("reservation", &req.reservation_id))?
                             .model
                     }
                 };
