@@ -4,7 +4,8 @@
 //! instant sim model, real gRPC on loopback, Redis at `WEIR_TEST_REDIS_URL`.
 //!
 //! Prints, per path: p50/p99 of sequential calls (c=1) and the requests per second of 16
-//! concurrent callers. Asserts nothing (machines are shared and noisy).
+//! concurrent callers. Asserts nothing (machines are shared and noisy). `POLICY_PATH_ROWS=3,4`
+//! measures only the rows named (1-based), to profile one path.
 //!
 //! ```text
 //! cargo run --release -p weir-tests --example policy_path -- [calls] [seconds at c=16]
@@ -12,6 +13,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
+
+/// The weir binary's allocator (services/weir/src/main.rs), so the services here cost what they
+/// cost in `weir up`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use tonic::transport::Channel;
 use weir::stack::Service;
@@ -124,7 +130,8 @@ async fn sequential(mesh: &Mesh, path: Path, calls: usize) -> Vec<Duration> {
         call(&mut clients, path, n, 0).await;
     }
     let mut samples = Vec::with_capacity(calls);
-    for n in 0..calls {
+    // Numbered on from the warm-up, so the session row does not create its sessions again.
+    for n in 100..100 + calls {
         samples.push(call(&mut clients, path, n, 0).await);
     }
     samples.sort();
@@ -175,8 +182,19 @@ async fn main() {
         ("router, full policy", &full, Path::Router),
         ("router, full policy + session", &full, Path::Session),
     ];
+    // `POLICY_PATH_ROWS=3` measures only the third row (e.g. under `perf record`); the first
+    // row, the baseline of the overhead columns, is measured only when selected.
+    let selected: Option<Vec<usize>> = std::env::var("POLICY_PATH_ROWS")
+        .ok()
+        .map(|rows| rows.split(',').map(|n| n.trim().parse().unwrap()).collect());
     let mut baseline = None;
-    for (name, mesh, path) in rows {
+    for (row, (name, mesh, path)) in rows.into_iter().enumerate() {
+        if selected
+            .as_ref()
+            .is_some_and(|rows| !rows.contains(&(row + 1)))
+        {
+            continue;
+        }
         let samples = sequential(mesh, path, calls).await;
         let rps = concurrent(mesh, path, 16, Duration::from_secs(seconds)).await;
         let (p50, p99) = (percentile(&samples, 0.5), percentile(&samples, 0.99));

@@ -328,3 +328,101 @@ async fn routers_fall_back_to_their_local_share_when_redis_stops() {
     a.stop().await;
     b.stop().await;
 }
+
+/// A request that starts while its rate limit check runs (the tenant had headroom) and is then
+/// refused, because the shared bucket was spent elsewhere meanwhile: it gets the same refusal as
+/// one checked first, no model runs for it, and the hold its walk made meanwhile is released, not
+/// charged.
+#[tokio::test]
+async fn a_request_refused_after_it_started_is_released_not_charged() {
+    let prefix = unique_prefix("overlap");
+    let redis = redis_url();
+    let config = format!(
+        r#"
+[models.quick]
+sim = {{ output_tokens = 2 }}
+price = {{ input_micros_per_mtok = 1000000, output_micros_per_mtok = 1000000 }}
+
+[router]
+budget_url = "http://127.0.0.1:50054"
+session_url = ""
+[router.rate_limit]
+requests_per_second = 1.0
+burst = 50
+redis_url = "{redis}"
+key_prefix = "{prefix}"
+redis_timeout = "1s"
+[budget]
+redis_url = "{redis}"
+key_prefix = "{prefix}"
+"#
+    );
+    let mesh = Mesh::start_services(
+        &config,
+        &[Service::Inference, Service::Budget, Service::Router],
+    )
+    .await;
+    let mut router = mesh.router();
+    // Admitted, checked first; its check leaves 49 of the burst, so the next request starts
+    // before its own check has answered.
+    let first = router
+        .complete(complete("quick", "first"))
+        .await
+        .expect("the first request is admitted");
+    assert!(first.get_ref().cost_micros > 0);
+
+    // Another replica spends the shared bucket: its theoretical arrival time is an hour away.
+    let client = redis::Client::open(redis.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let now_us = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros();
+    let bucket = format!("{prefix}:default:ratelimit");
+    let _: () = redis::cmd("SET")
+        .arg(&bucket)
+        .arg((now_us + 3_600_000_000).to_string())
+        .arg("PX")
+        .arg(3_600_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let status = router
+        .complete(complete("quick", "second"))
+        .await
+        .expect_err("the bucket is spent");
+    assert_rate_limited(&status);
+
+    // Two reservations were made: the first committed, the refused one released (on a task of
+    // its own, hence the bounded wait); nothing is left held, and only one request was charged.
+    let pattern = format!("{prefix}:default:budget:res:*");
+    let states = || {
+        let (client, pattern) = (client.clone(), pattern.clone());
+        async move {
+            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            let keys = weir_mesh::store::scan_keys(&mut conn, &pattern)
+                .await
+                .unwrap();
+            let mut states = Vec::new();
+            for key in keys {
+                let state: String = redis::cmd("HGET")
+                    .arg(&key)
+                    .arg("st")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                states.push(state);
+            }
+            states.sort();
+            states
+        }
+    };
+    let settled = eventually(Duration::from_secs(5), || async {
+        states().await == ["C", "R"]
+    })
+    .await;
+    assert!(settled, "one committed, one released: {:?}", states().await);
+    mesh.stop().await;
+    weir_tests::delete_prefix(&prefix).await;
+}

@@ -125,6 +125,12 @@ pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(50);
 pub const DEFAULT_REDIS_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// Shortest interval between two "Redis unreachable" warnings.
 pub const FALLBACK_WARN_INTERVAL: Duration = Duration::from_secs(10);
+/// Fewest requests a tenant's last Redis check must have left in its burst for its next request
+/// to start while its check runs ([`RateLimitLayer::overlapping`]): a tenant at its limit is
+/// checked first, so a flood of refused requests costs no handler work.
+pub const OVERLAP_MIN_HEADROOM: u64 = 8;
+/// Most tenants whose headroom is remembered (the map is emptied when full).
+const MAX_HEADROOM_ENTRIES: usize = 100_000;
 /// Time to establish a connection to Redis for rate limiting.
 pub const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -638,6 +644,9 @@ struct LimiterInner {
     fallbacks: AtomicU64,
     degraded: AtomicBool,
     last_warning: Mutex<Option<(Instant, u64)>>,
+    /// Requests left in each tenant's burst after its last Redis check (see
+    /// [`RateLimitLayer::overlapping`]).
+    headroom: Mutex<HashMap<Tenant, u64>>,
 }
 
 impl fmt::Debug for TenantLimiter {
@@ -722,6 +731,7 @@ impl TenantLimiter {
                 fallbacks: AtomicU64::new(0),
                 degraded: AtomicBool::new(false),
                 last_warning: Mutex::new(None),
+                headroom: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -758,6 +768,7 @@ impl TenantLimiter {
         };
         match redis.check(tenant, key).await {
             Ok(decision) => {
+                self.keep_headroom(tenant, &decision);
                 if self.inner.degraded.swap(false, Ordering::Relaxed) {
                     tracing::info!(redis = %redis.url, "rate limit store is back: limits are shared again");
                 }
@@ -768,6 +779,31 @@ impl TenantLimiter {
                 self.fallback(tenant, key, Some(&failure))
             }
         }
+    }
+
+    /// Remembers how much of `tenant`'s burst its last Redis check left.
+    fn keep_headroom(&self, tenant: &Tenant, decision: &Decision) {
+        let left = if decision.allowed() {
+            decision.remaining.unwrap_or(0)
+        } else {
+            0
+        };
+        if let Ok(mut headroom) = self.inner.headroom.lock() {
+            if headroom.len() >= MAX_HEADROOM_ENTRIES && !headroom.contains_key(tenant) {
+                headroom.clear();
+            }
+            headroom.insert(tenant.clone(), left);
+        }
+    }
+
+    /// Whether `tenant`'s last Redis check left at least [`OVERLAP_MIN_HEADROOM`] requests in its
+    /// burst, so that its next check is very likely to allow (see [`RateLimitLayer::overlapping`]).
+    pub fn has_headroom(&self, tenant: &Tenant) -> bool {
+        self.inner.headroom.lock().is_ok_and(|headroom| {
+            headroom
+                .get(tenant)
+                .is_some_and(|left| *left >= OVERLAP_MIN_HEADROOM)
+        })
     }
 
     fn fallback(
@@ -807,12 +843,28 @@ impl TenantLimiter {
 #[derive(Debug, Clone)]
 pub struct RateLimitLayer {
     limiter: TenantLimiter,
+    overlap: &'static [&'static str],
 }
 
 impl RateLimitLayer {
     /// A layer that checks every request against `limiter`.
     pub fn new(limiter: TenantLimiter) -> Self {
-        Self { limiter }
+        Self {
+            limiter,
+            overlap: &[],
+        }
+    }
+
+    /// Lets requests to `paths` start while their Redis check runs, instead of after it, when
+    /// the tenant's last check left headroom ([`OVERLAP_MIN_HEADROOM`]). The handler finds a
+    /// [`PendingVerdict`] in the request's extensions and must wait for it before anything it
+    /// cannot undo (the router waits before its model call and before claiming a `request_id`;
+    /// a reservation made meanwhile is released). The limit stays exact: every request is still
+    /// decided by the same Redis check, and a refused one is answered with the same refusal,
+    /// whatever its handler did. Only for handlers that wait: any other path is checked first.
+    pub fn overlapping(mut self, paths: &'static [&'static str]) -> Self {
+        self.overlap = paths;
+        self
     }
 }
 
@@ -823,6 +875,7 @@ impl<S> Layer<S> for RateLimitLayer {
         RateLimit {
             inner,
             limiter: self.limiter.clone(),
+            overlap: self.overlap,
         }
     }
 }
@@ -832,6 +885,39 @@ impl<S> Layer<S> for RateLimitLayer {
 pub struct RateLimit<S> {
     inner: S,
     limiter: TenantLimiter,
+    overlap: &'static [&'static str],
+}
+
+/// The rate limit decision of a request that started before it was known
+/// ([`RateLimitLayer::overlapping`]), in the request's extensions.
+#[derive(Debug, Clone)]
+pub struct PendingVerdict(tokio::sync::watch::Receiver<Option<bool>>);
+
+impl PendingVerdict {
+    /// A verdict and the sender that decides it.
+    fn channel() -> (tokio::sync::watch::Sender<Option<bool>>, Self) {
+        let (sender, receiver) = tokio::sync::watch::channel(None);
+        (sender, Self(receiver))
+    }
+
+    /// The pending verdict of a request, if its check had not decided when it started.
+    pub fn of(extensions: &http::Extensions) -> Option<Self> {
+        extensions.get::<Self>().cloned()
+    }
+
+    /// Waits for the decision: true when the request may go on. False when refused, or when the
+    /// check was abandoned (the request is being dropped).
+    pub async fn admitted(&self) -> bool {
+        let mut receiver = self.0.clone();
+        loop {
+            if let Some(allowed) = *receiver.borrow_and_update() {
+                return allowed;
+            }
+            if receiver.changed().await.is_err() {
+                return (*receiver.borrow()).unwrap_or(false);
+            }
+        }
+    }
 }
 
 /// The tenant of a request: from the auth layer's extensions, else the `weir-tenant` header.
@@ -889,12 +975,20 @@ where
         // The check needs a Redis round trip: take the service that was polled ready, and leave
         // a clone for the next call (tower's usual pattern).
         let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let overlap =
+            self.overlap.contains(&request.uri().path()) && self.limiter.has_headroom(&tenant);
         let limiter = self.limiter.clone();
         let check = Box::pin(async move {
             let decision = limiter.check(&tenant, key.as_ref()).await;
             (decision, tenant)
         });
+        if overlap {
+            let (verdict, pending) = PendingVerdict::channel();
+            let mut request = request;
+            request.extensions_mut().insert(pending);
+            return future::ResponseFuture::overlapped(check, verdict, inner.call(request));
+        }
         future::ResponseFuture::checking(check, inner, request)
     }
 }
@@ -912,16 +1006,25 @@ pub mod future {
             S: Service<Request<R>>,
         {
             #[pin]
-            state: State<S, S::Future, R, B>,
+            state: State<S, S::Future, R, B, S::Error>,
         }
     }
 
     pin_project_lite::pin_project! {
         #[project = StateProj]
-        enum State<S, F, R, B> {
+        enum State<S, F, R, B, E> {
             Checking { check: Check, inner: Option<S>, request: Option<Request<R>> },
             Calling { #[pin] future: F },
             Rejected { response: Option<Response<B>> },
+            // The handler runs while the check does; both must end before the answer (the
+            // handler undoes what it did when refused: a hold is released, not charged).
+            Overlapped {
+                check: Option<Check>,
+                verdict: tokio::sync::watch::Sender<Option<bool>>,
+                refusal: Option<Response<B>>,
+                #[pin] future: F,
+                output: Option<Result<Response<B>, E>>,
+            },
         }
     }
 
@@ -936,6 +1039,22 @@ pub mod future {
             Self {
                 state: State::Rejected {
                     response: Some(response),
+                },
+            }
+        }
+
+        pub(super) fn overlapped(
+            check: Check,
+            verdict: tokio::sync::watch::Sender<Option<bool>>,
+            future: S::Future,
+        ) -> Self {
+            Self {
+                state: State::Overlapped {
+                    check: Some(check),
+                    verdict,
+                    refusal: None,
+                    future,
+                    output: None,
                 },
             }
         }
@@ -981,6 +1100,36 @@ pub mod future {
                     StateProj::Calling { future } => return future.poll(cx),
                     StateProj::Rejected { response } => {
                         return Poll::Ready(Ok(response.take().unwrap_or_default()));
+                    }
+                    StateProj::Overlapped {
+                        check,
+                        verdict,
+                        refusal,
+                        future,
+                        output,
+                    } => {
+                        if let Some(pending) = check.as_mut()
+                            && let Poll::Ready((decision, tenant)) = pending.as_mut().poll(cx)
+                        {
+                            *refusal = refuse(&decision, &tenant);
+                            verdict.send_replace(Some(refusal.is_none()));
+                            *check = None;
+                        }
+                        if output.is_none()
+                            && let Poll::Ready(result) = future.poll(cx)
+                        {
+                            *output = Some(result);
+                        }
+                        if check.is_some() || output.is_none() {
+                            return Poll::Pending;
+                        }
+                        if let Some(response) = refusal.take() {
+                            return Poll::Ready(Ok(response));
+                        }
+                        return match output.take() {
+                            Some(result) => Poll::Ready(result),
+                            None => Poll::Ready(Ok(Response::new(B::default()))),
+                        };
                     }
                 }
             }

@@ -289,3 +289,58 @@ async fn redis_stopped_then_restarted_falls_back_then_shares_again() {
     }
     assert!(!limiter.is_degraded());
 }
+
+/// `RateLimitLayer::overlapping`: a request starts before its check answers only when the
+/// tenant's last check left headroom, its handler learns the verdict, and a refused one gets the
+/// layer's refusal whatever its handler answered.
+#[tokio::test]
+async fn overlapped_requests_learn_their_verdict_and_refusals_still_refuse() {
+    use std::sync::{Arc, Mutex};
+    use weir_mesh::ratelimit::PendingVerdict;
+
+    let config = config("overlap", redis_url());
+    let (a, b) = (replica(&config), replica(&config));
+    // What each call of the handler saw: no pending verdict (checked first), or its verdict.
+    let seen: Arc<Mutex<Vec<Option<bool>>>> = Arc::default();
+    let handler = {
+        let seen = seen.clone();
+        tower::service_fn(move |request: Request<()>| {
+            let seen = seen.clone();
+            async move {
+                let verdict = match PendingVerdict::of(request.extensions()) {
+                    Some(pending) => Some(pending.admitted().await),
+                    None => None,
+                };
+                seen.lock().unwrap().push(verdict);
+                Ok::<_, Infallible>(Response::new(tonic::body::Body::default()))
+            }
+        })
+    };
+    let service = RateLimitLayer::new(a)
+        .overlapping(&["/weir.Test/Run"])
+        .layer(handler);
+    let refused = |response: &Response<tonic::body::Body>| {
+        Status::from_header_map(response.headers()).map(|s| s.code())
+    };
+    let acme = Tenant::new("acme").unwrap();
+
+    // Nothing known yet: checked first. Then 19 left: the next one overlaps and is admitted.
+    for _ in 0..2 {
+        let response = service.clone().oneshot(request("acme")).await.unwrap();
+        assert_eq!(refused(&response), None);
+    }
+    assert_eq!(*seen.lock().unwrap(), [None, Some(true)]);
+
+    // The other replica spends the rest of the shared burst.
+    assert_eq!(admitted(&b, &acme, None, 18).await, 18);
+    // Replica A still believes in its headroom: the request starts, learns it is refused, and is
+    // answered with the refusal although its handler answered OK.
+    let response = service.clone().oneshot(request("acme")).await.unwrap();
+    assert_eq!(refused(&response), Some(Code::ResourceExhausted));
+    assert_eq!(seen.lock().unwrap().last(), Some(&Some(false)));
+    // Now A knows the bucket is empty: checked first, refused without calling the handler.
+    let calls = seen.lock().unwrap().len();
+    let response = service.clone().oneshot(request("acme")).await.unwrap();
+    assert_eq!(refused(&response), Some(Code::ResourceExhausted));
+    assert_eq!(seen.lock().unwrap().len(), calls);
+}

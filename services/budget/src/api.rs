@@ -11,6 +11,7 @@ use weir_mesh::{ApiError, catalog::Catalog, tenant::Tenant};
 use weir_proto::{budget as pb, budget::budget_service_server::BudgetService, common};
 
 use crate::{
+    cache::Cache,
     events::{Events, Metrics, SoftLimitEvent},
     period::{CalendarUnit, MAX_ROLLING_WINDOW, MIN_ROLLING_WINDOW, Period, Window, parse_tz},
     pricing::{self, MAX_MICROS, Tier, Tokens},
@@ -51,6 +52,8 @@ pub(crate) struct Inner {
     catalog: Arc<Catalog>,
     settings: Settings,
     events: Events,
+    /// Budgets and reservation models this replica remembers ([`crate::cache`]).
+    cache: Cache,
 }
 
 impl Inner {
@@ -222,6 +225,7 @@ impl BudgetApi {
                 catalog,
                 settings,
                 events: Events::new(metrics, webhook),
+                cache: Cache::default(),
             }),
         }
     }
@@ -329,8 +333,20 @@ impl BudgetApi {
         let now = now_ms();
         let expire_ms = now.saturating_add(duration_ms(ttl));
 
-        for _ in 0..MAX_PLAN_ATTEMPTS {
-            let budgets = self.inner.store.budgets(tenant, &scopes).await?;
+        for attempt in 0..MAX_PLAN_ATTEMPTS {
+            // The first plan may use the budgets this replica read recently: the script checks
+            // their generations, and a stale plan is re-made from the store (crate::cache).
+            let cached = (attempt == 0)
+                .then(|| self.inner.cache.budgets(tenant, &scopes))
+                .flatten();
+            let budgets = match cached {
+                Some(budgets) => budgets,
+                None => {
+                    let budgets = self.inner.store.budgets(tenant, &scopes).await?;
+                    self.inner.cache.keep_budgets(tenant, &scopes, &budgets);
+                    budgets
+                }
+            };
             let plans: Vec<ScopePlan> = scopes
                 .iter()
                 .zip(&budgets)
@@ -355,6 +371,9 @@ impl BudgetApi {
                     if record.id == id {
                         self.inner.events.metrics.add_reservation();
                     }
+                    self.inner
+                        .cache
+                        .keep_model(tenant, &record.id, &record.model);
                     return Ok(pb::ReserveResponse {
                         reservation: Some(reservation_to_proto(&record)),
                     });
@@ -430,13 +449,20 @@ impl BudgetApi {
                 let tokens = tokens.ok_or_else(|| {
                     ApiError::invalid_argument("usage", "required unless cost_micros is set")
                 })?;
-                let record = self
-                    .inner
-                    .store
-                    .reservation(tenant, &req.reservation_id)
-                    .await?
-                    .ok_or_else(|| ApiError::not_found("reservation", &req.reservation_id))?;
-                let price = pricing::price_of(&self.inner.catalog, &record.model)?;
+                // The model a reservation was made for never changes: the replica that made it
+                // remembers it, any other reads it (crate::cache).
+                let model = match self.inner.cache.model(tenant, &req.reservation_id) {
+                    Some(model) => model,
+                    None => {
+                        self.inner
+                            .store
+                            .reservation(tenant, &req.reservation_id)
+                            .await?
+                            .ok_or_else(|| ApiError::not_found("reservation", &req.reservation_id))?
+                            .model
+                    }
+                };
+                let price = pricing::price_of(&self.inner.catalog, &model)?;
                 pricing::cost_micros(price, &tokens, tier)?
             }
         };
@@ -447,7 +473,9 @@ impl BudgetApi {
             tokens: tokens.unwrap_or_default(),
             now_ms: now_ms(),
         };
-        let record = match self.inner.store.commit(tenant, &input).await? {
+        let outcome = self.inner.store.commit(tenant, &input).await?;
+        self.inner.cache.forget_model(tenant, &req.reservation_id);
+        let record = match outcome {
             CommitOutcome::Charged(record, crossings) => {
                 self.inner.events.metrics.add_commit(record.overrun > 0);
                 if record.overrun > 0 {
@@ -518,6 +546,7 @@ impl BudgetApi {
             .release(tenant, &req.reservation_id, now_ms())
             .await?
             .ok_or_else(|| ApiError::not_found("reservation", &req.reservation_id))?;
+        self.inner.cache.forget_model(tenant, &req.reservation_id);
         if record.state == State::Released {
             self.inner.events.metrics.add_release();
         }
@@ -583,6 +612,7 @@ impl BudgetApi {
             period,
         };
         budget.generation = self.inner.store.set_budget(tenant, &scope, &budget).await?;
+        self.inner.cache.forget_budget(tenant, &scope);
         tracing::info!(%tenant, %scope, hard_limit_micros = hard, %period, "budget set");
         Ok(pb::SetBudgetResponse {
             budget: Some(self.budget_view(tenant, &scope, &budget).await?),

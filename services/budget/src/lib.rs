@@ -56,6 +56,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+mod cache;
 pub mod events;
 pub mod period;
 /// Pricing lives in weir-mesh, shared with the router that prices its reservations.

@@ -43,6 +43,7 @@ use weir_mesh::{
     config::ConfigError,
     deadline::Deadline,
     idempotency::{Claim, Idempotency},
+    ratelimit::PendingVerdict,
     tenant::Tenant,
     tokens,
 };
@@ -220,6 +221,7 @@ impl RouterApi {
             call,
             payer,
             history,
+            verdict: PendingVerdict::of(extensions),
             notices: Vec::new(),
         };
         self.steer(&mut walk).await;
@@ -252,9 +254,29 @@ impl RouterApi {
         }
     }
 
+    /// Steps 3 and 4 for one candidate, while the rate limit check that let the request start
+    /// early finishes (see [`RATE_LIMIT_OVERLAPPED`]): a refused request's hold is released
+    /// before it ends, and no model runs for it.
+    async fn prepare(&self, walk: &mut Walk, model: &str) -> Result<Prepared, ApiError> {
+        let Some(verdict) = walk.verdict.clone() else {
+            return self.prepare_candidate(walk, model).await;
+        };
+        let (admitted, prepared) =
+            tokio::join!(verdict.admitted(), self.prepare_candidate(walk, model));
+        if admitted {
+            walk.verdict = None;
+            return prepared;
+        }
+        let error = rate_limited(walk);
+        if let Ok(prepared) = prepared {
+            prepared.settlement.failed(&error);
+        }
+        Err(error)
+    }
+
     /// Steps 3 and 4 for one candidate: its prompt (the session's context for it, then the new
     /// messages) and the hold on its worst-case cost.
-    async fn prepare(&self, walk: &mut Walk, model: &str) -> Result<Prepared, ApiError> {
+    async fn prepare_candidate(&self, walk: &mut Walk, model: &str) -> Result<Prepared, ApiError> {
         let spec = self.routes.catalog().get(model).ok_or_else(|| {
             ApiError::internal(format!("route candidate {model} left the catalog"))
         })?;
@@ -292,8 +314,29 @@ struct Walk {
     call: Call,
     payer: Payer,
     history: History,
+    /// The rate limit decision, when the request started before it was known; `None` once
+    /// admitted.
+    verdict: Option<PendingVerdict>,
     /// What the walk did differently, for the answer.
     notices: Vec<Notice>,
+}
+
+/// The RPCs that start while their rate limit check runs
+/// ([`weir_mesh::ratelimit::RateLimitLayer::overlapping`]): their walk waits for the verdict
+/// before claiming a `request_id` and, alongside steps 3 and 4, before any model call.
+pub const RATE_LIMIT_OVERLAPPED: &[&str] = &[
+    "/weir.router.v1.RouterService/Complete",
+    "/weir.router.v1.RouterService/CompleteStream",
+];
+
+/// What a request refused by the rate limit while it started answers (the rate limit layer
+/// answers its own refusal in its place).
+fn rate_limited(walk: &Walk) -> ApiError {
+    ApiError::resource_exhausted(
+        "RATE_LIMITED",
+        walk.payer.tenant().to_string(),
+        "rate limit exceeded",
+    )
 }
 
 /// A candidate ready to be called: its prompt, the most it may answer (what was reserved, sent
@@ -560,6 +603,12 @@ impl RouterApi {
     async fn claim(&self, walk: &Walk, rpc: Rpc) -> Result<Option<Claim>, Status> {
         if walk.completion.request_id.is_empty() {
             return Ok(None);
+        }
+        // A refused request claims nothing: its retry must run, not replay the refusal.
+        if let Some(verdict) = &walk.verdict
+            && !verdict.admitted().await
+        {
+            return Err(refused(rate_limited(walk)));
         }
         self.idempotency
             .claim(

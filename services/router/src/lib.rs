@@ -102,7 +102,9 @@ pub fn server_with_jobs(
     Ok(GrpcServer::default()
         .add_service(RouterServiceServer::new(api))
         .with_auth(authenticator)
-        .with_rate_limit(RateLimitLayer::new(limiter)))
+        // Complete and CompleteStream start while their Redis check runs; they wait for its
+        // verdict before the model call (api.rs), so the limit stays exact.
+        .with_rate_limit(RateLimitLayer::new(limiter).overlapping(api::RATE_LIMIT_OVERLAPPED)))
     .map(|server| (server, jobs))
 }
 
