@@ -19,7 +19,9 @@ use weir_proto::{
         stream_batch_results_response::Outcome,
     },
 };
-use weir_tests::{Mesh, complete, delete_prefix, reason, redis_url, unique_prefix, with_key};
+use weir_tests::{
+    Mesh, complete, delete_prefix, percentile, reason, redis_url, unique_prefix, with_key,
+};
 
 const ACME: &str = "acme-key-0123456789";
 const GLOBEX: &str = "globex-key-0123456789";
@@ -502,10 +504,6 @@ async fn critical_load(
     }
     total.2.sort();
     total
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p) as usize]
 }
 
 #[tokio::test]

@@ -10,28 +10,12 @@
 
 mod common;
 
-use std::{path::PathBuf, process::Command};
+use std::path::PathBuf;
 
-use common::WEIR;
+use common::{WEIR, delete_prefix, redis_url};
 
-fn redis_url() -> String {
-    std::env::var("WEIR_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string())
-}
-
-fn delete_prefix(prefix: &str) {
-    let client = redis::Client::open(redis_url()).unwrap();
-    let mut conn = client.get_connection().unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:*"))
-        .query(&mut conn)
-        .unwrap();
-    for key in keys {
-        let _: () = redis::cmd("DEL").arg(key).query(&mut conn).unwrap();
-    }
-}
-
-#[test]
-fn the_compose_services_start_healthy_and_serve_a_budgeted_session() {
+#[tokio::test]
+async fn the_compose_services_start_healthy_and_serve_a_budgeted_session() {
     if std::env::var_os("WEIR_SKIP_PYTHON_CLIENT_TESTS").is_some() {
         return;
     }
@@ -43,12 +27,18 @@ fn the_compose_services_start_healthy_and_serve_a_budgeted_session() {
         python.display()
     );
     let prefix = format!("wtest-topology-{}", std::process::id());
-    let out = Command::new(&python)
-        .arg(root.join("deploy/compose_topology.py"))
-        .args([WEIR, &redis_url(), &prefix])
-        .output()
-        .expect("python runs");
-    delete_prefix(&prefix);
+    let script = root.join("deploy/compose_topology.py");
+    let args = [WEIR.to_string(), redis_url(), prefix.clone()];
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(&python)
+            .arg(script)
+            .args(args)
+            .output()
+            .expect("python runs")
+    })
+    .await
+    .unwrap();
+    delete_prefix(&prefix).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

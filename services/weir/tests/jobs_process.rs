@@ -25,7 +25,7 @@ use weir_proto::{
     },
 };
 
-use common::{Serve, WEIR};
+use common::{Serve, WEIR, delete_prefix, redis_url};
 
 /// 60 tokens at 20 a second: three seconds of model call, time enough to kill its worker.
 /// One micro-USD per token, so a cost is a token count.
@@ -34,10 +34,6 @@ const MODELS: &str = r#"
 sim = { output_tokens = 60, tokens_per_second = 20.0 }
 price = { input_micros_per_mtok = 1000000, output_micros_per_mtok = 1000000 }
 "#;
-
-fn redis_url() -> String {
-    std::env::var("WEIR_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string())
-}
 
 /// The `[router.jobs]` table both the router and the workers read: a handler limit above the
 /// job's three seconds, so a delivery is only reclaimed once its worker is gone.
@@ -79,17 +75,7 @@ async fn a_worker_killed_mid_job_is_replaced_and_the_job_runs_and_is_paid_once()
     let prefix = format!("wtest-jobkill-{}", std::process::id());
     // Run apart, so the keys are deleted even when the scenario fails.
     let outcome = tokio::spawn(killed_worker(prefix.clone())).await;
-    let mut conn = weir_mesh::store::connect(&redis_url()).await.unwrap();
-    let keys = weir_mesh::store::scan_keys(&mut conn, &format!("{prefix}:*"))
-        .await
-        .unwrap();
-    for key in &keys {
-        let _: () = redis::cmd("DEL")
-            .arg(key)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
+    let keys = delete_prefix(&prefix).await;
     if let Err(failure) = outcome {
         std::panic::resume_unwind(failure.into_panic());
     }

@@ -24,7 +24,7 @@ use weir_proto::{
     },
 };
 
-use common::{Serve, serve_command};
+use common::{Serve, redis_url, serve_command};
 
 /// 200 tokens at 20 a second: ten seconds of answer, time enough to kill its process mid-way.
 /// One micro-USD per token, so a cost is a token count.
@@ -33,10 +33,6 @@ const MODELS: &str = r#"
 sim = { output_tokens = 200, tokens_per_second = 20.0 }
 price = { input_micros_per_mtok = 1000000, output_micros_per_mtok = 1000000 }
 "#;
-
-fn redis_url() -> String {
-    std::env::var("WEIR_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string())
-}
 
 #[tokio::test]
 async fn a_killed_inference_process_ends_the_stream_unavailable_and_what_was_relayed_is_paid() {

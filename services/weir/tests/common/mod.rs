@@ -14,6 +14,27 @@ use tonic::transport::Channel;
 /// The `weir` binary of this build.
 pub const WEIR: &str = env!("CARGO_BIN_EXE_weir");
 
+/// The Redis the tests use (`WEIR_TEST_REDIS_URL`, default `redis://127.0.0.1:6379`).
+pub fn redis_url() -> String {
+    std::env::var("WEIR_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string())
+}
+
+/// Deletes every key under `prefix`: the keys it deleted.
+pub async fn delete_prefix(prefix: &str) -> Vec<String> {
+    let mut conn = weir_mesh::store::connect(&redis_url()).await.unwrap();
+    let keys = weir_mesh::store::scan_keys(&mut conn, &format!("{prefix}:*"))
+        .await
+        .unwrap();
+    for key in &keys {
+        let _: () = redis::cmd("DEL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    keys
+}
+
 /// Writes `text` to a config file of its own in the temporary directory (named after `name`, this
 /// process and the time, so concurrent tests never share one) and returns its path.
 pub fn config_file(name: &str, text: &str) -> std::path::PathBuf {
