@@ -1,6 +1,7 @@
 //! The benchmark's OpenAI-compatible upstream: `POST /v1/chat/completions` (JSON, or SSE with
 //! `--chunks` content chunks) and `GET /v1/models`, answered from memory in microseconds. It is
-//! `weir-test-upstream` with recording off, so memory stays flat however long it runs.
+//! `weir-test-upstream` with recording off, so memory stays flat however long it runs, and with
+//! `TCP_NODELAY` on, as real upstreams' servers have it, so streamed chunks are not held back.
 //!
 //! ```text
 //! weir-bench-mock --listen 127.0.0.1:18080 --chunks 16
@@ -33,6 +34,7 @@ async fn main() -> anyhow::Result<()> {
         Options {
             addr: args.listen,
             record: false,
+            nodelay: true,
         },
     )
     .await?;

@@ -42,6 +42,7 @@ use axum::{
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
+    serve::ListenerExt as _,
 };
 pub use bytes::Bytes;
 use futures::stream;
@@ -181,6 +182,10 @@ pub struct Options {
     /// [`Upstream::received_headers`] (the default). A benchmark turns this off, so memory stays
     /// flat and requests do not contend on the records' locks.
     pub record: bool,
+    /// Whether accepted connections set `TCP_NODELAY`, as real upstreams' servers do, so each
+    /// streamed chunk leaves at once instead of waiting for the previous one's ACK (Nagle). Off
+    /// by default (the tests' behaviour until this option existed); the benchmark's mock sets it.
+    pub nodelay: bool,
 }
 
 impl Default for Options {
@@ -188,6 +193,7 @@ impl Default for Options {
         Self {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             record: true,
+            nodelay: false,
         }
     }
 }
@@ -240,6 +246,13 @@ impl Upstream {
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
         let shutdown = stop.clone();
+        let nodelay = options.nodelay;
+        let listener = listener.tap_io(move |tcp| {
+            if nodelay {
+                // Best effort: a socket that refuses the option still serves.
+                let _ = tcp.set_nodelay(true);
+            }
+        });
         tokio::spawn(async move {
             let _ = axum::serve(listener, app)
                 .with_graceful_shutdown(async move { shutdown.cancelled().await })
