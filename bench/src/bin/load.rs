@@ -372,8 +372,9 @@ async fn measure_target(measure: &Measure) -> anyhow::Result<Row> {
 }
 
 /// `concurrency` callers, each sending its next call as soon as the last one is answered, for
-/// `duration` after a one-second warm-up at the same concurrency. Returns the calls answered in
-/// that window (successful or not) and the successful ones per second.
+/// `duration` after a one-second warm-up at the same concurrency. Returns every call the target
+/// answered in the phase, warm-up and the calls finishing after the window included (the CPU
+/// count covers all of them), and the successful calls per second within the window.
 async fn closed_loop(
     measure: &Measure,
     http: &reqwest::Client,
@@ -389,22 +390,22 @@ async fn closed_loop(
     let begin = Instant::now() + Duration::from_secs(1);
     let end = begin + duration;
     let ok = Arc::new(AtomicU64::new(0));
-    let answered = Arc::new(AtomicU64::new(0));
+    let served = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::with_capacity(concurrency);
     for (worker, mut caller) in (0u64..).zip(callers) {
         let model = measure.model.clone();
-        let (ok, answered, errors) = (ok.clone(), answered.clone(), errors.clone());
+        let (ok, served, errors) = (ok.clone(), served.clone(), errors.clone());
         tasks.push(tokio::spawn(async move {
             let mut i = worker << 32;
             loop {
                 let result = caller.unary(&model, i).await;
                 i += 1;
+                served.fetch_add(1, Ordering::Relaxed);
                 let now = Instant::now();
                 if now >= end {
                     break;
                 }
                 if now >= begin {
-                    answered.fetch_add(1, Ordering::Relaxed);
                     match result {
                         Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
                         Err(_) => errors.fetch_add(1, Ordering::Relaxed),
@@ -417,7 +418,7 @@ async fn closed_loop(
         task.await?;
     }
     Ok((
-        answered.load(Ordering::Relaxed),
+        served.load(Ordering::Relaxed),
         ok.load(Ordering::Relaxed) as f64 / duration.as_secs_f64(),
     ))
 }
