@@ -41,7 +41,8 @@ use axum::{
     extract::State,
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
-    routing::post,
+    routing::{get, post},
+    serve::ListenerExt as _,
 };
 pub use bytes::Bytes;
 use futures::stream;
@@ -172,8 +173,34 @@ pub fn split_at(body: impl Into<Bytes>, offsets: &[usize]) -> Vec<Bytes> {
     pieces
 }
 
+/// How [`Upstream::start_with`] starts the server.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Where to listen; port 0 picks a free port (the default: `127.0.0.1:0`).
+    pub addr: SocketAddr,
+    /// Whether to keep every request's body and headers for [`Upstream::received`] and
+    /// [`Upstream::received_headers`] (the default). A benchmark turns this off, so memory stays
+    /// flat and requests do not contend on the records' locks.
+    pub record: bool,
+    /// Whether accepted connections set `TCP_NODELAY`, as real upstreams' servers do, so each
+    /// streamed chunk leaves at once instead of waiting for the previous one's ACK (Nagle). Off
+    /// by default (the tests' behaviour until this option existed); the benchmark's mock sets it.
+    pub nodelay: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            record: true,
+            nodelay: false,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
+    record: bool,
     replies: Mutex<VecDeque<Reply>>,
     default: Mutex<Reply>,
     received: Mutex<Vec<Value>>,
@@ -183,7 +210,8 @@ struct Inner {
     streams_dropped: AtomicUsize,
 }
 
-/// A running fake upstream serving `POST /v1/chat/completions`. Dropping it stops the server.
+/// A running fake upstream serving `POST /v1/chat/completions` (and `GET /v1/models`). Dropping it
+/// stops the server.
 #[derive(Debug)]
 pub struct Upstream {
     addr: SocketAddr,
@@ -195,7 +223,13 @@ impl Upstream {
     /// Starts the server; every request gets `default` unless [`Upstream::push`] queued another.
     /// Must be called inside a Tokio runtime.
     pub async fn start(default: Reply) -> std::io::Result<Self> {
+        Self::start_with(default, Options::default()).await
+    }
+
+    /// Starts the server as [`Upstream::start`] does, listening and recording as `options` say.
+    pub async fn start_with(default: Reply, options: Options) -> std::io::Result<Self> {
         let inner = Arc::new(Inner {
+            record: options.record,
             replies: Mutex::new(VecDeque::new()),
             default: Mutex::new(default),
             received: Mutex::new(Vec::new()),
@@ -206,11 +240,19 @@ impl Upstream {
         });
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
+            .route("/v1/models", get(models))
             .with_state(inner.clone());
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let listener = TcpListener::bind(options.addr).await?;
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
         let shutdown = stop.clone();
+        let nodelay = options.nodelay;
+        let listener = listener.tap_io(move |tcp| {
+            if nodelay {
+                // Best effort: a socket that refuses the option still serves.
+                let _ = tcp.set_nodelay(true);
+            }
+        });
         tokio::spawn(async move {
             let _ = axum::serve(listener, app)
                 .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -290,7 +332,7 @@ async fn chat(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) 
                 .into_response();
         }
     };
-    {
+    if inner.record {
         // Recorded together, so the `i`th headers belong to the `i`th body.
         let mut received = lock(&inner.received);
         lock(&inner.headers).push(headers);
@@ -389,6 +431,15 @@ async fn chat(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) 
         // Unwrapped by the loop above.
         Reply::Delayed(..) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
+}
+
+/// `GET /v1/models`: the one model `mock`, in OpenAI's list shape. Clients that list models
+/// before calling (proxies, health checks) get an answer; requests may name any model.
+async fn models() -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{"id": "mock", "object": "model", "created": 0, "owned_by": "weir-test-upstream"}]
+    }))
 }
 
 /// Lives as long as a streamed body: counts it started when made and dropped when dropped.
