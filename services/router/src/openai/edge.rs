@@ -165,6 +165,13 @@ pub async fn serve(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "serving the OpenAI-compatible HTTP edge");
     }
+    // Without TCP_NODELAY, each small SSE write after a stream's first waits for the previous
+    // one's acknowledgement (Nagle's algorithm): tokens would arrive late and in clumps.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "TCP_NODELAY could not be set");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
