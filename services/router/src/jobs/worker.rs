@@ -229,11 +229,7 @@ impl Worker {
         };
         let mut body = job.body.request.clone().unwrap_or_default();
         body.request_id.clone_from(&job.id);
-        body.criticality = match criticality {
-            Criticality::Sheddable => weir_proto::common::Criticality::Sheddable,
-            _ => weir_proto::common::Criticality::SheddablePlus,
-        }
-        .into();
+        body.criticality = criticality.into();
         let tenant = tonic::metadata::MetadataValue::try_from(delivery.tenant.as_str())
             .map_err(|_| Status::internal("tenant id is not valid metadata"))?;
         let give_up = tokio::time::Instant::now() + self.config.handler_limit;
