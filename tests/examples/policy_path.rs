@@ -1,7 +1,9 @@
 //! What the router's policy path costs: inference called directly, against `Complete` through the
 //! router with no policy, with the full policy (budget reserve and commit on Redis, a Redis rate
 //! limit), and with the full policy plus a session (context read, turns appended), all in one run,
-//! instant sim model, real gRPC on loopback, Redis at `WEIR_TEST_REDIS_URL`.
+//! instant sim model, real gRPC on loopback, Redis at `WEIR_TEST_REDIS_URL`. Rows 2-4 call between
+//! services over loopback sockets (as separate processes do); rows 5-7 are the same paths with
+//! the calls between services in the process (`[mesh] in_process`, the default of `weir up`).
 //!
 //! Prints, per path: p50/p99 of sequential calls (c=1) and the requests per second of 16
 //! concurrent callers. Asserts nothing (machines are shared and noisy). `POLICY_PATH_ROWS=3,4`
@@ -171,16 +173,33 @@ async fn main() {
     )
     .await;
     let full = Mesh::start(&config(&prefix, true)).await;
+    // The same two stacks with the calls between services in the process (`[mesh] in_process`,
+    // the default of `weir up`; the harness turns it off so that tests drive sockets).
+    let in_process = |config: &mut weir::stack::StackConfig| config.mesh.in_process = true;
+    let bare_local = Mesh::start_with(
+        &config(&prefix, false),
+        &[Service::Inference, Service::Router],
+        in_process,
+    )
+    .await;
+    let full_local = Mesh::start_with(&config(&prefix, true), &Service::ALL, in_process).await;
     println!(
         "instant sim model, loopback gRPC, Redis; c=1: {calls} sequential calls; c=16: {seconds} s"
     );
     println!("| path | c=1 p50 | c=1 p99 | c=16 rps |");
     println!("|---|---|---|---|");
-    let rows: [(&str, &Mesh, Path); 4] = [
+    let rows: [(&str, &Mesh, Path); 7] = [
         ("inference direct", &bare, Path::Direct),
         ("router, no policy", &bare, Path::Router),
         ("router, full policy", &full, Path::Router),
         ("router, full policy + session", &full, Path::Session),
+        ("in process: router, no policy", &bare_local, Path::Router),
+        ("in process: router, full policy", &full_local, Path::Router),
+        (
+            "in process: router, full policy + session",
+            &full_local,
+            Path::Session,
+        ),
     ];
     // `POLICY_PATH_ROWS=3` measures only the third row (e.g. under `perf record`); the first
     // row, the baseline of the overhead columns, is measured only when selected.
@@ -220,5 +239,7 @@ async fn main() {
     }
     full.stop().await;
     bare.stop().await;
+    full_local.stop().await;
+    bare_local.stop().await;
     delete_prefix(&prefix).await;
 }

@@ -57,6 +57,9 @@ impl Mesh {
         let mut config =
             StackConfig::from_source(&Source::from_toml(toml)).expect("test config is valid");
         config.listen_on_any_port(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        // Calls between services take real sockets, as between the separate processes of a
+        // deployment; tests/tests/in_process.rs turns in-process calls back on.
+        config.mesh.in_process = false;
         adjust(&mut config);
         let running = stack::start(config, services, Default::default())
             .await
@@ -207,6 +210,41 @@ pub async fn delete_prefix(prefix: &str) -> usize {
             .expect("UNLINK");
     }
     keys.len()
+}
+
+/// The tenant's total spend, as the budget service reports it to a caller with the API key
+/// `key` (`GetSpend` of the tenant scope).
+pub async fn tenant_spend(mesh: &Mesh, key: &str) -> i64 {
+    mesh.budget()
+        .get_spend(with_key(
+            weir_proto::budget::GetSpendRequest {
+                scope: Some(weir_proto::budget::Scope {
+                    kind: weir_proto::budget::ScopeKind::Tenant.into(),
+                    id: String::new(),
+                }),
+                ..Default::default()
+            },
+            key,
+        ))
+        .await
+        .expect("GetSpend")
+        .into_inner()
+        .total_micros
+}
+
+/// `weir_model_calls_total{model, grpc_code}` from this process's Prometheus recorder (installed
+/// by the first call, so call it once before the calls to count).
+pub fn model_calls(model: &str, code: &str) -> f64 {
+    let text = weir_mesh::telemetry::install_metrics_recorder().render();
+    let labels = [
+        format!("model=\"{model}\""),
+        format!("grpc_code=\"{code}\""),
+    ];
+    text.lines()
+        .filter(|line| line.starts_with("weir_model_calls_total{"))
+        .filter(|line| labels.iter().all(|label| line.contains(label.as_str())))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// A user message.

@@ -11,13 +11,10 @@ use std::{
 
 use tokio_stream::StreamExt;
 use tonic::Code;
-use weir_proto::{
-    budget::{GetSpendRequest, Scope, ScopeKind},
-    router::{
-        Batch, BatchItem, BatchState, CancelBatchRequest, CreateBatchRequest, GetBatchRequest,
-        JobState, ListJobsRequest, StreamBatchResultsRequest, StreamBatchResultsResponse,
-        stream_batch_results_response::Outcome,
-    },
+use weir_proto::router::{
+    Batch, BatchItem, BatchState, CancelBatchRequest, CreateBatchRequest, GetBatchRequest,
+    JobState, ListJobsRequest, StreamBatchResultsRequest, StreamBatchResultsResponse,
+    stream_batch_results_response::Outcome,
 };
 use weir_tests::{
     Mesh, complete, delete_prefix, percentile, reason, redis_url, unique_prefix, with_key,
@@ -124,21 +121,7 @@ async fn follow(mesh: &Mesh, key: &str, id: &str) -> Vec<StreamBatchResultsRespo
 }
 
 async fn spent(mesh: &Mesh) -> i64 {
-    mesh.budget()
-        .get_spend(with_key(
-            GetSpendRequest {
-                scope: Some(Scope {
-                    kind: ScopeKind::Tenant.into(),
-                    id: String::new(),
-                }),
-                ..GetSpendRequest::default()
-            },
-            ACME,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .total_micros
+    weir_tests::tenant_spend(mesh, ACME).await
 }
 
 #[tokio::test]

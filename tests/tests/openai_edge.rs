@@ -9,7 +9,9 @@ use std::{future::Future, time::Duration};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use weir_proto::budget::{GetSpendRequest, Scope, ScopeKind};
-use weir_tests::{Mesh, complete, delete_prefix, eventually, redis_url, unique_prefix, with_key};
+use weir_tests::{
+    Mesh, complete, delete_prefix, eventually, model_calls, redis_url, unique_prefix, with_key,
+};
 
 const KEY: &str = "acme-key-0123456789";
 /// One micro-USD per token, so a cost is a token count.
@@ -477,20 +479,6 @@ async fn a_stream_cut_after_its_first_tokens_ends_with_an_error_event() {
         edge.stop().await;
     })
     .await;
-}
-
-/// `weir_model_calls_total{model, grpc_code}` from this process's Prometheus recorder.
-fn model_calls(model: &str, code: &str) -> f64 {
-    let text = weir_mesh::telemetry::install_metrics_recorder().render();
-    let labels = [
-        format!("model=\"{model}\""),
-        format!("grpc_code=\"{code}\""),
-    ];
-    text.lines()
-        .filter(|line| line.starts_with("weir_model_calls_total{"))
-        .filter(|line| labels.iter().all(|label| line.contains(label.as_str())))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test]

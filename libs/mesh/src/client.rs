@@ -24,6 +24,7 @@ use crate::{
     config::ConfigError,
     deadline::DeadlineLayer,
     identity::{MeshIdentity, SignLayer},
+    local::Transport,
     retry::{RetryBudget, RetryBudgetConfig, RetryLayer, RetryPolicy},
     timeout::{AttemptTimeoutLayer, TimeoutConfig},
     trace::TraceLayer,
@@ -112,13 +113,19 @@ impl ClientStack {
     /// identity: calls carry no mesh token, so the callee treats them as an external caller (for
     /// tools and tests; services use [`ClientStack::signed`]). Calls tagged with a
     /// [`crate::backend::BackendKey`] get their own breaker, bulkhead and retry budget.
-    pub fn new(channel: Channel, config: &ClientConfig) -> Self {
+    pub fn new(channel: impl Into<Transport>, config: &ClientConfig) -> Self {
         Self::signed(channel, config, MeshIdentity::disabled())
     }
 
     /// [`ClientStack::new`], with every attempt that names a tenant (`weir-tenant`) signed by
     /// `identity`, so the callee believes the tenant (and the criticality) this service sends.
-    pub fn signed(channel: Channel, config: &ClientConfig, identity: MeshIdentity) -> Self {
+    /// `channel` is a socket [`Channel`] or, for a server in this process, a
+    /// [`crate::local::LocalChannel`] (see [`crate::local::Dialer`]): the layers are the same.
+    pub fn signed(
+        channel: impl Into<Transport>,
+        config: &ClientConfig,
+        identity: MeshIdentity,
+    ) -> Self {
         let breakers = Breakers::new(config.breaker.clone());
         let bulkheads = Bulkheads::new(config.bulkhead.clone());
         let service = ServiceBuilder::new()
@@ -145,7 +152,7 @@ impl ClientStack {
             .layer(AttemptTimeoutLayer::new(config.timeout.clone()))
             // Vouch for the tenant per attempt, so each token expires with that attempt's deadline.
             .layer(SignLayer::new(identity))
-            .service(channel);
+            .service(channel.into());
         Self {
             service: BoxCloneSyncService::new(service),
             breakers,

@@ -118,7 +118,8 @@ pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(60);
 const VERSION: &str = "v1";
 const CONTEXT: &str = "weir-mesh-token/v1";
 
-/// The `[mesh]` table: the shared secret services sign and verify mesh tokens with.
+/// The `[mesh]` table: the shared secret services sign and verify mesh tokens with, and whether
+/// co-located services call each other in the process.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MeshConfig {
@@ -134,6 +135,11 @@ pub struct MeshConfig {
     /// Clock difference tolerated between hosts (default 2 s, at most 60 s).
     #[serde(with = "humantime_serde")]
     pub clock_skew: Duration,
+    /// Whether services hosted by the same process call each other in the process, through the
+    /// callee's whole server stack minus the socket (default true; `WEIR_MESH__IN_PROCESS`; see
+    /// [`crate::local`]). Off, every call between services takes a loopback socket, as between
+    /// separate processes. Services in separate processes always use sockets.
+    pub in_process: bool,
 }
 
 impl Default for MeshConfig {
@@ -144,6 +150,7 @@ impl Default for MeshConfig {
             previous_secrets: Vec::new(),
             token_ttl: DEFAULT_TOKEN_TTL,
             clock_skew: DEFAULT_CLOCK_SKEW,
+            in_process: true,
         }
     }
 }

@@ -8,6 +8,8 @@
 //!   the router reserves with and the budget service commits with.
 //! - [`server`]: the gRPC server builder: health, reflection, graceful drain on shutdown.
 //! - [`client`]: channels to other Weir services.
+//! - [`local`]: in-process calls between services hosted by the same process (the callee's whole
+//!   server stack, minus the socket), and the [`local::Dialer`] that picks them.
 //! - [`shutdown`]: SIGTERM / Ctrl-C as a cancellation token.
 //! - [`telemetry`]: logs (JSON with trace ids), OpenTelemetry trace export, the Prometheus
 //!   `/metrics` endpoint; the `[telemetry]` table.
@@ -59,6 +61,7 @@ pub mod deadline;
 pub mod error;
 pub mod idempotency;
 pub mod identity;
+pub mod local;
 pub mod metadata;
 pub mod outcome;
 pub mod pricing;

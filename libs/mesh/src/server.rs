@@ -40,6 +40,7 @@ use crate::{
     auth::{AuthLayer, Authenticator, Role},
     config::ConfigError,
     deadline::{DeadlineConfig, DeadlineLayer},
+    local::{LocalChannel, LocalPublisher},
     ratelimit::RateLimitLayer,
     rpc_metrics::RpcMetricsLayer,
     trace::TraceLayer,
@@ -112,10 +113,16 @@ where
 {
     let boxed =
         ServiceExt::<http::Request<Body>>::map_response(stack, |response| response.map(Body::new));
-    LocalService::new(ServiceExt::<http::Request<Body>>::map_err(
-        boxed,
-        |error: S::Error| LocalError(error.into()),
-    ))
+    let boxed = ServiceExt::<http::Request<Body>>::map_err(boxed, |error: S::Error| {
+        LocalError(error.into())
+    });
+    // A socket carries headers and a body, nothing else: the caller's extensions (its own tenant,
+    // deadline, backend key) must not reach the callee's layers, which decide everything from
+    // the metadata, as for a caller over the wire.
+    LocalService::new(boxed.map_request(|mut request: http::Request<Body>| {
+        *request.extensions_mut() = http::Extensions::new();
+        request
+    }))
 }
 
 /// Binds a TCP listener (port 0 picks a free port; read it back with `local_addr`).
@@ -137,6 +144,8 @@ pub struct GrpcServer {
     rate_limit: Option<RateLimitLayer>,
     /// Where to hand the in-process handle once the stack is built.
     local: Option<tokio::sync::oneshot::Sender<LocalService>>,
+    /// Where the stack is published for [`LocalChannel`]s, and withdrawn when serving stops.
+    publisher: Option<LocalPublisher>,
 }
 
 /// A server's whole stack (every layer, then the routes) as an in-process tower service: a
@@ -174,6 +183,7 @@ impl GrpcServer {
             roles: Vec::new(),
             rate_limit: None,
             local: None,
+            publisher: None,
         }
     }
 
@@ -183,6 +193,16 @@ impl GrpcServer {
     pub fn with_local(mut self, sender: tokio::sync::oneshot::Sender<LocalService>) -> Self {
         self.local = Some(sender);
         self
+    }
+
+    /// A channel to this server for callers in the same process ([`crate::local`]): the server's
+    /// whole stack, minus the socket. Calls wait until the server serves and fail with
+    /// UNAVAILABLE `UPSTREAM_UNREACHABLE` once it has stopped accepting (after its drain delay).
+    /// Every channel of one server shares its layers (one admission limit, one rate limiter).
+    pub fn local_channel(&mut self) -> LocalChannel {
+        self.publisher
+            .get_or_insert_with(LocalPublisher::new)
+            .channel()
     }
 
     /// Names the server in metrics (e.g. `"router"`); the default is the first service's name.
@@ -302,8 +322,10 @@ impl GrpcServer {
             )))
             // Only the front door rate-limits tenants.
             .option_layer(self.rate_limit);
+        let publisher = self.publisher.take();
         let drain_signal = {
             let shutdown = shutdown.clone();
+            let publisher = publisher.clone();
             async move {
                 shutdown.cancelled().await;
                 for name in names.iter().copied().chain([""]) {
@@ -313,6 +335,10 @@ impl GrpcServer {
                 }
                 tracing::info!(%addr, services = ?names, "draining: health is NOT_SERVING");
                 tokio::time::sleep(config.drain_delay).await;
+                // In-process callers are refused from now on, as new connections are.
+                if let Some(publisher) = publisher {
+                    publisher.stop();
+                }
             }
         };
         tracing::info!(%addr, services = ?self.names, "serving gRPC");
@@ -320,6 +346,11 @@ impl GrpcServer {
             let stack = layers.clone().service(routes.clone().prepare());
             // A receiver that went away wanted no handle.
             let _ = sender.send(local_service(stack));
+        }
+        if let Some(publisher) = &publisher {
+            publisher.serve(local_service(
+                layers.clone().service(routes.clone().prepare()),
+            ));
         }
         let server = Server::builder()
             .layer(layers)

@@ -57,6 +57,7 @@ use weir_mesh::{
     client::ClientStack,
     config::ConfigError,
     identity::MeshIdentity,
+    local::Dialer,
     ratelimit::{RateLimitLayer, TenantLimiter},
     server::GrpcServer,
 };
@@ -79,15 +80,18 @@ pub fn server(
     catalog: Arc<Catalog>,
     authenticator: Authenticator,
 ) -> Result<GrpcServer, ConfigError> {
-    server_with_jobs(config, catalog, authenticator).map(|(server, _)| server)
+    server_with_jobs(config, catalog, authenticator, &Dialer::default()).map(|(server, _)| server)
 }
 
 /// [`server`], and the jobs it serves (when `[router.jobs]` is on), for the caller to run
-/// workers on ([`jobs::worker::spawn`]) once the router listens.
+/// workers on ([`jobs::worker::spawn`]) once the router listens. The router reaches the services
+/// it calls through `dialer`: in the process for those it hosts ([`weir_mesh::local`]), else
+/// over a socket.
 pub fn server_with_jobs(
     config: &Config,
     catalog: Arc<Catalog>,
     authenticator: Authenticator,
+    dialer: &Dialer,
 ) -> Result<(GrpcServer, Option<jobs::api::Jobs>), ConfigError> {
     if config.auth != AuthConfig::default() {
         // Never ignore keys silently: they would not be checked.
@@ -96,7 +100,7 @@ pub fn server_with_jobs(
             "API keys are now shared by every service: move this table to the top-level [auth]",
         ));
     }
-    let api = router_api(config, catalog, authenticator.identity().clone())?;
+    let api = router_api_with(config, catalog, authenticator.identity().clone(), dialer)?;
     let jobs = api.jobs().cloned();
     let limiter = TenantLimiter::from_config(&config.rate_limit, "router.rate_limit")?;
     Ok(GrpcServer::default()
@@ -120,11 +124,22 @@ pub fn router_api(
     catalog: Arc<Catalog>,
     identity: MeshIdentity,
 ) -> Result<RouterApi, ConfigError> {
+    router_api_with(config, catalog, identity, &Dialer::default())
+}
+
+/// [`router_api`], reaching the services it calls through `dialer` (see [`server_with_jobs`]).
+pub fn router_api_with(
+    config: &Config,
+    catalog: Arc<Catalog>,
+    identity: MeshIdentity,
+    dialer: &Dialer,
+) -> Result<RouterApi, ConfigError> {
     config.validate()?;
     config.client.validate()?;
     let routes = RouteTable::new(config, catalog)?;
     let policies = review::Policies::new(&config.review, routes.catalog(), &routes)?;
-    let stack = |settings, key: &str, url: &str| client_stack(settings, key, url, &identity);
+    let stack =
+        |settings, key: &str, url: &str| client_stack(settings, key, url, &identity, dialer);
     let inference = stack(
         &config.client.inference,
         "router.inference_url",
@@ -157,15 +172,17 @@ pub fn router_api(
     Ok(api)
 }
 
-/// A client stack with `settings` over a lazy channel to `url`, configured at `key`, signing
-/// every call with `identity`.
+/// A client stack with `settings` over the transport `dialer` picks for `url` (configured at
+/// `key`), signing every call with `identity`.
 fn client_stack(
     settings: &weir_mesh::client::ClientConfig,
     key: &str,
     url: &str,
     identity: &MeshIdentity,
+    dialer: &Dialer,
 ) -> Result<ClientStack, ConfigError> {
-    let channel = weir_mesh::client::lazy_channel(url.trim())
+    let channel = dialer
+        .dial(url.trim())
         .map_err(|error| ConfigError::invalid(key, error.to_string()))?;
     Ok(ClientStack::signed(channel, settings, identity.clone()))
 }

@@ -48,10 +48,12 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Run one service.
+    /// Run one service, or several in one process (`weir serve router budget inference`), which
+    /// then call each other in the process (`[mesh] in_process`).
     Serve {
-        /// Which service.
-        service: Service,
+        /// Which service(s).
+        #[arg(required = true, num_args = 1..)]
+        services: Vec<Service>,
         /// Config file (default: $WEIR_CONFIG, else built-in defaults).
         #[arg(long, short)]
         config: Option<PathBuf>,
@@ -134,7 +136,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Up { config } => serve(config, &Service::ALL).await,
-        Command::Serve { service, config } => serve(config, &[service]).await,
+        Command::Serve { services, config } => serve(config, &services).await,
         Command::Chat {
             prompt,
             model,

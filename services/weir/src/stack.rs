@@ -10,6 +10,7 @@ use weir_mesh::{
     catalog::Catalog,
     config::{ConfigError, Source},
     identity::{MeshConfig, MeshIdentity},
+    local::Dialer,
     server::{GrpcServer, ServeError, ServerConfig},
     telemetry::TelemetryConfig,
 };
@@ -450,6 +451,11 @@ pub async fn start(
         None => (None, None),
     };
     let mut local_router = local_router;
+    // The router is built last, so that it can call the services hosted here in the process
+    // (`[mesh] in_process`, weir_mesh::local): their whole stacks, minus the socket.
+    let mut dialer = Dialer::default();
+    let mut listeners: Vec<_> = listeners.into_iter().collect();
+    listeners.sort_by_key(|(service, _)| *service == Service::Router);
     for (service, listener) in listeners {
         let server = match service {
             Service::Router => {
@@ -457,6 +463,7 @@ pub async fn start(
                     &config.router,
                     config.catalog.clone(),
                     authenticator.clone(),
+                    &dialer,
                 )?;
                 router_jobs = jobs;
                 match local_router.take() {
@@ -481,11 +488,17 @@ pub async fn start(
             Service::Review => weir_review::server(&config.review).await?,
             Service::Worker => continue,
         };
-        let server = server
+        let mut server = server
             .with_config(config.server.clone())
             .with_label(service.name())
             // Every service authenticates its callers with the same keys and mesh secret.
             .with_auth(authenticator.clone());
+        if config.mesh.in_process
+            && service != Service::Router
+            && let Some(addr) = addrs.get(&service)
+        {
+            dialer = dialer.with_local(*addr, server.local_channel());
+        }
         servers.push((service, server, listener));
     }
 
