@@ -91,9 +91,17 @@ async fn run<Fut>(store: Store, jobs: &str, scenario: impl FnOnce(Edge) -> Fut)
 where
     Fut: Future<Output = ()> + Send + 'static,
 {
+    run_with(|prefix| config(prefix, store, jobs), scenario).await;
+}
+
+/// [`run`] with the config `config` makes of the key prefix.
+async fn run_with<Fut>(config: impl FnOnce(&str) -> String, scenario: impl FnOnce(Edge) -> Fut)
+where
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let prefix = unique_prefix();
     let edge = Edge {
-        mesh: Mesh::start(&config(&prefix, store, jobs)).await,
+        mesh: Mesh::start(&config(&prefix)).await,
         http: reqwest::Client::new(),
         prefix: prefix.clone(),
     };
@@ -610,7 +618,28 @@ async fn cancel_and_list(store: Store) {
 
         // Two more batches: three in all, newest first, paged by `after`.
         let quick = edge.upload(&line("q", "sim-instant", "quick")).await;
-        let second = edge.create_batch(&quick, json!({})).await["id"].clone();
+        // The second with an Idempotency-Key: created once, whatever the retries.
+        let keyed = || async {
+            let response = edge
+                .http
+                .post(edge.url("/batches"))
+                .bearer_auth(ACME)
+                .header("Idempotency-Key", "nightly-2026-12-03")
+                .json(
+                    &json!({"input_file_id": quick, "endpoint": "/v1/chat/completions",
+                              "completion_window": "24h"}),
+                )
+                .send()
+                .await
+                .unwrap();
+            answer(response).await
+        };
+        let (status, second) = keyed().await;
+        assert_eq!(status, 200, "{second}");
+        let (status, again) = keyed().await;
+        assert_eq!(status, 200, "{again}");
+        assert_eq!(again["id"], second["id"], "the same batch");
+        let second = second["id"].clone();
         let third = edge.create_batch(&quick, json!({})).await["id"].clone();
         let (status, page) = edge.get(ACME, "/batches?limit=2").await;
         assert_eq!(status, 200, "{page}");
@@ -655,4 +684,49 @@ async fn a_batch_is_cancelled_and_batches_are_listed_on_redis() {
 #[tokio::test]
 async fn a_batch_is_cancelled_and_batches_are_listed_in_memory() {
     cancel_and_list(Store::Memory).await;
+}
+
+#[tokio::test]
+async fn a_file_larger_than_a_chat_body_is_taken_up_to_max_file_bytes() {
+    // Above the 4 MiB a chat request may be, below this stack's cap.
+    let cap = 6 * 1024 * 1024;
+    let config = |prefix: &str| {
+        config(prefix, Store::Memory, "").replace(
+            &format!("max_file_bytes = {MAX_FILE_BYTES}"),
+            &format!("max_file_bytes = {cap}"),
+        )
+    };
+    run_with(config, move |edge| async move {
+        let words = "word ".repeat(100_000);
+        let lines: Vec<String> = (0..10)
+            .map(|n| line(&format!("big-{n}"), "sim-instant", &words))
+            .collect();
+        let content = lines.join("\n");
+        assert!(content.len() > 4 * 1024 * 1024 && content.len() < cap);
+        let (status, file) = edge.upload_as(ACME, "batch", &content).await;
+        assert_eq!(status, 200, "{file}");
+        assert_eq!(file["bytes"], content.len());
+        let too_big = format!(
+            "{content}\n{}",
+            line("more", "sim-instant", &words).repeat(4)
+        );
+        let (status, error) = edge.upload_as(ACME, "batch", &too_big).await;
+        assert_eq!(status, 413, "{error}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn files_and_batches_need_the_routers_jobs() {
+    let config = |prefix: &str| config(prefix, Store::Memory, "enabled = false");
+    run_with(config, |edge| async move {
+        let (status, error) = edge
+            .upload_as(ACME, "batch", &line("a", "sim-instant", "hi"))
+            .await;
+        assert_eq!(status, 422, "{error}");
+        assert_eq!(error["error"]["code"], "JOBS_DISABLED");
+        let (status, error) = edge.get(ACME, "/batches").await;
+        assert_eq!(status, 422, "{error}");
+    })
+    .await;
 }
