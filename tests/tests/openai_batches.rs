@@ -515,6 +515,8 @@ async fn bad_files_and_requests_are_refused_naming_what_to_fix() {
         assert_eq!(status, 404, "{error}");
         let (status, error) = edge.get("wrong-key-0123456789", "/files").await;
         assert_eq!(status, 401, "{error}");
+        let (status, error) = edge.upload_as("wrong-key-0123456789", "batch", &huge).await;
+        assert_eq!(status, 401, "the key is checked first: {error}");
         // A known path with a method it does not take: 405, in OpenAI's shape.
         let (status, error) = edge.delete(ACME, "/batches").await;
         assert_eq!(status, 405, "{error}");

@@ -17,7 +17,7 @@
 
 use axum::{
     body::Bytes,
-    extract::{Path, Query, State, rejection::BytesRejection},
+    extract::{FromRequest, Path, Query, Request, State, rejection::BytesRejection},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
 };
@@ -176,21 +176,24 @@ fn respond(result: Result<Response, OpenAiError>) -> Response {
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
-/// `POST /v1/files`.
-pub(super) async fn upload(
-    State(edge): State<Edge>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    respond(upload_file(edge, headers, body).await)
+/// `POST /v1/files`. The key is checked before the body is read, so a caller without one cannot
+/// make the edge read `max_file_bytes`.
+pub(super) async fn upload(State(edge): State<Edge>, request: Request) -> Response {
+    let headers = request.headers().clone();
+    let tenant = match edge.tenant(&headers, "/v1/files") {
+        Ok(tenant) => tenant,
+        Err(error) => return error.into_response(),
+    };
+    let body = Bytes::from_request(request, &edge).await;
+    respond(upload_file(edge, tenant, headers, body).await)
 }
 
 async fn upload_file(
     edge: Edge,
+    tenant: Tenant,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OpenAiError> {
-    let tenant = edge.tenant(&headers, "/v1/files")?;
     let store = store(&edge)?.clone();
     let body = body.map_err(|rejection| too_large(&edge, rejection))?;
     let boundary = headers
