@@ -699,21 +699,51 @@ async fn a_file_larger_than_a_chat_body_is_taken_up_to_max_file_bytes() {
         )
     };
     run_with(config, move |edge| async move {
-        let words = "word ".repeat(100_000);
+        // JSON may be padded with whitespace, which the requests do not carry: 5 MiB of file,
+        // a few KiB of requests.
+        let padding = " ".repeat(500 * 1024);
         let lines: Vec<String> = (0..10)
-            .map(|n| line(&format!("big-{n}"), "sim-instant", &words))
+            .map(|n| {
+                let line = line(&format!("big-{n}"), "sim-instant", "a padded question");
+                format!("{{{padding}{}", &line[1..])
+            })
             .collect();
         let content = lines.join("\n");
         assert!(content.len() > 4 * 1024 * 1024 && content.len() < cap);
         let (status, file) = edge.upload_as(ACME, "batch", &content).await;
         assert_eq!(status, 200, "{file}");
         assert_eq!(file["bytes"], content.len());
-        let too_big = format!(
-            "{content}\n{}",
-            line("more", "sim-instant", &words).repeat(4)
+        let batch = edge
+            .create_batch(file["id"].as_str().unwrap(), json!({}))
+            .await;
+        let done = edge.until(batch["id"].as_str().unwrap(), "completed").await;
+        assert_eq!(done["request_counts"]["completed"], 10, "{done}");
+
+        // Requests that would not fit in one CreateBatch message are refused at upload.
+        let words = "word ".repeat(100_000);
+        let heavy: Vec<String> = (0..10)
+            .map(|n| line(&format!("heavy-{n}"), "sim-instant", &words))
+            .collect();
+        let (status, error) = edge.upload_as(ACME, "batch", &heavy.join("\n")).await;
+        assert_eq!(status, 413, "{error}");
+        assert!(
+            error["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("split the file"),
+            "{error}"
         );
+        // Above max_file_bytes.
+        let too_big = format!("{content}\n{}", lines[0].repeat(4));
         let (status, error) = edge.upload_as(ACME, "batch", &too_big).await;
         assert_eq!(status, 413, "{error}");
+        assert!(
+            error["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("max_file_bytes"),
+            "{error}"
+        );
     })
     .await;
 }

@@ -21,13 +21,15 @@ use axum::{
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
 };
+use prost::Message as _;
 use serde::{Deserialize, Serialize};
 use tonic::{Code, Status};
 use weir_mesh::{ApiError, tenant::Tenant};
+use weir_proto::router::CreateBatchRequest;
 
 use super::{
     batch_input,
-    edge::{Edge, json},
+    edge::{Edge, MAX_BODY_BYTES, json},
     errors::{self, OpenAiError},
 };
 use crate::jobs::{
@@ -35,6 +37,10 @@ use crate::jobs::{
     files::{FileMeta, StoredFile},
     now_ms,
 };
+
+/// Most bytes the items of one file may take as a `CreateBatch` message: the router's gRPC server
+/// decodes at most [`MAX_BODY_BYTES`] (4 MiB) per message, less room for the labels and options.
+pub const MAX_BATCH_ITEMS_BYTES: usize = MAX_BODY_BYTES - 64 * 1024;
 
 /// The only `purpose` accepted.
 pub const BATCH_PURPOSE: &str = "batch";
@@ -232,8 +238,24 @@ async fn upload_file(
         OpenAiError::invalid_request(Some("file"), format!("the file is not UTF-8 text: {error}"))
     })?;
     // Checked now, so a bad line is named at upload, not when a batch is created from the file.
-    batch_input::parse(text)
+    let input = batch_input::parse(text)
         .map_err(|invalid| OpenAiError::invalid_request(Some("file"), invalid.to_string()))?;
+    let encoded = CreateBatchRequest {
+        items: input.items,
+        ..CreateBatchRequest::default()
+    }
+    .encoded_len();
+    if encoded > MAX_BATCH_ITEMS_BYTES {
+        let mut error = OpenAiError::invalid_request(
+            Some("file"),
+            format!(
+                "the file's requests take {encoded} bytes as one CreateBatch call; the router \
+                 takes at most {MAX_BATCH_ITEMS_BYTES} (its gRPC message limit): split the file"
+            ),
+        );
+        error.status = 413;
+        return Err(error);
+    }
     let now = now_ms();
     let retention = i64::try_from(edge.config.file_retention.as_millis()).unwrap_or(i64::MAX);
     let meta = FileMeta {
