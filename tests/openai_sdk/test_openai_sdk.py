@@ -8,9 +8,13 @@ Run by tests/tests/openai_sdk.rs, which starts the services and passes:
 
 Each test is what an application does with the SDK: a completion, a stream with usage, the
 model list, every error status as the SDK's exception, its retries honouring Retry-After, an
-Idempotency-Key replay, and a client that closes a stream mid-way, which must stop the model.
+Idempotency-Key replay, a client that closes a stream mid-way, which must stop the model, and
+a batch: an input file uploaded, a batch created from it and followed until it completes, and its
+output file read back.
 """
 
+import io
+import json
 import os
 import re
 import time
@@ -169,6 +173,66 @@ class OpenAiSdk(unittest.TestCase):
             time.sleep(0.05)
         self.assertGreater(model_calls("drip", "CANCELLED"), before, "the model call was cancelled")
         self.assertEqual(model_calls("drip", "OK"), 0.0, "and never ran to its end")
+
+
+    def test_files_and_batches(self):
+        api = client()
+        questions = {f"q{n}": f"batch question {n}" for n in range(4)}
+        lines = [
+            json.dumps(
+                {
+                    "custom_id": custom_id,
+                    "method": "POST",
+                    "url": "/v1/chat/completions",
+                    "body": {"model": "quick", "messages": ask(text)},
+                }
+            )
+            for custom_id, text in questions.items()
+        ]
+        uploaded = api.files.create(
+            file=("questions.jsonl", io.BytesIO("\n".join(lines).encode())), purpose="batch"
+        )
+        self.assertEqual(uploaded.purpose, "batch")
+        self.assertEqual(uploaded.filename, "questions.jsonl")
+        self.assertIn(uploaded.id, [f.id for f in api.files.list()])
+        self.assertEqual(api.files.retrieve(uploaded.id).bytes, uploaded.bytes)
+
+        batch = api.batches.create(
+            input_file_id=uploaded.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            metadata={"suite": "sdk"},
+        )
+        self.assertEqual(batch.input_file_id, uploaded.id)
+        self.assertEqual(batch.metadata, {"suite": "sdk"})
+        deadline = time.monotonic() + 60
+        while batch.status not in ("completed", "failed", "expired", "cancelled"):
+            self.assertLess(time.monotonic(), deadline, f"still {batch.status}")
+            time.sleep(0.2)
+            batch = api.batches.retrieve(batch.id)
+        self.assertEqual(batch.status, "completed")
+        self.assertEqual(batch.request_counts.total, 4)
+        self.assertEqual(batch.request_counts.completed, 4)
+        self.assertIsNone(batch.error_file_id)
+        self.assertIn(batch.id, [b.id for b in api.batches.list(limit=10)])
+
+        content = api.files.content(batch.output_file_id).text
+        results = [json.loads(line) for line in content.splitlines()]
+        self.assertEqual([r["custom_id"] for r in results], list(questions))
+        for result in results:
+            direct = api.chat.completions.create(
+                model="quick", messages=ask(questions[result["custom_id"]])
+            )
+            body = result["response"]["body"]
+            self.assertEqual(result["response"]["status_code"], 200)
+            self.assertEqual(body["choices"][0]["message"]["content"], direct.choices[0].message.content)
+            self.assertEqual(body["usage"]["total_tokens"], direct.usage.total_tokens)
+
+        self.assertTrue(api.files.delete(uploaded.id).deleted)
+        with self.assertRaises(openai.NotFoundError):
+            api.files.retrieve(uploaded.id)
+        with self.assertRaises(openai.BadRequestError):
+            api.files.create(file=("x.jsonl", io.BytesIO(b"{not json")), purpose="batch")
 
 
 if __name__ == "__main__":

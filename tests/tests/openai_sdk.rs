@@ -1,6 +1,7 @@
 //! The official `openai` Python SDK against a running Weir: `tests/openai_sdk/test_openai_sdk.py`
 //! (a completion, a stream with usage, the model list, each error status as the SDK's exception,
-//! retries honouring Retry-After, an Idempotency-Key replay, a client that hangs up mid-stream)
+//! retries honouring Retry-After, an Idempotency-Key replay, a client that hangs up mid-stream,
+//! a file uploaded and run as a batch whose output file is read back)
 //! against the HTTP edges of two stacks this test starts, as `weir up` would.
 //!
 //! Needs `python3` and the SDK in `.tools/openai-venv` (pinned in `tests/openai_sdk/

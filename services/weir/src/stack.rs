@@ -560,11 +560,22 @@ pub async fn start(
         let models = openai_models.clone();
         let authenticator = authenticator.clone();
         let token = shutdown.clone();
+        // Uploaded files (OpenAI's Files API) live in the router's job store.
+        let files = router_jobs.as_ref().map(|jobs| jobs.store().clone());
+        let http = config.router.http.clone();
         tasks.spawn(async move {
             let served = match router.await {
                 Ok(router) => {
-                    weir_router::openai::edge::serve(listener, router, models, authenticator, token)
-                        .await
+                    weir_router::openai::edge::serve(
+                        listener,
+                        router,
+                        models,
+                        authenticator,
+                        files,
+                        http,
+                        token,
+                    )
+                    .await
                 }
                 // The router stopped before it served: its own task reports why.
                 Err(_) => Ok(()),

@@ -44,6 +44,7 @@ pub mod api;
 pub mod batch;
 pub mod batch_api;
 pub mod callbacks;
+pub mod files;
 pub mod memory;
 pub mod redis;
 pub mod schedule;
@@ -627,6 +628,34 @@ impl JobStore {
         outcome: callbacks::Outcome,
     ) -> Result<(), JobsError> {
         each!(self, s => s.callback_outcome(tenant, id, outcome).await)
+    }
+
+    /// Stores an uploaded file for `tenant` (see [`files`]); it is dropped at `meta.expires_ms`.
+    pub async fn put_file(
+        &self,
+        tenant: &Tenant,
+        file: files::StoredFile,
+    ) -> Result<(), JobsError> {
+        each!(self, s => s.put_file(tenant, file, now_ms()).await)
+    }
+
+    /// The tenant's file with its content, if it has one by that id.
+    pub async fn get_file(
+        &self,
+        tenant: &Tenant,
+        id: &str,
+    ) -> Result<Option<files::StoredFile>, JobsError> {
+        each!(self, s => s.get_file(tenant, id, now_ms()).await)
+    }
+
+    /// The tenant's files, newest first.
+    pub async fn list_files(&self, tenant: &Tenant) -> Result<Vec<files::FileMeta>, JobsError> {
+        each!(self, s => s.list_files(tenant, now_ms()).await)
+    }
+
+    /// Deletes the tenant's file; false when it had none by that id.
+    pub async fn delete_file(&self, tenant: &Tenant, id: &str) -> Result<bool, JobsError> {
+        each!(self, s => s.delete_file(tenant, id, now_ms()).await)
     }
 
     /// Deliveries read but not acknowledged (the stream's pending list).

@@ -687,6 +687,68 @@ async fn a_batch_waits_for_its_not_before_time(store: &JobStore) {
     assert_eq!(store.pending().await.unwrap(), 0);
 }
 
+fn file(id: &str, created_ms: i64, ttl_ms: i64) -> files::StoredFile {
+    files::StoredFile {
+        meta: files::FileMeta {
+            id: id.to_string(),
+            filename: "in.jsonl".to_string(),
+            purpose: "batch".to_string(),
+            bytes: 3,
+            created_ms,
+            expires_ms: now_ms() + ttl_ms,
+        },
+        content: b"a\nb".to_vec(),
+    }
+}
+
+async fn files_are_kept_per_tenant_until_deleted_or_expired(store: &JobStore) {
+    let (acme, globex) = (tenant("acme"), tenant("globex"));
+    let now = now_ms();
+    store
+        .put_file(&acme, file("file-1", now - 2, 60_000))
+        .await
+        .unwrap();
+    store
+        .put_file(&acme, file("file-2", now - 1, 60_000))
+        .await
+        .unwrap();
+    store
+        .put_file(&acme, file("file-short", now, 300))
+        .await
+        .unwrap();
+    let got = store.get_file(&acme, "file-1").await.unwrap().unwrap();
+    assert_eq!(
+        got,
+        file("file-1", now - 2, 60_000).with_expiry(got.meta.expires_ms)
+    );
+    assert_eq!(got.content, b"a\nb");
+    let ids = |list: Vec<files::FileMeta>| list.into_iter().map(|f| f.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(store.list_files(&acme).await.unwrap()),
+        ["file-short", "file-2", "file-1"],
+        "newest first"
+    );
+    // Another tenant's id names nothing.
+    assert!(store.get_file(&globex, "file-1").await.unwrap().is_none());
+    assert!(!store.delete_file(&globex, "file-1").await.unwrap());
+    assert!(store.list_files(&globex).await.unwrap().is_empty());
+    // Deleted.
+    assert!(store.delete_file(&acme, "file-1").await.unwrap());
+    assert!(!store.delete_file(&acme, "file-1").await.unwrap());
+    assert!(store.get_file(&acme, "file-1").await.unwrap().is_none());
+    // Expired.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(store.get_file(&acme, "file-short").await.unwrap().is_none());
+    assert_eq!(ids(store.list_files(&acme).await.unwrap()), ["file-2"]);
+}
+
+impl files::StoredFile {
+    fn with_expiry(mut self, expires_ms: i64) -> Self {
+        self.meta.expires_ms = expires_ms;
+        self
+    }
+}
+
 macro_rules! both_stores {
     ($($suite:ident),* $(,)?) => {
         mod memory_store {
@@ -727,6 +789,7 @@ both_stores!(
     a_cancelled_batch_lets_running_items_finish,
     an_expired_batch_keeps_its_results,
     a_batch_waits_for_its_not_before_time,
+    files_are_kept_per_tenant_until_deleted_or_expired,
 );
 
 fn redis_url() -> String {

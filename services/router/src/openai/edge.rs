@@ -3,6 +3,8 @@
 //! ```toml
 //! [router.http]
 //! listen = "127.0.0.1:50057"   # WEIR_ROUTER__HTTP__LISTEN; "" turns the edge off
+//! max_file_bytes = 104857600   # largest POST /v1/files upload (100 MiB); larger: 413
+//! file_retention = "30d"       # how long an uploaded file is kept
 //! ```
 //!
 //! A thin gateway, not a second implementation: each `POST /v1/chat/completions` becomes one
@@ -13,6 +15,10 @@
 //! budgets and review apply exactly as they do to gRPC callers, and an answer costs the same by
 //! either door. docs/http-edge.md has the header
 //! and error tables and the answer to a blocking review.
+//!
+//! The edge also serves OpenAI's Files and Batch APIs onto Weir's batches ([`super::files`],
+//! [`super::batches`]): uploaded files live in the router's job store, batch calls go into the
+//! router's stack like chat completions.
 //!
 //! | HTTP | gRPC |
 //! |---|---|
@@ -50,7 +56,10 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming, metadata::MetadataValue};
-use weir_mesh::{auth::Authenticator, catalog::Catalog, config::ConfigError, server::LocalService};
+use weir_mesh::{
+    auth::Authenticator, catalog::Catalog, config::ConfigError, server::LocalService,
+    tenant::Tenant,
+};
 use weir_proto::router::{
     CompleteResponse, CompleteStreamResponse, ReviewStatus,
     complete_stream_response::{Event as StreamEvent, Start},
@@ -62,7 +71,7 @@ use super::{
     errors::{self, OpenAiError},
     types::{ChatCompletionRequest, ErrorBody, ModelList},
 };
-use crate::{Config, RouteTable};
+use crate::{Config, RouteTable, jobs::JobStore};
 
 /// Default address of the HTTP edge.
 pub const DEFAULT_LISTEN: SocketAddr =
@@ -96,12 +105,25 @@ pub struct HttpConfig {
     /// turns it off.
     #[serde(with = "weir_mesh::config::optional_addr")]
     pub listen: Option<SocketAddr>,
+    /// Largest file `POST /v1/files` accepts (default [`DEFAULT_MAX_FILE_BYTES`], 100 MiB);
+    /// larger: 413.
+    pub max_file_bytes: usize,
+    /// How long an uploaded file is kept (default 30 days).
+    #[serde(with = "humantime_serde")]
+    pub file_retention: Duration,
 }
+
+/// Default of `[router.http] max_file_bytes`: 100 MiB.
+pub const DEFAULT_MAX_FILE_BYTES: usize = 100 * 1024 * 1024;
+/// Default of `[router.http] file_retention`: 30 days.
+pub const DEFAULT_FILE_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: Some(DEFAULT_LISTEN),
+            max_file_bytes: DEFAULT_MAX_FILE_BYTES,
+            file_retention: DEFAULT_FILE_RETENTION,
         }
     }
 }
@@ -122,34 +144,86 @@ pub fn model_ids(config: &Config, catalog: Arc<Catalog>) -> Result<Vec<String>, 
 
 /// What the edge's handlers share.
 #[derive(Debug, Clone)]
-struct Edge {
+pub(super) struct Edge {
     /// The router this edge fronts: its whole gRPC stack, in the process.
-    router: RouterServiceClient<LocalService>,
+    pub(super) router: RouterServiceClient<LocalService>,
     /// The answer of `GET /v1/models`, serialized once.
     models: Bytes,
-    /// Checks the key of `GET /v1/models` (which makes no gRPC call) as the router would.
+    /// Checks the key of calls that make no gRPC call (`GET /v1/models`, the files) as the
+    /// router would.
     authenticator: Authenticator,
+    /// Where uploaded files are kept: the router's job store (None when jobs are off).
+    pub(super) files: Option<JobStore>,
+    /// The `[router.http]` table (file size cap and retention).
+    pub(super) config: HttpConfig,
+}
+
+impl Edge {
+    /// The tenant of the caller's key, checked by the same `Authenticator` as the router's.
+    pub(super) fn tenant(
+        &self,
+        headers: &HeaderMap,
+        path: &'static str,
+    ) -> Result<Tenant, OpenAiError> {
+        let mut request = http::Request::new(());
+        *request.uri_mut() = Uri::from_static(path);
+        if let Some(value) = headers.get(header::AUTHORIZATION) {
+            request
+                .headers_mut()
+                .insert(header::AUTHORIZATION, value.clone());
+        }
+        self.authenticator
+            .authenticate(&mut request)
+            .map(|caller| caller.tenant)
+            .map_err(|error| errors::from_status(&Status::from(error)))
+    }
 }
 
 /// The edge's routes over `router`, the router server's stack in the process
 /// ([`weir_mesh::server::GrpcServer::with_local`]), listing `models`, checking keys of calls
-/// that make no gRPC call with `authenticator`.
+/// that make no gRPC call with `authenticator`, keeping uploaded files in `files` (the router's
+/// job store; None when jobs are off).
 pub fn app(
     router: LocalService,
     models: Vec<String>,
     authenticator: Authenticator,
+    files: Option<JobStore>,
+    config: HttpConfig,
 ) -> std::io::Result<Router> {
     let models = serde_json::to_vec(&ModelList::new(models)).map_err(std::io::Error::other)?;
+    // A multipart upload carries a little more than the file itself.
+    let upload_limit = config.max_file_bytes.saturating_add(64 * 1024);
     let edge = Edge {
         router: RouterServiceClient::new(router),
         models: Bytes::from(models),
         authenticator,
+        files,
+        config,
     };
+    let uploads = Router::new()
+        .route(
+            "/v1/files",
+            post(super::files::upload).get(super::files::list),
+        )
+        .layer(DefaultBodyLimit::max(upload_limit));
     Ok(Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(list_models))
-        .fallback(unknown_path)
+        .route(
+            "/v1/files/{id}",
+            get(super::files::retrieve).delete(super::files::delete),
+        )
+        .route("/v1/files/{id}/content", get(super::files::content))
+        .route(
+            "/v1/batches",
+            post(super::batches::create).get(super::batches::list),
+        )
+        .route("/v1/batches/{id}", get(super::batches::retrieve))
+        .route("/v1/batches/{id}/cancel", post(super::batches::cancel))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .merge(uploads)
+        .method_not_allowed_fallback(wrong_method)
+        .fallback(unknown_path)
         .with_state(edge))
 }
 
@@ -159,9 +233,11 @@ pub async fn serve(
     router: LocalService,
     models: Vec<String>,
     authenticator: Authenticator,
+    files: Option<JobStore>,
+    config: HttpConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = app(router, models, authenticator)?;
+    let app = app(router, models, authenticator, files, config)?;
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "serving the OpenAI-compatible HTTP edge");
     }
@@ -200,7 +276,7 @@ impl IntoResponse for OpenAiError {
     }
 }
 
-fn json(status: StatusCode, body: &impl Serialize) -> Response {
+pub(super) fn json(status: StatusCode, body: &impl Serialize) -> Response {
     match serde_json::to_vec(body) {
         Ok(bytes) => (
             status,
@@ -216,17 +292,19 @@ async fn unknown_path(method: Method, uri: Uri) -> OpenAiError {
     OpenAiError::unknown_path(method.as_str(), uri.path())
 }
 
+/// A known path with a method it does not take: 405, in OpenAI's error shape.
+async fn wrong_method(method: Method, uri: Uri) -> OpenAiError {
+    let mut error =
+        OpenAiError::invalid_request(None, format!("{} does not take {method}", uri.path()));
+    error.status = 405;
+    error.body.error.code = Some("METHOD_NOT_ALLOWED".to_string());
+    error
+}
+
 /// `GET /v1/models`.
 async fn list_models(State(edge): State<Edge>, headers: HeaderMap) -> Response {
-    let mut request = http::Request::new(());
-    *request.uri_mut() = Uri::from_static("/v1/models");
-    if let Some(value) = headers.get(header::AUTHORIZATION) {
-        request
-            .headers_mut()
-            .insert(header::AUTHORIZATION, value.clone());
-    }
-    if let Err(error) = edge.authenticator.authenticate(&mut request) {
-        return errors::from_status(&Status::from(error)).into_response();
+    if let Err(error) = edge.tenant(&headers, "/v1/models") {
+        return error.into_response();
     }
     (
         [(header::CONTENT_TYPE, "application/json")],
@@ -288,7 +366,7 @@ async fn run(
 }
 
 /// A header's value as text (empty when absent).
-fn header_text(headers: &HeaderMap, name: &str) -> Result<String, OpenAiError> {
+pub(super) fn header_text(headers: &HeaderMap, name: &str) -> Result<String, OpenAiError> {
     headers.get(name).map_or(Ok(String::new()), |value| {
         value.to_str().map(str::to_string).map_err(|_| {
             OpenAiError::invalid_request(Some(name), format!("the {name} header is not ASCII"))
@@ -297,7 +375,10 @@ fn header_text(headers: &HeaderMap, name: &str) -> Result<String, OpenAiError> {
 }
 
 /// A gRPC request with the forwarded headers as metadata.
-fn grpc_request<T>(headers: &HeaderMap, message: T) -> Result<tonic::Request<T>, OpenAiError> {
+pub(super) fn grpc_request<T>(
+    headers: &HeaderMap,
+    message: T,
+) -> Result<tonic::Request<T>, OpenAiError> {
     let mut request = tonic::Request::new(message);
     for name in FORWARDED {
         let Some(value) = headers.get(name) else {
@@ -329,7 +410,7 @@ fn grpc_request<T>(headers: &HeaderMap, message: T) -> Result<tonic::Request<T>,
     Ok(request)
 }
 
-fn now() -> i64 {
+pub(super) fn now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| {

@@ -3,7 +3,10 @@
 //! ([`batch_input`]: OpenAI's batch input files, read by `weir batch` and by recurring batches);
 //! the mapping of gRPC errors to OpenAI's ([`errors`]).
 pub mod batch_input;
+pub mod batch_output;
+pub mod batches;
 pub mod convert;
 pub mod edge;
 pub mod errors;
+pub mod files;
 pub mod types;

@@ -18,6 +18,7 @@ use super::{
 };
 
 mod batches;
+mod files;
 
 /// The in-memory job store. Cheap to clone (clones share the jobs).
 #[derive(Debug, Clone, Default)]
@@ -59,6 +60,8 @@ struct State {
     callbacks: HashMap<(Tenant, String), i64>,
     open: u64,
     next_entry: u64,
+    /// Uploaded files by (tenant, id).
+    files: HashMap<(Tenant, String), crate::jobs::files::StoredFile>,
 }
 
 impl State {

@@ -29,6 +29,7 @@ use super::{
 };
 
 mod batches;
+mod files;
 
 /// Both queues, the async one first.
 const QUEUES: [Queue; 2] = [Queue::Async, Queue::Batch];
