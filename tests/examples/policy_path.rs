@@ -182,7 +182,10 @@ async fn main() {
         in_process,
     )
     .await;
-    let full_local = Mesh::start_with(&config(&prefix, true), &Service::ALL, in_process).await;
+    // Its own prefix: the session row's session ids are per process.
+    let local_prefix = unique_prefix();
+    let full_local =
+        Mesh::start_with(&config(&local_prefix, true), &Service::ALL, in_process).await;
     println!(
         "instant sim model, loopback gRPC, Redis; c=1: {calls} sequential calls; c=16: {seconds} s"
     );
@@ -242,4 +245,5 @@ async fn main() {
     full_local.stop().await;
     bare_local.stop().await;
     delete_prefix(&prefix).await;
+    delete_prefix(&local_prefix).await;
 }

@@ -719,12 +719,42 @@ async fn a_file_larger_than_a_chat_body_is_taken_up_to_max_file_bytes() {
         let done = edge.until(batch["id"].as_str().unwrap(), "completed").await;
         assert_eq!(done["request_counts"]["completed"], 10, "{done}");
 
-        // Requests that would not fit in one CreateBatch message are refused at upload.
+        // Requests above tonic's default 4 MiB message size go through one CreateBatch (the
+        // router decodes up to MAX_MESSAGE_BYTES): 5 MB of prompts (each item fails on its
+        // model's context window, which is not what this checks).
         let words = "word ".repeat(100_000);
         let heavy: Vec<String> = (0..10)
             .map(|n| line(&format!("heavy-{n}"), "sim-instant", &words))
             .collect();
-        let (status, error) = edge.upload_as(ACME, "batch", &heavy.join("\n")).await;
+        let (status, file) = edge.upload_as(ACME, "batch", &heavy.join("\n")).await;
+        assert_eq!(status, 200, "{file}");
+        let batch = edge
+            .create_batch(file["id"].as_str().unwrap(), json!({}))
+            .await;
+        let done = edge.until(batch["id"].as_str().unwrap(), "completed").await;
+        assert_eq!(done["request_counts"]["total"], 10, "{done}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_file_whose_requests_exceed_one_create_batch_message_is_refused_at_upload() {
+    let cap = 80 * 1024 * 1024;
+    let config = |prefix: &str| {
+        config(prefix, Store::Memory, "").replace(
+            &format!("max_file_bytes = {MAX_FILE_BYTES}"),
+            &format!("max_file_bytes = {cap}"),
+        )
+    };
+    run_with(config, move |edge| async move {
+        // Past MAX_MESSAGE_BYTES (64 MiB) of requests, below max_file_bytes.
+        let words = "word ".repeat(100_000);
+        let heavy: Vec<String> = (0..140)
+            .map(|n| line(&format!("heavy-{n}"), "sim-instant", &words))
+            .collect();
+        let heavy = heavy.join("\n");
+        assert!(heavy.len() > weir_router::MAX_MESSAGE_BYTES && heavy.len() < cap);
+        let (status, error) = edge.upload_as(ACME, "batch", &heavy).await;
         assert_eq!(status, 413, "{error}");
         assert!(
             error["error"]["message"]
@@ -733,8 +763,25 @@ async fn a_file_larger_than_a_chat_body_is_taken_up_to_max_file_bytes() {
                 .contains("split the file"),
             "{error}"
         );
-        // Above max_file_bytes.
-        let too_big = format!("{content}\n{}", lines[0].repeat(4));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_file_above_max_file_bytes_is_refused() {
+    let cap = 6 * 1024 * 1024;
+    let config = |prefix: &str| {
+        config(prefix, Store::Memory, "").replace(
+            &format!("max_file_bytes = {MAX_FILE_BYTES}"),
+            &format!("max_file_bytes = {cap}"),
+        )
+    };
+    run_with(config, move |edge| async move {
+        let padding = " ".repeat(500 * 1024);
+        let line = line("big", "sim-instant", "a padded question");
+        let line = format!("{{{padding}{}", &line[1..]);
+        let too_big = vec![line; 14].join("\n");
+        assert!(too_big.len() > cap);
         let (status, error) = edge.upload_as(ACME, "batch", &too_big).await;
         assert_eq!(status, 413, "{error}");
         assert!(

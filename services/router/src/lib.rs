@@ -68,6 +68,12 @@ pub use config::{BudgetPolicy, Config, RouteSpec, TenantBudgetPolicy};
 pub use relay::CompleteStream;
 pub use route::{Plan, RouteTable};
 
+/// Largest gRPC message the router decodes: 64 MiB, so that one `CreateBatch` can carry a batch
+/// of up to 50,000 items (tonic's default, 4 MiB, held about 20,000 short prompts). Every other
+/// service keeps tonic's 4 MiB; a `Complete` is still bounded by its model's context window,
+/// checked after decoding, and by admission, which bounds how many calls are decoded at once.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
 /// Validates `config` against `catalog` (naming the bad key, e.g. `router.routes.auto.models`)
 /// and builds the router server, ready to `serve(listener, shutdown)`. Callers authenticate with
 /// `authenticator` (the stack's `[auth]` keys), and the router's calls to other services are
@@ -104,7 +110,7 @@ pub fn server_with_jobs(
     let jobs = api.jobs().cloned();
     let limiter = TenantLimiter::from_config(&config.rate_limit, "router.rate_limit")?;
     Ok(GrpcServer::default()
-        .add_service(RouterServiceServer::new(api))
+        .add_service(RouterServiceServer::new(api).max_decoding_message_size(MAX_MESSAGE_BYTES))
         .with_auth(authenticator)
         // Complete and CompleteStream start while their Redis check runs; they wait for its
         // verdict before the model call (api.rs), so the limit stays exact.

@@ -29,7 +29,7 @@ use weir_proto::router::CreateBatchRequest;
 
 use super::{
     batch_input,
-    edge::{Edge, MAX_BODY_BYTES, json},
+    edge::{Edge, json},
     errors::{self, OpenAiError},
 };
 use crate::jobs::{
@@ -39,8 +39,9 @@ use crate::jobs::{
 };
 
 /// Most bytes the items of one file may take as a `CreateBatch` message: the router's gRPC server
-/// decodes at most [`MAX_BODY_BYTES`] (4 MiB) per message, less room for the labels and options.
-pub const MAX_BATCH_ITEMS_BYTES: usize = MAX_BODY_BYTES - 64 * 1024;
+/// decodes at most [`crate::MAX_MESSAGE_BYTES`] (64 MiB) per message, less room for the labels
+/// and options.
+pub const MAX_BATCH_ITEMS_BYTES: usize = crate::MAX_MESSAGE_BYTES - 64 * 1024;
 
 /// The only `purpose` accepted.
 pub const BATCH_PURPOSE: &str = "batch";
