@@ -50,7 +50,7 @@ use tokio::sync::watch;
 use tonic::{body::Body, transport::Channel};
 use tower::{BoxError, Service, ServiceExt};
 
-use crate::server::LocalService;
+use crate::server::{LocalError, LocalService};
 
 /// Where a [`LocalChannel`]'s server is in its life.
 #[derive(Clone, Default)]
@@ -127,8 +127,8 @@ pub struct NotServing;
 
 impl Service<http::Request<Body>> for LocalChannel {
     type Response = http::Response<Body>;
-    type Error = BoxError;
-    type Future = BoxFuture<'static, Result<http::Response<Body>, BoxError>>;
+    type Error = LocalError;
+    type Future = BoxFuture<'static, Result<http::Response<Body>, LocalError>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // Admission and limits are the callee's stack's, applied per call, as on a socket.
@@ -142,13 +142,15 @@ impl Service<http::Request<Body>> for LocalChannel {
                 let ready = state
                     .wait_for(|state| !matches!(state, LocalState::Starting))
                     .await
-                    .map_err(|_| NotServing)?;
+                    .map_err(|_| LocalError::new(NotServing))?;
                 match &*ready {
                     LocalState::Serving(stack) => stack.clone(),
-                    LocalState::Starting | LocalState::Stopped => return Err(NotServing.into()),
+                    LocalState::Starting | LocalState::Stopped => {
+                        return Err(LocalError::new(NotServing));
+                    }
                 }
             };
-            stack.oneshot(request).await.map_err(BoxError::from)
+            stack.oneshot(request).await
         })
     }
 }
@@ -183,24 +185,26 @@ impl From<LocalChannel> for Transport {
     }
 }
 
-/// The future of a socket call, its error boxed like an in-process call's.
+/// The future of a socket call, its error boxed.
 type SocketFuture = futures::future::MapErr<
     <Channel as Service<http::Request<Body>>>::Future,
     fn(tonic::transport::Error) -> BoxError,
+>;
+/// The future of an in-process call, its error boxed.
+type LocalFuture = futures::future::MapErr<
+    <LocalChannel as Service<http::Request<Body>>>::Future,
+    fn(LocalError) -> BoxError,
 >;
 
 impl Service<http::Request<Body>> for Transport {
     type Response = http::Response<Body>;
     type Error = BoxError;
-    type Future = futures::future::Either<
-        SocketFuture,
-        <LocalChannel as Service<http::Request<Body>>>::Future,
-    >;
+    type Future = futures::future::Either<SocketFuture, LocalFuture>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         match &mut self.0 {
             Route::Socket(channel) => channel.poll_ready(cx).map_err(BoxError::from),
-            Route::Local(channel) => channel.poll_ready(cx),
+            Route::Local(channel) => channel.poll_ready(cx).map_err(BoxError::from),
         }
     }
 
@@ -212,7 +216,11 @@ impl Service<http::Request<Body>> for Transport {
                     .call(request)
                     .map_err(BoxError::from as fn(tonic::transport::Error) -> BoxError),
             ),
-            Route::Local(channel) => futures::future::Either::Right(channel.call(request)),
+            Route::Local(channel) => futures::future::Either::Right(
+                channel
+                    .call(request)
+                    .map_err(BoxError::from as fn(LocalError) -> BoxError),
+            ),
         }
     }
 }
@@ -310,7 +318,10 @@ mod tests {
         assert!(channel.clone().oneshot(request()).await.is_ok());
         publisher.stop();
         let error = channel.oneshot(request()).await.unwrap_err();
-        assert!(error.is::<NotServing>(), "{error}");
+        assert!(
+            std::error::Error::source(&error).is_some_and(|e| e.is::<NotServing>()),
+            "{error}"
+        );
     }
 
     #[tokio::test]
@@ -318,7 +329,10 @@ mod tests {
         let (publisher, channel) = publisher();
         drop(publisher);
         let error = channel.oneshot(request()).await.unwrap_err();
-        assert!(error.is::<NotServing>(), "{error}");
+        assert!(
+            std::error::Error::source(&error).is_some_and(|e| e.is::<NotServing>()),
+            "{error}"
+        );
     }
 
     #[tokio::test]

@@ -13,9 +13,10 @@
 //!   criticality-aware load shedding under an adaptive concurrency limit) → rate limit
 //!   ([`crate::ratelimit`], the router only) → the service. Health and reflection are never shed,
 //!   authenticated or rate-limited.
-//! - An in-process handle ([`LocalService`], [`GrpcServer::with_local`]): the same layered stack
-//!   and routes as a tower service, for a gateway in the same process (the router's HTTP edge)
-//!   whose calls must take exactly the walk a socket caller's take, without a loopback hop.
+//! - In-process channels ([`GrpcServer::local_channel`], [`crate::local`]): the same layered stack
+//!   and routes as a tower service, for callers in the same process (the router's HTTP edge, the
+//!   router calling co-located services) whose calls must take exactly the walk a socket
+//!   caller's take, without a loopback hop.
 //! - Graceful shutdown: when the [`CancellationToken`] is cancelled the server reports
 //!   NOT_SERVING, waits [`ServerConfig::drain_delay`] (time for load balancers to notice), stops
 //!   accepting, and lets in-flight calls finish for up to [`ServerConfig::shutdown_grace`]; calls
@@ -142,8 +143,6 @@ pub struct GrpcServer {
     authenticator: Authenticator,
     roles: Vec<(String, Role)>,
     rate_limit: Option<RateLimitLayer>,
-    /// Where to hand the in-process handle once the stack is built.
-    local: Option<tokio::sync::oneshot::Sender<LocalService>>,
     /// Where the stack is published for [`LocalChannel`]s, and withdrawn when serving stops.
     publisher: Option<LocalPublisher>,
 }
@@ -165,6 +164,12 @@ impl std::fmt::Display for LocalError {
     }
 }
 
+impl LocalError {
+    pub(crate) fn new(error: impl Into<tower::BoxError>) -> Self {
+        Self(error.into())
+    }
+}
+
 impl std::error::Error for LocalError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         Some(&*self.0)
@@ -182,17 +187,8 @@ impl GrpcServer {
             authenticator: Authenticator::default_tenant(),
             roles: Vec::new(),
             rate_limit: None,
-            local: None,
             publisher: None,
         }
-    }
-
-    /// Sends the server's stack, as an in-process [`LocalService`], to `sender` when it starts
-    /// serving. The handle shares the server's layers (one admission limit, one rate limiter)
-    /// and stays usable until it is dropped.
-    pub fn with_local(mut self, sender: tokio::sync::oneshot::Sender<LocalService>) -> Self {
-        self.local = Some(sender);
-        self
     }
 
     /// A channel to this server for callers in the same process ([`crate::local`]): the server's
@@ -342,11 +338,6 @@ impl GrpcServer {
             }
         };
         tracing::info!(%addr, services = ?self.names, "serving gRPC");
-        if let Some(sender) = self.local.take() {
-            let stack = layers.clone().service(routes.clone().prepare());
-            // A receiver that went away wanted no handle.
-            let _ = sender.send(local_service(stack));
-        }
         if let Some(publisher) = &publisher {
             publisher.serve(local_service(
                 layers.clone().service(routes.clone().prepare()),

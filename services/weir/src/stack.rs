@@ -443,14 +443,7 @@ pub async fn start(
     let mut inference = None;
     let mut router_jobs = None;
     // The HTTP edge calls the router's own stack in the process (every layer, no socket).
-    let (local_router, local_router_rx) = match openai_listener {
-        Some(_) => {
-            let (sender, receiver) = tokio::sync::oneshot::channel();
-            (Some(sender), Some(receiver))
-        }
-        None => (None, None),
-    };
-    let mut local_router = local_router;
+    let mut local_router = None;
     // The router is built last, so that it can call the services hosted here in the process
     // (`[mesh] in_process`, weir_mesh::local): their whole stacks, minus the socket.
     let mut dialer = Dialer::default();
@@ -466,10 +459,11 @@ pub async fn start(
                     &dialer,
                 )?;
                 router_jobs = jobs;
-                match local_router.take() {
-                    Some(sender) => server.with_local(sender),
-                    None => server,
+                let mut server = server;
+                if openai_listener.is_some() {
+                    local_router = Some(server.local_channel());
                 }
+                server
             }
             Service::Inference => {
                 config.inference.validate()?;
@@ -553,7 +547,7 @@ pub async fn start(
             (Service::Review, served.map_err(ServeError::from))
         });
     }
-    if let (Some(listener), Some(router)) = (openai_listener, local_router_rx) {
+    if let (Some(listener), Some(router)) = (openai_listener, local_router) {
         // The edge calls the router's own server stack in the process, as a client over a
         // socket would, so every request takes the gRPC walk (auth, admission, limits,
         // idempotency, budgets) unchanged, without a loopback hop.
@@ -564,22 +558,17 @@ pub async fn start(
         let files = router_jobs.as_ref().map(|jobs| jobs.store().clone());
         let http = config.router.http.clone();
         tasks.spawn(async move {
-            let served = match router.await {
-                Ok(router) => {
-                    weir_router::openai::edge::serve(
-                        listener,
-                        router,
-                        models,
-                        authenticator,
-                        files,
-                        http,
-                        token,
-                    )
-                    .await
-                }
-                // The router stopped before it served: its own task reports why.
-                Err(_) => Ok(()),
-            };
+            // Calls wait until the router serves, and fail UNAVAILABLE once it has stopped.
+            let served = weir_router::openai::edge::serve(
+                listener,
+                router,
+                models,
+                authenticator,
+                files,
+                http,
+                token,
+            )
+            .await;
             (Service::Router, served.map_err(ServeError::from))
         });
     }

@@ -10,7 +10,7 @@
 //! A thin gateway, not a second implementation: each `POST /v1/chat/completions` becomes one
 //! gRPC call (`Complete`, or `CompleteStream` with `stream: true`), carrying the caller's
 //! `Authorization` header, into the router server's own stack, every layer included, handed to
-//! the edge in the process ([`weir_mesh::server::LocalService`]) so the call skips only the
+//! the edge in the process ([`weir_mesh::local::LocalChannel`]) so the call skips only the
 //! loopback socket. So authentication, admission, rate limits, deadlines, idempotency, sessions,
 //! budgets and review apply exactly as they do to gRPC callers, and an answer costs the same by
 //! either door. docs/http-edge.md has the header
@@ -57,8 +57,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming, metadata::MetadataValue};
 use weir_mesh::{
-    auth::Authenticator, catalog::Catalog, config::ConfigError, server::LocalService,
-    tenant::Tenant,
+    auth::Authenticator, catalog::Catalog, config::ConfigError, local::LocalChannel, tenant::Tenant,
 };
 use weir_proto::router::{
     CompleteResponse, CompleteStreamResponse, ReviewStatus,
@@ -146,7 +145,7 @@ pub fn model_ids(config: &Config, catalog: Arc<Catalog>) -> Result<Vec<String>, 
 #[derive(Debug, Clone)]
 pub(super) struct Edge {
     /// The router this edge fronts: its whole gRPC stack, in the process.
-    pub(super) router: RouterServiceClient<LocalService>,
+    pub(super) router: RouterServiceClient<LocalChannel>,
     /// The answer of `GET /v1/models`, serialized once.
     models: Bytes,
     /// Checks the key of calls that make no gRPC call (`GET /v1/models`, the files) as the
@@ -180,11 +179,11 @@ impl Edge {
 }
 
 /// The edge's routes over `router`, the router server's stack in the process
-/// ([`weir_mesh::server::GrpcServer::with_local`]), listing `models`, checking keys of calls
+/// ([`weir_mesh::server::GrpcServer::local_channel`]), listing `models`, checking keys of calls
 /// that make no gRPC call with `authenticator`, keeping uploaded files in `files` (the router's
 /// job store; None when jobs are off).
 pub fn app(
-    router: LocalService,
+    router: LocalChannel,
     models: Vec<String>,
     authenticator: Authenticator,
     files: Option<JobStore>,
@@ -230,7 +229,7 @@ pub fn app(
 /// Serves the edge on `listener` until `shutdown` is cancelled (see [`app`]).
 pub async fn serve(
     listener: TcpListener,
-    router: LocalService,
+    router: LocalChannel,
     models: Vec<String>,
     authenticator: Authenticator,
     files: Option<JobStore>,
