@@ -6,10 +6,16 @@
 //! line to a results file. `table` prints a results file as one markdown table, with each row's
 //! latency over the first (baseline) row.
 //!
+//! `wait`, `set-budget` and `delete-keys` are bench/run's helpers around a Weir it starts: wait
+//! until the router answers, give the tenant a budget, delete a run's Redis keys.
+//!
 //! ```text
 //! weir-bench-load measure --name mock --kind http --url http://127.0.0.1:18080/v1 \
 //!     --model mock --pid 1234 --out results.jsonl
 //! weir-bench-load table results.jsonl
+//! weir-bench-load wait --url http://127.0.0.1:50051 --model sim-zero --pid 1234
+//! weir-bench-load set-budget --url http://127.0.0.1:50054 --hard-limit-micros 1000000000000000
+//! weir-bench-load delete-keys --redis redis://127.0.0.1:6379 --match 'weirbench-1-2-*'
 //! ```
 
 use std::{
@@ -30,9 +36,15 @@ use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tonic::transport::Channel;
-use weir_proto::router::{
-    CompleteRequest, CompleteStreamRequest, complete_stream_response::Event,
-    router_service_client::RouterServiceClient,
+use weir_proto::{
+    budget::{
+        CalendarPeriod, Period, PeriodUnit, Scope, ScopeKind, SetBudgetRequest,
+        budget_service_client::BudgetServiceClient, period,
+    },
+    router::{
+        CompleteRequest, CompleteStreamRequest, complete_stream_response::Event,
+        router_service_client::RouterServiceClient,
+    },
 };
 
 #[derive(Parser)]
@@ -49,6 +61,44 @@ enum Command {
     Table {
         /// The results file `measure` appended to.
         results: PathBuf,
+        /// A line printed under the table (repeatable), e.g. a row left out and why.
+        #[arg(long)]
+        note: Vec<String>,
+    },
+    /// Wait until a Weir router answers a gRPC `Complete`: exit 0 then, 1 after `--timeout`
+    /// seconds, 3 as soon as the process `--pid` has exited (its log says why).
+    Wait {
+        /// The router, `http://host:port`.
+        #[arg(long)]
+        url: String,
+        /// The model the probe call names.
+        #[arg(long)]
+        model: String,
+        /// The `weir up` process.
+        #[arg(long)]
+        pid: u32,
+        /// Seconds to wait at most.
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+    },
+    /// Give the caller's tenant (dev mode: the default tenant) a monthly budget with
+    /// `BudgetService.SetBudget`: the policy rows' budget, set so high that it never refuses.
+    SetBudget {
+        /// The budget service, `http://host:port`.
+        #[arg(long)]
+        url: String,
+        /// The hard limit, micro-USD.
+        #[arg(long)]
+        hard_limit_micros: i64,
+    },
+    /// Delete every Redis key matching a glob (SCAN + UNLINK): a run's keys, after it.
+    DeleteKeys {
+        /// The Redis URL.
+        #[arg(long)]
+        redis: String,
+        /// The glob, e.g. `weirbench-<run>-*`.
+        #[arg(long = "match")]
+        pattern: String,
     },
 }
 
@@ -133,7 +183,7 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Table { results } => {
+        Command::Table { results, note } => {
             let text = fs::read_to_string(&results)
                 .with_context(|| format!("reading {}", results.display()))?;
             let rows = text
@@ -142,9 +192,115 @@ async fn main() -> anyhow::Result<()> {
                 .map(serde_json::from_str)
                 .collect::<Result<Vec<Row>, _>>()?;
             print!("{}", table(&rows));
+            if !note.is_empty() {
+                println!();
+                for line in note {
+                    println!("{line}");
+                }
+            }
+            Ok(())
+        }
+        Command::Wait {
+            url,
+            model,
+            pid,
+            timeout,
+        } => {
+            let until = Instant::now() + Duration::from_secs_f64(timeout);
+            loop {
+                let last = match probe(&url, &model).await {
+                    Ok(()) => return Ok(()),
+                    Err(error) => format!("{error:#}"),
+                };
+                if !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                    || stat_fields(pid).is_some_and(|f| f.first().is_some_and(|s| s == "Z"))
+                {
+                    eprintln!("wait: process {pid} exited before {url} answered");
+                    std::process::exit(3);
+                }
+                if Instant::now() >= until {
+                    eprintln!("wait: {url} did not answer within {timeout}s: {last}");
+                    std::process::exit(1);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Command::SetBudget {
+            url,
+            hard_limit_micros,
+        } => {
+            let mut client = BudgetServiceClient::new(
+                Channel::from_shared(url.clone())?
+                    .connect()
+                    .await
+                    .with_context(|| format!("connecting to {url}"))?,
+            );
+            client
+                .set_budget(SetBudgetRequest {
+                    scope: Some(Scope {
+                        kind: ScopeKind::Tenant.into(),
+                        id: String::new(),
+                    }),
+                    hard_limit_micros,
+                    soft_limit_fraction: 0.0,
+                    period: Some(Period {
+                        kind: Some(period::Kind::Calendar(CalendarPeriod {
+                            unit: PeriodUnit::Monthly.into(),
+                            time_zone: String::new(),
+                        })),
+                    }),
+                })
+                .await
+                .context("SetBudget")?;
+            Ok(())
+        }
+        Command::DeleteKeys { redis, pattern } => {
+            let client = redis::Client::open(redis.as_str())?;
+            let mut connection = client.get_multiplexed_async_connection().await?;
+            let mut cursor: u64 = 0;
+            let mut deleted = 0;
+            loop {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(10_000)
+                    .query_async(&mut connection)
+                    .await?;
+                if !keys.is_empty() {
+                    let _: () = redis::cmd("UNLINK")
+                        .arg(&keys)
+                        .query_async(&mut connection)
+                        .await?;
+                    deleted += keys.len();
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+            eprintln!("deleted {deleted} Redis keys matching {pattern}");
             Ok(())
         }
     }
+}
+
+/// One gRPC `Complete` on a fresh connection (the `wait` probe).
+async fn probe(url: &str, model: &str) -> anyhow::Result<()> {
+    let channel = Channel::from_shared(url.to_string())?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await?;
+    RouterServiceClient::new(channel)
+        .complete(CompleteRequest {
+            model: model.to_string(),
+            messages: vec![user(0)],
+            ..CompleteRequest::default()
+        })
+        .await?;
+    Ok(())
 }
 
 /// One caller's connection to the target.
