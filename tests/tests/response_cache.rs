@@ -291,3 +291,37 @@ async fn an_entry_expires_after_its_ttl() {
     mesh.stop().await;
     delete_prefix(&prefix).await;
 }
+
+#[tokio::test]
+async fn the_http_edge_is_cached_too_and_forwards_the_control_header() {
+    let prefix = unique_prefix();
+    let mesh = Mesh::start(&config(&prefix, "")).await;
+    let http = reqwest::Client::new();
+    let body = serde_json::json!({
+        "model": MODEL,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "over HTTP"}],
+    });
+    let post = |control: Option<&str>| {
+        let mut request = http
+            .post(format!("{}/chat/completions", mesh.openai_url()))
+            .bearer_auth(ACME)
+            .json(&body);
+        if let Some(control) = control {
+            request = request.header("weir-cache", control);
+        }
+        async move {
+            let answer: serde_json::Value = request.send().await.unwrap().json().await.unwrap();
+            answer["weir"]["notices"]
+                .as_array()
+                .is_some_and(|n| n.iter().any(|n| n["reason"] == "CACHE_HIT"))
+        }
+    };
+    assert!(!post(None).await);
+    assert!(post(None).await, "the second is a hit");
+    assert_eq!(model_calls(&mesh), 1);
+    assert!(!post(Some("bypass")).await);
+    assert_eq!(model_calls(&mesh), 2, "the header reached the router");
+    mesh.stop().await;
+    delete_prefix(&prefix).await;
+}
