@@ -325,3 +325,27 @@ async fn the_http_edge_is_cached_too_and_forwards_the_control_header() {
     mesh.stop().await;
     delete_prefix(&prefix).await;
 }
+
+#[tokio::test]
+async fn a_hit_is_charged_the_cached_price_fraction_of_its_usage() {
+    let prefix = unique_prefix();
+    let mesh = Mesh::start(&config(&prefix, "cached_price_fraction = 0.5")).await;
+    let first = ask(&mesh, ACME, deterministic("half price")).await;
+    let hit = ask(&mesh, ACME, deterministic("half price")).await;
+    assert!(is_hit(&hit));
+    assert_eq!(model_calls(&mesh), 1);
+    let usage = first.usage.unwrap();
+    // One micro-USD per token: half the tokens, each half rounded.
+    let half = |n: i64| (n as f64 * 0.5).round() as i64;
+    assert_eq!(
+        hit.cost_micros,
+        half(usage.input_tokens) + half(usage.output_tokens)
+    );
+    assert!(hit.cost_micros > 0 && hit.cost_micros < first.cost_micros);
+    assert_eq!(
+        tenant_spend(&mesh, ACME).await,
+        first.cost_micros + hit.cost_micros
+    );
+    mesh.stop().await;
+    delete_prefix(&prefix).await;
+}

@@ -569,11 +569,60 @@ impl RouterApi {
         Ok(looked)
     }
 
+    /// What a cache hit is charged: the stored answer's usage scaled by
+    /// `router.cache.cached_price_fraction` at `model`'s price, reserved and committed like a
+    /// model call's (so a spent budget refuses it); 0, with nothing reserved, by default.
+    async fn charge_hit(
+        &self,
+        walk: &Walk,
+        model: &str,
+        usage: Option<Usage>,
+        notices: &mut Vec<Notice>,
+    ) -> Result<i64, Status> {
+        let fraction = self.cache.price_fraction();
+        let Some(usage) = usage.filter(|_| fraction > 0.0) else {
+            return Ok(0);
+        };
+        let usage = cache::scaled(usage, fraction);
+        let tokens = |n: i64| u32::try_from(n.max(0)).unwrap_or(u32::MAX);
+        let hold = self
+            .spend
+            .reserve(
+                &walk.call,
+                &walk.payer,
+                model,
+                tokens(usage.input_tokens),
+                tokens(usage.output_tokens),
+                notices,
+            )
+            .await
+            .map_err(refused)?;
+        let Some(hold) = hold else {
+            return Ok(0);
+        };
+        match hold.commit(&walk.call, usage).await {
+            Ok(cost) => Ok(cost),
+            Err(error) => {
+                tracing::warn!(
+                    reason = error.reason(),
+                    "a cache hit's charge was not committed"
+                );
+                Ok(0)
+            }
+        }
+    }
+
     /// Steps 5 to 8 of a unary request, or its answer from the response cache.
     async fn complete_walk(&self, walk: Walk) -> Result<CompleteResponse, Status> {
         let pending = match self.look_up(&walk, Rpc::Complete).await? {
             Looked::Hit(entry) => match cache::hit_answer(&entry, current_trace_id()) {
-                Some(response) => return Ok(response),
+                Some(mut response) => {
+                    let model = response.model.clone();
+                    response.cost_micros = self
+                        .charge_hit(&walk, &model, response.usage, &mut response.notices)
+                        .await?;
+                    return Ok(response);
+                }
                 None => None,
             },
             Looked::Miss(pending) => pending,
@@ -627,8 +676,14 @@ impl RouterApi {
     /// the stream it was stored as).
     async fn stream_walk(&self, walk: Walk) -> Result<CompleteStream, Status> {
         let pending = match self.look_up(&walk, Rpc::CompleteStream).await? {
-            Looked::Hit(entry) => match cache::hit_stream(&entry, current_trace_id()) {
-                Some(stream) => return Ok(stream),
+            Looked::Hit(entry) => match cache::hit_events(&entry, current_trace_id()) {
+                Some(mut events) => {
+                    let (model, usage) = cache::served(&events);
+                    let mut notices = Vec::new();
+                    let cost = self.charge_hit(&walk, &model, usage, &mut notices).await?;
+                    cache::set_cost(&mut events, cost, notices);
+                    return Ok(cache::replayed(events));
+                }
                 None => None,
             },
             Looked::Miss(pending) => pending,

@@ -12,6 +12,7 @@
 //!
 //! [router.cache]                           # the response cache (crate::cache); off by default
 //! enabled = false                          # WEIR_ROUTER__CACHE__ENABLED
+//! cached_price_fraction = 0.0              # WEIR_ROUTER__CACHE__CACHED_PRICE_FRACTION
 //! ttl = "1h"                               # WEIR_ROUTER__CACHE__TTL
 //! max_entry_bytes = 262144                 # WEIR_ROUTER__CACHE__MAX_ENTRY_BYTES
 //! # redis_url = "redis://127.0.0.1:6379"   # WEIR_ROUTER__CACHE__REDIS_URL; unset: in the process

@@ -14,7 +14,8 @@
 //!   answer) whose review status is NOT_REQUIRED or APPROVED (nothing held or sampled for review),
 //!   encoded as [`crate::replay`] records it, up to `max_entry_bytes`. A stream is stored at its
 //!   `done`, all its events, and replayed as the same events.
-//! - **Hit**: the stored answer with `cost_micros` 0 (hits are free), the current trace id and
+//! - **Hit**: the stored answer with `cost_micros` 0 (hits are free unless
+//!   `cached_price_fraction` is set: then that share of its usage), the current trace id and
 //!   the one notice [`CACHE_HIT`]; `usage` is the original answer's.
 //! - **Store failures** (Redis down or slow) are misses, counted `error`, never errors.
 //!
@@ -31,6 +32,7 @@ use prost::Message as _;
 use serde::{Deserialize, Serialize};
 use tonic::metadata::MetadataMap;
 use weir_mesh::{ApiError, config::ConfigError, store::DEFAULT_PREFIX, tenant::Tenant};
+use weir_proto::common::Usage;
 use weir_proto::router::{
     CompleteRequest, CompleteResponse, CompleteStreamResponse, Notice, ReviewStatus, ServedBy,
     complete_stream_response::Event,
@@ -45,11 +47,13 @@ pub const DEFAULT_ENABLED: bool = false;
 pub const DEFAULT_TTL: Duration = Duration::from_secs(60 * 60);
 /// Default largest entry stored (the encoded answer or stream), in bytes.
 pub const DEFAULT_MAX_ENTRY_BYTES: usize = 256 * 1024;
+/// Default share of an answer's token usage a hit is charged: nothing, hits are free.
+pub const DEFAULT_CACHED_PRICE_FRACTION: f64 = 0.0;
 /// Notice reason of an answer served from the cache.
 pub const CACHE_HIT: &str = "CACHE_HIT";
 
 /// The `[router.cache]` table.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CacheConfig {
     /// Whether the cache is on (default false; `WEIR_ROUTER__CACHE__ENABLED`).
@@ -65,6 +69,10 @@ pub struct CacheConfig {
     pub redis_url: Option<String>,
     /// First part of every Redis key (default `weir`; `WEIR_ROUTER__CACHE__KEY_PREFIX`).
     pub key_prefix: String,
+    /// Share (0 to 1) of the stored answer's token usage a hit is charged, at the served model's
+    /// price, through the budget service like a model call (default 0: hits are free;
+    /// `WEIR_ROUTER__CACHE__CACHED_PRICE_FRACTION`).
+    pub cached_price_fraction: f64,
 }
 
 impl Default for CacheConfig {
@@ -75,6 +83,7 @@ impl Default for CacheConfig {
             max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
             redis_url: None,
             key_prefix: DEFAULT_PREFIX.to_string(),
+            cached_price_fraction: DEFAULT_CACHED_PRICE_FRACTION,
         }
     }
 }
@@ -92,6 +101,12 @@ impl CacheConfig {
             return Err(ConfigError::invalid(
                 "router.cache.max_entry_bytes",
                 "must be positive",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.cached_price_fraction) {
+            return Err(ConfigError::invalid(
+                "router.cache.cached_price_fraction",
+                "must be between 0 and 1",
             ));
         }
         if self.key_prefix.trim().is_empty() {
@@ -219,6 +234,7 @@ struct Inner {
     lookup: Box<dyn Lookup>,
     ttl: Duration,
     max_entry_bytes: usize,
+    price_fraction: f64,
 }
 
 /// What the cache said about a request.
@@ -254,6 +270,7 @@ impl ResponseCache {
                 lookup,
                 ttl: config.ttl,
                 max_entry_bytes: config.max_entry_bytes,
+                price_fraction: config.cached_price_fraction,
             })),
         })
     }
@@ -261,6 +278,13 @@ impl ResponseCache {
     /// Whether the cache is on.
     pub(crate) fn is_on(&self) -> bool {
         self.inner.is_some()
+    }
+
+    /// The share of a stored answer's usage a hit is charged (0 when the cache is off).
+    pub(crate) fn price_fraction(&self) -> f64 {
+        self.inner
+            .as_ref()
+            .map_or(0.0, |inner| inner.price_fraction)
     }
 
     /// Looks `completion` up (unless the cache is off, it is not cacheable, or `control` says
@@ -414,8 +438,53 @@ pub(crate) fn hit_answer(entry: &[u8], trace_id: String) -> Option<CompleteRespo
     Some(response)
 }
 
-/// A stored stream as a hit (see [`hit_answer`]).
-pub(crate) fn hit_stream(entry: &[u8], trace_id: String) -> Option<CompleteStream> {
+/// `usage` scaled by `fraction` (rounded), what a hit is charged for.
+pub(crate) fn scaled(usage: Usage, fraction: f64) -> Usage {
+    let scale = |tokens: i64| (tokens as f64 * fraction).round() as i64;
+    let (input, output) = (scale(usage.input_tokens), scale(usage.output_tokens));
+    Usage {
+        input_tokens: input,
+        output_tokens: output,
+        cached_input_tokens: scale(usage.cached_input_tokens).min(input),
+        total_tokens: input + output,
+    }
+}
+
+/// The model that served a stored stream and its usage (from `start` and `done`).
+pub(crate) fn served(events: &[CompleteStreamResponse]) -> (String, Option<Usage>) {
+    let (mut model, mut usage) = (String::new(), None);
+    for event in events {
+        match &event.event {
+            Some(Event::Start(start)) => model.clone_from(&start.model),
+            Some(Event::Done(done)) => usage = done.usage,
+            _ => {}
+        }
+    }
+    (model, usage)
+}
+
+/// Sets what a hit of `events` was charged, and the notices charging it added, in its `done`.
+pub(crate) fn set_cost(
+    events: &mut [CompleteStreamResponse],
+    cost_micros: i64,
+    notices: Vec<Notice>,
+) {
+    for event in events {
+        if let Some(Event::Done(done)) = &mut event.event {
+            done.cost_micros = cost_micros;
+            done.notices.extend(notices);
+            return;
+        }
+    }
+}
+
+/// `events` as a stream.
+pub(crate) fn replayed(events: Vec<CompleteStreamResponse>) -> CompleteStream {
+    Box::pin(futures::stream::iter(events.into_iter().map(Ok)))
+}
+
+/// A stored stream's events as a hit (see [`hit_answer`]).
+pub(crate) fn hit_events(entry: &[u8], trace_id: String) -> Option<Vec<CompleteStreamResponse>> {
     let mut events = replay::decode_events(entry)?;
     for event in &mut events {
         match &mut event.event {
@@ -427,7 +496,7 @@ pub(crate) fn hit_stream(entry: &[u8], trace_id: String) -> Option<CompleteStrea
             _ => {}
         }
     }
-    Some(Box::pin(futures::stream::iter(events.into_iter().map(Ok))))
+    Some(events)
 }
 
 fn hit_notice() -> Notice {
@@ -588,6 +657,13 @@ mod tests {
                     ..CacheConfig::default()
                 },
                 "router.cache.max_entry_bytes",
+            ),
+            (
+                CacheConfig {
+                    cached_price_fraction: 1.5,
+                    ..CacheConfig::default()
+                },
+                "router.cache.cached_price_fraction",
             ),
             (
                 CacheConfig {
