@@ -502,8 +502,9 @@ pub(crate) fn hit_events(entry: &[u8], trace_id: String) -> Option<Vec<CompleteS
 fn hit_notice() -> Notice {
     Notice {
         reason: CACHE_HIT.to_string(),
-        message: "answered from the response cache: no model was called and nothing was charged"
-            .to_string(),
+        message:
+            "answered from the response cache: no model was called (see cost_micros for the charge)"
+                .to_string(),
     }
 }
 
