@@ -26,3 +26,6 @@ pub const PREVIOUS_RPC_ATTEMPTS: &str = "grpc-previous-rpc-attempts";
 pub const PRICE_TIER: &str = "weir-price-tier";
 /// The [`PRICE_TIER`] value of a batch item: priced at the model's batch prices.
 pub const BATCH_PRICE_TIER: &str = "batch";
+/// Per-request control of the router's response cache: `bypass` (neither read nor write the
+/// cache) or `refresh` (ask the model again and replace the entry). Absent: the cache applies.
+pub const CACHE_CONTROL: &str = "weir-cache";

@@ -6,6 +6,9 @@
 //! 2. Checks and route: [`crate::request`] refuses what the router alone can tell is wrong, and
 //!    [`crate::route`] turns `model` into a [`Plan`] of ordered candidates; a tenant above its
 //!    soft budget limit is steered to the route's economy tier ([`crate::spend`]).
+//!    With `[router.cache]` on, an identical deterministic request (after its `request_id` claim
+//!    and rate limit verdict) is answered from the response cache here, skipping steps 3 to 7
+//!    ([`crate::cache`]); a miss's answer is offered to the cache after step 8.
 //! 3. Context: with a `session_id`, the session's summary and recent turns that fit the model
 //!    come before the new messages ([`crate::session`]).
 //! 4. Budget: the worst case of the call is reserved ([`crate::spend`]); refused →
@@ -57,6 +60,7 @@ use weir_proto::{
 };
 
 use crate::{
+    cache::{self, Control, Looked, ResponseCache},
     config::BudgetPolicy,
     fallback,
     inference::{Call, Inference},
@@ -81,6 +85,8 @@ pub struct RouterApi {
     spend: Spend,
     reviews: Reviews,
     idempotency: Idempotency,
+    /// The response cache ([`crate::cache`]; off by default).
+    cache: ResponseCache,
     /// Asynchronous jobs, when on ([`crate::jobs`]).
     pub(crate) jobs: Option<crate::jobs::api::Jobs>,
 }
@@ -97,6 +103,7 @@ impl RouterApi {
             spend: Spend::off(),
             reviews: Reviews::off(),
             idempotency: Idempotency::in_memory("router"),
+            cache: ResponseCache::default(),
             jobs: None,
         }
     }
@@ -116,6 +123,12 @@ impl RouterApi {
     /// process until this is called; see [`crate::replay`]).
     pub fn with_idempotency(mut self, records: Idempotency) -> Self {
         self.idempotency = records;
+        self
+    }
+
+    /// Answers identical deterministic requests from `cache` (see [`crate::cache`]).
+    pub(crate) fn with_cache(mut self, cache: ResponseCache) -> Self {
+        self.cache = cache;
         self
     }
 
@@ -207,6 +220,11 @@ impl RouterApi {
         {
             admitted.readmit(criticality)?;
         }
+        let cache = if self.cache.is_on() {
+            Control::from_metadata(metadata)?
+        } else {
+            Control::Normal
+        };
         let call = Call::new(metadata, deadline, criticality);
         let tenant = extensions
             .get::<Tenant>()
@@ -223,6 +241,7 @@ impl RouterApi {
             history,
             verdict: PendingVerdict::of(extensions),
             notices: Vec::new(),
+            cache,
         };
         self.steer(&mut walk).await;
         Ok(walk)
@@ -319,6 +338,8 @@ struct Walk {
     verdict: Option<PendingVerdict>,
     /// What the walk did differently, for the answer.
     notices: Vec<Notice>,
+    /// What the `weir-cache` metadata asks of the response cache.
+    cache: Control,
 }
 
 /// The RPCs that start while their rate limit check runs
@@ -531,8 +552,90 @@ impl RouterApi {
 }
 
 impl RouterApi {
+    /// The response cache's step, between the idempotency claim and step 3: an identical
+    /// deterministic request's stored answer (no budget hold, no model call), once the rate limit
+    /// has admitted the request; or `None`, with what the answer is to be offered to.
+    async fn look_up(&self, walk: &Walk, rpc: Rpc) -> Result<Looked, Status> {
+        let looked = self
+            .cache
+            .look(walk.cache, rpc, walk.payer.tenant(), &walk.completion)
+            .await;
+        if matches!(looked, Looked::Hit(_))
+            && let Some(verdict) = &walk.verdict
+            && !verdict.admitted().await
+        {
+            return Err(refused(rate_limited(walk)));
+        }
+        Ok(looked)
+    }
+
+    /// What a cache hit is charged: the stored answer's usage scaled by
+    /// `router.cache.cached_price_fraction` at `model`'s price, reserved and committed like a
+    /// model call's (so a spent budget refuses it); 0, with nothing reserved, by default.
+    async fn charge_hit(
+        &self,
+        walk: &Walk,
+        model: &str,
+        usage: Option<Usage>,
+        notices: &mut Vec<Notice>,
+    ) -> Result<i64, Status> {
+        let fraction = self.cache.price_fraction();
+        let Some(usage) = usage.filter(|_| fraction > 0.0) else {
+            return Ok(0);
+        };
+        let usage = cache::scaled(usage, fraction);
+        let tokens = |n: i64| u32::try_from(n.max(0)).unwrap_or(u32::MAX);
+        let hold = self
+            .spend
+            .reserve(
+                &walk.call,
+                &walk.payer,
+                model,
+                tokens(usage.input_tokens),
+                tokens(usage.output_tokens),
+                notices,
+            )
+            .await
+            .map_err(refused)?;
+        let Some(hold) = hold else {
+            return Ok(0);
+        };
+        match hold.commit(&walk.call, usage).await {
+            Ok(cost) => Ok(cost),
+            Err(error) => {
+                tracing::warn!(
+                    reason = error.reason(),
+                    "a cache hit's charge was not committed"
+                );
+                Ok(0)
+            }
+        }
+    }
+
+    /// Steps 5 to 8 of a unary request, or its answer from the response cache.
+    async fn complete_walk(&self, walk: Walk) -> Result<CompleteResponse, Status> {
+        let pending = match self.look_up(&walk, Rpc::Complete).await? {
+            Looked::Hit(entry) => match cache::hit_answer(&entry, current_trace_id()) {
+                Some(mut response) => {
+                    let model = response.model.clone();
+                    response.cost_micros = self
+                        .charge_hit(&walk, &model, response.usage, &mut response.notices)
+                        .await?;
+                    return Ok(response);
+                }
+                None => None,
+            },
+            Looked::Miss(pending) => pending,
+        };
+        let result = self.complete_model_walk(walk).await;
+        if let (Some(pending), Ok(response)) = (pending, &result) {
+            pending.store_answer(response).await;
+        }
+        result
+    }
+
     /// Steps 5 to 8 of a unary request.
-    async fn complete_walk(&self, mut walk: Walk) -> Result<CompleteResponse, Status> {
+    async fn complete_model_walk(&self, mut walk: Walk) -> Result<CompleteResponse, Status> {
         Ok(match self.serve(&mut walk, Delivery::Unary).await? {
             Served::Model {
                 answer:
@@ -569,8 +672,31 @@ impl RouterApi {
         })
     }
 
+    /// Steps 5 to 8 of a streamed request, or its answer from the response cache (replayed as
+    /// the stream it was stored as).
+    async fn stream_walk(&self, walk: Walk) -> Result<CompleteStream, Status> {
+        let pending = match self.look_up(&walk, Rpc::CompleteStream).await? {
+            Looked::Hit(entry) => match cache::hit_events(&entry, current_trace_id()) {
+                Some(mut events) => {
+                    let (model, usage) = cache::served(&events);
+                    let mut notices = Vec::new();
+                    let cost = self.charge_hit(&walk, &model, usage, &mut notices).await?;
+                    cache::set_cost(&mut events, cost, notices);
+                    return Ok(cache::replayed(events));
+                }
+                None => None,
+            },
+            Looked::Miss(pending) => pending,
+        };
+        let stream = self.stream_model_walk(walk).await?;
+        Ok(match pending {
+            Some(pending) => pending.storing(stream),
+            None => stream,
+        })
+    }
+
     /// Steps 5 to 8 of a streamed request: the stream, which settles itself as it ends.
-    async fn stream_walk(&self, mut walk: Walk) -> Result<CompleteStream, Status> {
+    async fn stream_model_walk(&self, mut walk: Walk) -> Result<CompleteStream, Status> {
         // 6./7. Budget commit, session append and review of a streamed answer run when the relay
         //    sees `done` (or the stream ends early).
         match self.serve(&mut walk, Delivery::Stream).await? {

@@ -10,6 +10,14 @@
 //! [router.http]                            # the OpenAI-compatible HTTP edge (crate::openai::edge)
 //! listen = "127.0.0.1:50057"               # WEIR_ROUTER__HTTP__LISTEN; "" turns it off
 //!
+//! [router.cache]                           # the response cache (crate::cache); off by default
+//! enabled = false                          # WEIR_ROUTER__CACHE__ENABLED
+//! cached_price_fraction = 0.0              # WEIR_ROUTER__CACHE__CACHED_PRICE_FRACTION
+//! ttl = "1h"                               # WEIR_ROUTER__CACHE__TTL
+//! max_entry_bytes = 262144                 # WEIR_ROUTER__CACHE__MAX_ENTRY_BYTES
+//! # redis_url = "redis://127.0.0.1:6379"   # WEIR_ROUTER__CACHE__REDIS_URL; unset: in the process
+//! key_prefix = "weir"                      # WEIR_ROUTER__CACHE__KEY_PREFIX
+//!
 //! [router.budget]                          # only read when budget_url is set
 //! fail_open = false                        # WEIR_ROUTER__BUDGET__FAIL_OPEN
 //! [router.budget.tenants.internal-tools]
@@ -138,6 +146,10 @@ pub struct Config {
     /// The OpenAI-compatible HTTP edge (`[router.http]`: `listen`, default `127.0.0.1:50057`,
     /// `""` off; see [`crate::openai::edge`]).
     pub http: crate::openai::edge::HttpConfig,
+    /// The response cache (`[router.cache]`: `enabled` false, `ttl` 1h, `max_entry_bytes`
+    /// 256 KiB, `redis_url` to share entries between replicas; in the process by default). See
+    /// [`crate::cache`].
+    pub cache: crate::cache::CacheConfig,
 }
 
 impl Default for Config {
@@ -156,6 +168,7 @@ impl Default for Config {
             review: ReviewConfig::default(),
             jobs: crate::jobs::JobsConfig::default(),
             http: crate::openai::edge::HttpConfig::default(),
+            cache: crate::cache::CacheConfig::default(),
         }
     }
 }
@@ -306,6 +319,7 @@ impl Config {
             }
         }
         self.budget.validate()?;
+        self.cache.validate()?;
         self.review.validate()
     }
 
@@ -482,6 +496,25 @@ mod tests {
         let error = bad.validate().unwrap_err().to_string();
         assert!(error.contains("router.budget.tenants.a b"), "{error}");
         assert!(parse("[router.budget]\nfailopen = true\n").is_err());
+    }
+
+    #[test]
+    fn the_cache_table_parses_and_is_checked() {
+        let config = parse("").unwrap();
+        assert!(!config.cache.enabled, "off by default");
+        let config = parse(
+            "[router.cache]\nenabled = true\nttl = \"5m\"\nmax_entry_bytes = 1024\n\
+             redis_url = \"redis://127.0.0.1:6379\"\nkey_prefix = \"t\"\n",
+        )
+        .unwrap();
+        config.validate().unwrap();
+        assert!(config.cache.enabled);
+        assert_eq!(config.cache.ttl, std::time::Duration::from_secs(300));
+        assert_eq!(config.cache.max_entry_bytes, 1024);
+        let bad = parse("[router.cache]\nttl = \"0s\"\n").unwrap();
+        let error = bad.validate().unwrap_err().to_string();
+        assert!(error.contains("router.cache.ttl"), "{error}");
+        assert!(parse("[router.cache]\nttl_seconds = 5\n").is_err());
     }
 
     #[test]

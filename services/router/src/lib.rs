@@ -32,6 +32,7 @@
 #![warn(missing_docs)]
 
 mod api;
+pub mod cache;
 pub mod clients;
 pub mod config;
 pub mod fallback;
@@ -156,7 +157,9 @@ pub fn router_api_with(
         "router.idempotency",
         "router",
     )?;
-    let mut api = RouterApi::new(routes, inference).with_idempotency(records);
+    let mut api = RouterApi::new(routes, inference)
+        .with_idempotency(records)
+        .with_cache(cache::ResponseCache::from_config(&config.cache)?);
     if let Some(store) = jobs::JobStore::from_config(&config.jobs, "router.jobs")? {
         api = api.with_jobs(jobs::api::Jobs::new(store, config.jobs.clone()));
     }

@@ -227,6 +227,36 @@ pub(crate) fn recording(upstream: CompleteStream, guard: Guard) -> CompleteStrea
     Box::pin(recorded) as Pin<Box<dyn Stream<Item = _> + Send>>
 }
 
+/// A unary answer in the recorded form, for other stores of answers (the response cache).
+pub(crate) fn encode_answer(response: &CompleteResponse) -> Vec<u8> {
+    Recorded {
+        response: Some(response.clone()),
+        ..Recorded::default()
+    }
+    .encode_to_vec()
+}
+
+/// A stream's events, `start` to `done`, in the recorded form (see [`encode_answer`]).
+pub(crate) fn encode_events(events: Vec<CompleteStreamResponse>) -> Vec<u8> {
+    Recorded {
+        events,
+        ..Recorded::default()
+    }
+    .encode_to_vec()
+}
+
+/// The unary answer of a record made by [`encode_answer`], as it was recorded (no notice
+/// added); `None` for anything else.
+pub(crate) fn decode_answer(bytes: &[u8]) -> Option<CompleteResponse> {
+    Recorded::decode(bytes).ok()?.response
+}
+
+/// The events of a record made by [`encode_events`], as they were recorded; `None` for anything
+/// else.
+pub(crate) fn decode_events(bytes: &[u8]) -> Option<Vec<CompleteStreamResponse>> {
+    Some(Recorded::decode(bytes).ok()?.events).filter(|events| !events.is_empty())
+}
+
 fn decode(bytes: &[u8]) -> Result<Recorded, Status> {
     Recorded::decode(bytes).map_err(|error| {
         Status::internal(format!("the recorded answer could not be read: {error}"))

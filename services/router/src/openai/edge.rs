@@ -84,9 +84,10 @@ pub const TIMEOUT_MS: &str = "weir-timeout-ms";
 /// The header carrying the answer's trace id.
 pub const TRACE_ID: &str = "weir-trace-id";
 /// Headers passed on to the router as gRPC metadata, unchanged.
-const FORWARDED: [&str; 4] = [
+const FORWARDED: [&str; 5] = [
     weir_mesh::metadata::AUTHORIZATION,
     weir_mesh::metadata::CRITICALITY,
+    weir_mesh::metadata::CACHE_CONTROL,
     "traceparent",
     "tracestate",
 ];
