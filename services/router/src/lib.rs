@@ -38,6 +38,7 @@ pub mod config;
 pub mod fallback;
 pub mod inference;
 pub mod jobs;
+pub mod matching;
 pub mod openai;
 pub mod prices;
 pub mod relay;
