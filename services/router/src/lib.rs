@@ -47,6 +47,7 @@ pub mod request;
 pub mod review;
 pub mod review_gate;
 pub mod route;
+pub mod rules;
 pub mod session;
 pub mod settlement;
 pub mod spend;
