@@ -352,3 +352,30 @@ async fn a_budget_rule_steers_a_tenant_above_its_soft_limit() {
     mesh.stop().await;
     delete_prefix(&prefix).await;
 }
+
+#[tokio::test]
+async fn the_http_edge_forwards_the_quality_header() {
+    let mesh = start().await;
+    let http = reqwest::Client::new();
+    let ask = |quality: Option<&'static str>| {
+        let mut request = http
+            .post(format!("{}/chat/completions", mesh.openai_url()))
+            .bearer_auth(BETA_KEY)
+            .json(&serde_json::json!({
+                "model": "auto",
+                "messages": [{"role": "user", "content": MEDIUM}],
+            }));
+        if let Some(quality) = quality {
+            request = request.header(weir_mesh::metadata::QUALITY, quality);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status().as_u16(), 200);
+            let body: serde_json::Value = response.json().await.unwrap();
+            body["model"].as_str().unwrap().to_string()
+        }
+    };
+    assert_eq!(ask(Some("high")).await, STRONG);
+    assert_eq!(ask(None).await, DEFAULT);
+    mesh.stop().await;
+}
