@@ -4,8 +4,9 @@
 //!
 //! 1. Server layers run before the handler (deadline, admission, auth, rate limit; libs/mesh).
 //! 2. Checks and route: [`crate::request`] refuses what the router alone can tell is wrong, and
-//!    [`crate::route`] turns `model` into a [`Plan`] of ordered candidates; a tenant above its
-//!    soft budget limit is steered to the route's economy tier ([`crate::spend`]).
+//!    [`crate::route`] turns `model` into a [`Plan`] of ordered candidates; the route's rules
+//!    may pick one of its tiers instead ([`crate::rules`]), a tenant above its soft budget limit
+//!    being steered to the economy tier ([`crate::spend`]).
 //!    With `[router.cache]` on, an identical deterministic request (after its `request_id` claim
 //!    and rate limit verdict) is answered from the response cache here, skipping steps 3 to 7
 //!    ([`crate::cache`]); a miss's answer is offered to the cache after step 8.

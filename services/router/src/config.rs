@@ -26,9 +26,14 @@
 //! [router.routes.auto]                     # a route alias clients name instead of a model
 //! models = ["sim-large", "sim-small"]      # candidates in order: the first is the primary
 //! economy = ["sim-small"]                  # cheaper tier for tenants above their soft limit
+//! tiers = { fast = ["sim-small"] }         # named tiers the rules pick (crate::rules)
 //! description = "Strong model first, fast model as its fallback"
 //! degraded = { kind = "fixed", text = "We are busy; please try again shortly." }
 //! canary = { model = "sim-new", weight = 0.05 } # 5% of requests try sim-new first
+//! [[router.routes.auto.rules]]             # first that holds picks its tier (docs/routing.md)
+//! name = "short-questions"
+//! tier = "fast"
+//! max_prompt_tokens = 200
 //! ```
 //!
 //! Every setting has a default, so the table may be left out. When it defines no route at all,

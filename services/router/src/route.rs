@@ -1008,6 +1008,45 @@ mod tests {
     }
 
     #[test]
+    fn the_routing_docs_examples_are_valid_config() {
+        let docs = include_str!("../../../docs/routing.md");
+        let blocks: Vec<&str> = docs
+            .split("```toml\n")
+            .skip(1)
+            .filter_map(|rest| rest.split("```\n").next())
+            .filter(|block| block.contains("models ="))
+            .collect();
+        assert!(blocks.len() >= 3, "{}", blocks.len());
+        for block in blocks {
+            let config = parse(block);
+            let table = RouteTable::new(&config, Arc::new(Catalog::default()))
+                .unwrap_or_else(|error| panic!("{error}\n{block}"));
+            assert!(!table.get("auto").unwrap().rules().is_empty(), "{block}");
+            if !block.contains("hard-words") {
+                continue;
+            }
+            // What the docs say of the small/large example.
+            let plan = table.resolve("auto", None).unwrap();
+            let pick = |prompt: &str| {
+                let facts = RuleFacts {
+                    prompt,
+                    prompt_tokens: 15,
+                    ..RuleFacts::default()
+                };
+                plan.ruled(&facts).map(|p| p.primary().model().to_string())
+            };
+            assert_eq!(
+                pick("What is the capital of France?").as_deref(),
+                Some("sim-small")
+            );
+            assert_eq!(
+                pick("Prove that √2 is irrational, step by step").as_deref(),
+                Some("sim-large")
+            );
+        }
+    }
+
+    #[test]
     fn degraded_answers() {
         let echo = RouteTable::new(
             &with_extras(None, Some(DegradedSpec::Echo)),
