@@ -29,3 +29,6 @@ pub const BATCH_PRICE_TIER: &str = "batch";
 /// Per-request control of the router's response cache: `bypass` (neither read nor write the
 /// cache) or `refresh` (ask the model again and replace the entry). Absent: the cache applies.
 pub const CACHE_CONTROL: &str = "weir-cache";
+/// The quality a request asks for (`high`, `low`, ...), which a route's rules may test to pick a
+/// tier; the `quality` label of the request says the same.
+pub const QUALITY: &str = "weir-quality";

@@ -4,8 +4,9 @@
 //!
 //! 1. Server layers run before the handler (deadline, admission, auth, rate limit; libs/mesh).
 //! 2. Checks and route: [`crate::request`] refuses what the router alone can tell is wrong, and
-//!    [`crate::route`] turns `model` into a [`Plan`] of ordered candidates; a tenant above its
-//!    soft budget limit is steered to the route's economy tier ([`crate::spend`]).
+//!    [`crate::route`] turns `model` into a [`Plan`] of ordered candidates; the route's rules
+//!    may pick one of its tiers instead ([`crate::rules`]), a tenant above its soft budget limit
+//!    being steered to the economy tier ([`crate::spend`]).
 //!    With `[router.cache]` on, an identical deterministic request (after its `request_id` claim
 //!    and rate limit verdict) is answered from the response cache here, skipping steps 3 to 7
 //!    ([`crate::cache`]); a miss's answer is offered to the cache after step 8.
@@ -70,6 +71,7 @@ use crate::{
     review::Policies,
     review_gate::{self, Gate, Reviews},
     route::{Plan, RouteTable},
+    rules::{QUALITY_LABEL, ROUTE_RULE, RuleFacts},
     session::{History, Sessions},
     settlement::Settlement,
     spend::{BUDGET_STEERED, Payer, Spend},
@@ -243,34 +245,87 @@ impl RouterApi {
             notices: Vec::new(),
             cache,
         };
-        self.steer(&mut walk).await;
+        self.steer(&mut walk, metadata).await;
         Ok(walk)
     }
 
-    /// Moves a tenant above its soft budget limit to the route's economy tier, with a notice.
-    async fn steer(&self, walk: &mut Walk) {
-        if !self.spend.is_on() || !walk.plan.has_economy() {
+    /// Lets the route's rules pick a tier ([`crate::rules`]), with a notice naming the rule: a
+    /// budget rule's is [`BUDGET_STEERED`], any other's [`ROUTE_RULE`]. The tenant's budget is
+    /// read (one GetBudget) only when budgets are on and a rule of the route tests it.
+    async fn steer(&self, walk: &mut Walk, metadata: &MetadataMap) {
+        if !walk.plan.has_rules() {
             return;
         }
-        if !self.spend.soft_limit_reached(&walk.call, &walk.payer).await {
+        let soft_limit_reached = self.spend.is_on()
+            && walk.plan.needs_budget()
+            && self.spend.soft_limit_reached(&walk.call, &walk.payer).await;
+        let prompt = crate::matching::prompt_text(&walk.completion.messages);
+        // Counted for the route's first model, so a rule's threshold means one thing per route.
+        let family = walk
+            .plan
+            .route()
+            .and_then(|route| route.candidates().first())
+            .and_then(|candidate| self.routes.catalog().get(candidate.model()))
+            .map_or(tokens::SIM_FAMILY, |spec| spec.family());
+        let prompt_tokens = tokens::count_messages(family, &walk.completion.messages);
+        let tenant = walk.payer.tenant().to_string();
+        let quality = walk
+            .completion
+            .labels
+            .get(QUALITY_LABEL)
+            .map(String::as_str)
+            .or_else(|| {
+                metadata
+                    .get(weir_mesh::metadata::QUALITY)
+                    .and_then(|value| value.to_str().ok())
+            });
+        let facts = RuleFacts {
+            prompt: &prompt,
+            prompt_tokens,
+            quality,
+            tenant: &tenant,
+            plan: self.routes.plan(&tenant),
+            soft_limit_reached,
+        };
+        let Some(ruled) = walk.plan.ruled(&facts) else {
             return;
-        }
-        if let Some(economy) = walk.plan.economy() {
-            tracing::debug!(
-                tenant = %walk.payer.tenant(), route = walk.plan.route_alias(),
-                "tenant above its soft limit; steered to the economy tier"
-            );
-            walk.notices.push(Notice {
+        };
+        let Some(rule) = ruled.rule() else {
+            return;
+        };
+        let route = ruled.route_alias();
+        tracing::debug!(
+            tenant = %tenant, route, rule = rule.name(), tier = rule.tier(),
+            "a routing rule picked the tier"
+        );
+        metrics::counter!(
+            "weir_route_rule_total",
+            "route" => route.to_string(),
+            "rule" => rule.name().to_string()
+        )
+        .increment(1);
+        let notice = if rule.needs_budget() {
+            Notice {
                 reason: BUDGET_STEERED.to_string(),
                 message: format!(
-                    "tenant {} is above its soft budget limit; route {} served this request from \
-                     its economy tier",
-                    walk.payer.tenant(),
-                    walk.plan.route_alias()
+                    "tenant {tenant} is above its soft budget limit; route {route} served this \
+                     request from its {} tier (rule {})",
+                    rule.tier(),
+                    rule.name()
                 ),
-            });
-            walk.plan = economy;
-        }
+            }
+        } else {
+            Notice {
+                reason: ROUTE_RULE.to_string(),
+                message: format!(
+                    "rule {} of route {route} picked tier {}",
+                    rule.name(),
+                    rule.tier()
+                ),
+            }
+        };
+        walk.notices.push(notice);
+        walk.plan = ruled;
     }
 
     /// Steps 3 and 4 for one candidate, while the rate limit check that let the request start

@@ -26,9 +26,14 @@
 //! [router.routes.auto]                     # a route alias clients name instead of a model
 //! models = ["sim-large", "sim-small"]      # candidates in order: the first is the primary
 //! economy = ["sim-small"]                  # cheaper tier for tenants above their soft limit
+//! tiers = { fast = ["sim-small"] }         # named tiers the rules pick (crate::rules)
 //! description = "Strong model first, fast model as its fallback"
 //! degraded = { kind = "fixed", text = "We are busy; please try again shortly." }
 //! canary = { model = "sim-new", weight = 0.05 } # 5% of requests try sim-new first
+//! [[router.routes.auto.rules]]             # first that holds picks its tier (docs/routing.md)
+//! name = "short-questions"
+//! tier = "fast"
+//! max_prompt_tokens = 200
 //! ```
 //!
 //! Every setting has a default, so the table may be left out. When it defines no route at all,
@@ -150,6 +155,9 @@ pub struct Config {
     /// 256 KiB, `redis_url` to share entries between replicas; in the process by default). See
     /// [`crate::cache`].
     pub cache: crate::cache::CacheConfig,
+    /// Each tenant's plan (`[router.plans]`, `acme = "pro"`), for the `plans` condition of
+    /// routing rules. Empty by default: no tenant has a plan.
+    pub plans: BTreeMap<String, String>,
 }
 
 impl Default for Config {
@@ -169,6 +177,7 @@ impl Default for Config {
             jobs: crate::jobs::JobsConfig::default(),
             http: crate::openai::edge::HttpConfig::default(),
             cache: crate::cache::CacheConfig::default(),
+            plans: BTreeMap::new(),
         }
     }
 }
@@ -191,8 +200,15 @@ pub struct RouteSpec {
     /// The route's cheaper tier: catalog models in order of preference (primary first, then its
     /// fallbacks) that serve tenants whose spend is above their soft budget limit, instead of
     /// `models` (and the canary). Empty (the default): the route is never steered. Only used when
-    /// `router.budget_url` is set.
+    /// `router.budget_url` is set. Sugar for a tier `economy` and a last rule `economy` with
+    /// `budget = "soft_limit_reached"` (see [`crate::rules`]).
     pub economy: Vec<String>,
+    /// Named tiers (`tiers = { fast = ["sim-small"] }`): catalog models in order of preference,
+    /// picked by `rules`. Empty by default.
+    pub tiers: BTreeMap<String, Vec<String>>,
+    /// Rules picking a tier per request, in order (`[[router.routes.<alias>.rules]]`; see
+    /// [`crate::rules`]). None by default: the route's `models` serve every request.
+    pub rules: Vec<crate::rules::RuleSpec>,
 }
 
 /// `[router.budget]`: how the router behaves when the budget service cannot answer.

@@ -64,7 +64,10 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 use weir_mesh::{catalog::Catalog, config::ConfigError};
 
-use crate::route::RouteTable;
+use crate::{
+    matching::{PromptMatch, compile_keywords, compile_regex, contains_any, listed},
+    route::RouteTable,
+};
 
 /// Queue of a policy that names none.
 pub const DEFAULT_QUEUE: &str = "default";
@@ -188,11 +191,10 @@ pub struct Policy {
     queue: String,
     priority: i32,
     sla: Option<Duration>,
-    /// Lower-cased.
-    prompt_keywords: Vec<String>,
+    /// `prompt_keywords` and `prompt_regex` (the matcher routing rules share).
+    prompt: PromptMatch,
     /// Lower-cased.
     answer_keywords: Vec<String>,
-    prompt_regex: Option<Regex>,
     answer_regex: Option<Regex>,
     min_cost_micros: Option<i64>,
     tenants: Vec<String>,
@@ -238,19 +240,10 @@ impl Policy {
     /// `[0, 1)` and is only called for a policy with a `sample_rate` whose other early conditions
     /// hold.
     pub fn admits(&self, facts: &Facts<'_>, draw: &mut dyn FnMut() -> f64) -> bool {
-        let listed =
-            |list: &[String], value: &str| list.is_empty() || list.iter().any(|v| v == value);
         if !listed(&self.tenants, facts.tenant)
             || !listed(&self.models, facts.model)
             || !listed(&self.routes, facts.route)
-        {
-            return false;
-        }
-        if !self.prompt_keywords.is_empty() && !contains_any(facts.prompt, &self.prompt_keywords) {
-            return false;
-        }
-        if let Some(regex) = &self.prompt_regex
-            && !regex.is_match(facts.prompt)
+            || !self.prompt.holds(facts.prompt)
         {
             return false;
         }
@@ -275,14 +268,6 @@ impl Policy {
             None => true,
         }
     }
-}
-
-/// Whether `text` contains any of the lower-cased `keywords`, ignoring case.
-fn contains_any(text: &str, keywords: &[String]) -> bool {
-    let text = text.to_lowercase();
-    keywords
-        .iter()
-        .any(|keyword| text.contains(keyword.as_str()))
 }
 
 /// Why an answer goes to review: what the review item is created with.
@@ -431,30 +416,6 @@ fn compile(
             format!("must be within 0 and 1, got {rate}"),
         ));
     }
-    let keywords = |field: &str, list: &[String]| -> Result<Vec<String>, ConfigError> {
-        list.iter()
-            .map(|keyword| {
-                if keyword.trim().is_empty() {
-                    Err(ConfigError::invalid(
-                        key(field),
-                        "keywords must not be empty",
-                    ))
-                } else {
-                    Ok(keyword.to_lowercase())
-                }
-            })
-            .collect()
-    };
-    let regex = |field: &str, source: &Option<String>| -> Result<Option<Regex>, ConfigError> {
-        source
-            .as_deref()
-            .map(|source| {
-                Regex::new(source).map_err(|error| {
-                    ConfigError::invalid(key(field), format!("not a valid regex: {error}"))
-                })
-            })
-            .transpose()
-    };
     for tenant in &spec.tenants {
         if weir_mesh::tenant::Tenant::new(tenant).is_err() {
             return Err(ConfigError::invalid(
@@ -487,10 +448,9 @@ fn compile(
         queue: queue.to_string(),
         priority: spec.priority,
         sla: spec.sla,
-        prompt_keywords: keywords("prompt_keywords", &spec.prompt_keywords)?,
-        answer_keywords: keywords("answer_keywords", &spec.answer_keywords)?,
-        prompt_regex: regex("prompt_regex", &spec.prompt_regex)?,
-        answer_regex: regex("answer_regex", &spec.answer_regex)?,
+        prompt: PromptMatch::new(key, &spec.prompt_keywords, spec.prompt_regex.as_deref())?,
+        answer_keywords: compile_keywords(&key("answer_keywords"), &spec.answer_keywords)?,
+        answer_regex: compile_regex(&key("answer_regex"), spec.answer_regex.as_deref())?,
         min_cost_micros: spec.min_cost_micros,
         tenants: spec.tenants.clone(),
         models: spec.models.clone(),

@@ -132,12 +132,7 @@ impl Reviews {
         if inner.policies.is_empty() {
             return None;
         }
-        let text = completion
-            .messages
-            .iter()
-            .map(|message| message.content.as_str())
-            .collect::<Vec<_>>()
-            .join("\n");
+        let text = crate::matching::prompt_text(&completion.messages);
         let facts = Facts {
             tenant,
             model,

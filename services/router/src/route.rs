@@ -17,14 +17,18 @@
 //! own models follow it as its fallbacks. A plan is a value the later steps (budget steering) can
 //! reorder without touching the route table.
 //!
-//! # The economy tier
+//! # Tiers and rules
 //!
-//! A route may name a cheaper tier (`economy = ["sim-small"]`): its own ordered candidates, primary
-//! first, that serve a tenant whose spend is above its soft budget limit. The walk asks for it with
-//! [`Plan::economy`] only when budgets are on and the tenant's budget says so (see
-//! [`crate::spend`]); the steered plan keeps the requested name and the route alias, has no canary,
-//! and its first economy model is reported as the primary. A model named directly is never
-//! steered: the client asked for that model.
+//! A route may declare named tiers (`tiers = { fast = ["sim-small"] }`), each its own ordered
+//! candidates, and rules that pick one per request ([`crate::rules`]). The walk asks
+//! [`Plan::ruled`] once the request's facts are known: the first rule that holds gives a plan
+//! over its tier, which keeps the requested name and the route alias, has no canary (a canary
+//! belongs to the default tier only), and reports the tier's first model as the primary. A model
+//! named directly is never ruled: the client asked for that model.
+//!
+//! The economy tier (`economy = ["sim-small"]`) is one such tier: it becomes the tier `economy`
+//! and a last rule `economy` that holds when the tenant is above its soft budget limit (see
+//! [`crate::spend`]).
 
 use std::{
     collections::BTreeMap,
@@ -41,8 +45,9 @@ use weir_proto::router::ServedBy;
 
 use weir_proto::common::{Message, Role};
 
-use crate::config::{
-    CanarySpec, Config, DEFAULT_ROUTE, DEFAULT_ROUTE_MODELS, DegradedSpec, RouteSpec,
+use crate::{
+    config::{CanarySpec, Config, DEFAULT_ROUTE, DEFAULT_ROUTE_MODELS, DegradedSpec, RouteSpec},
+    rules::{self, ECONOMY, Rule, RuleFacts},
 };
 
 /// Longest route alias accepted in config (the same limit as model names).
@@ -130,8 +135,10 @@ pub struct Route {
     candidates: Vec<Candidate>,
     canary: Option<Canary>,
     degraded: Option<Degraded>,
-    /// The cheaper tier; empty when the route has none.
-    economy: Vec<Candidate>,
+    /// Named tiers (the economy tier among them), each never empty.
+    tiers: BTreeMap<String, Vec<Candidate>>,
+    /// The rules picking a tier, in order (the economy rule last).
+    rules: Vec<Rule>,
 }
 
 impl Route {
@@ -155,9 +162,19 @@ impl Route {
         self.degraded.as_ref()
     }
 
-    /// The cheaper tier's candidates in order (empty when the route has none).
-    pub fn economy(&self) -> &[Candidate] {
-        &self.economy
+    /// The candidates of tier `name`, in order.
+    pub fn tier(&self, name: &str) -> Option<&[Candidate]> {
+        self.tiers.get(name).map(Vec::as_slice)
+    }
+
+    /// The rules, in order.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// Whether a rule tests the tenant's budget, so that the walk must read it first.
+    pub fn needs_budget(&self) -> bool {
+        self.rules.iter().any(Rule::needs_budget)
     }
 }
 
@@ -168,8 +185,8 @@ pub struct Plan {
     route: Option<Arc<Route>>,
     /// Never empty.
     candidates: Vec<Candidate>,
-    /// Whether the candidates are the route's economy tier.
-    steered: bool,
+    /// The index in the route's rules of the rule that picked the candidates' tier, if one did.
+    rule: Option<usize>,
 }
 
 impl Plan {
@@ -204,29 +221,38 @@ impl Plan {
         self.route().and_then(Route::degraded)
     }
 
-    /// Whether the plan can be steered to a cheaper tier (its route has an economy tier and the
-    /// plan is not already steered).
-    pub fn has_economy(&self) -> bool {
-        !self.steered && self.route().is_some_and(|r| !r.economy.is_empty())
+    /// Whether rules may still pick a tier for this plan (it came from a route with rules and no
+    /// rule has picked yet).
+    pub fn has_rules(&self) -> bool {
+        self.rule.is_none() && self.route().is_some_and(|r| !r.rules.is_empty())
     }
 
-    /// Whether this plan was steered to its route's economy tier.
-    pub fn is_steered(&self) -> bool {
-        self.steered
+    /// Whether ruling this plan needs the tenant's budget state.
+    pub fn needs_budget(&self) -> bool {
+        self.rule.is_none() && self.route().is_some_and(Route::needs_budget)
     }
 
-    /// The same request served from the route's economy tier (see the module documentation), or
-    /// `None` when there is none.
-    pub fn economy(&self) -> Option<Plan> {
-        if !self.has_economy() {
+    /// The rule that picked this plan's tier, if one did.
+    pub fn rule(&self) -> Option<&Rule> {
+        let index = self.rule?;
+        self.route()?.rules.get(index)
+    }
+
+    /// The same request served from the tier of the first rule that holds for `facts` (see the
+    /// module documentation), or `None` when no rule holds (or the plan is already ruled or has
+    /// no route).
+    pub fn ruled(&self, facts: &RuleFacts<'_>) -> Option<Plan> {
+        if self.rule.is_some() {
             return None;
         }
         let route = self.route.clone()?;
+        let index = route.rules.iter().position(|rule| rule.holds(facts))?;
+        let candidates = route.tiers.get(route.rules[index].tier())?.clone();
         Some(Plan {
             requested_model: self.requested_model.clone(),
-            candidates: route.economy.clone(),
+            candidates,
             route: Some(route),
-            steered: true,
+            rule: Some(index),
         })
     }
 
@@ -279,6 +305,8 @@ impl From<ResolveError> for ApiError {
 pub struct RouteTable {
     catalog: Arc<Catalog>,
     routes: BTreeMap<String, Arc<Route>>,
+    /// Each tenant's plan (`[router.plans]`).
+    plans: BTreeMap<String, String>,
 }
 
 impl RouteTable {
@@ -287,6 +315,7 @@ impl RouteTable {
     /// `router.routes.<alias>` for an alias that is also a model name, and
     /// `router.routes.<alias>.models` for an empty list, an unknown model or a duplicate.
     pub fn new(config: &Config, catalog: Arc<Catalog>) -> Result<Self, ConfigError> {
+        rules::validate_plans(&config.plans)?;
         let specs: Vec<(String, RouteSpec)> = if config.routes.is_empty() {
             default_route(&catalog).into_iter().collect()
         } else {
@@ -301,7 +330,11 @@ impl RouteTable {
             let route = validate(&catalog, alias, spec)?;
             routes.insert(route.alias.clone(), Arc::new(route));
         }
-        Ok(Self { catalog, routes })
+        Ok(Self {
+            catalog,
+            routes,
+            plans: config.plans.clone(),
+        })
     }
 
     /// The route named `alias`.
@@ -312,6 +345,11 @@ impl RouteTable {
     /// The routes, by alias.
     pub fn routes(&self) -> impl Iterator<Item = &Route> {
         self.routes.values().map(Arc::as_ref)
+    }
+
+    /// The plan of `tenant` (`[router.plans]`), if it has one.
+    pub fn plan(&self, tenant: &str) -> Option<&str> {
+        self.plans.get(tenant).map(String::as_str)
     }
 
     /// The model catalog the routes were checked against.
@@ -353,7 +391,7 @@ impl RouteTable {
             requested_model: name.to_string(),
             route,
             candidates,
-            steered: false,
+            rule: None,
         })
     }
 }
@@ -401,11 +439,45 @@ fn validate(catalog: &Catalog, alias: String, spec: RouteSpec) -> Result<Route, 
         return Err(ConfigError::invalid(key, "must list at least one model"));
     }
     let candidates = validate_models(catalog, &key, spec.models)?;
-    let economy = validate_models(
-        catalog,
-        &format!("router.routes.{alias}.economy"),
-        spec.economy,
-    )?;
+    let mut tiers = BTreeMap::new();
+    for (tier, models) in &spec.tiers {
+        let key = format!("router.routes.{alias}.tiers.{tier}");
+        if tier.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                format!("router.routes.{alias}.tiers"),
+                "tier names must not be empty",
+            ));
+        }
+        if models.is_empty() {
+            return Err(ConfigError::invalid(key, "must list at least one model"));
+        }
+        tiers.insert(
+            tier.clone(),
+            validate_models(catalog, &key, models.clone())?,
+        );
+    }
+    let economy_key = format!("router.routes.{alias}.economy");
+    let economy = validate_models(catalog, &economy_key, spec.economy)?;
+    let mut rules = rules::compile(&alias, &spec.rules, &spec.tiers)?;
+    if !economy.is_empty() {
+        if tiers.contains_key(ECONOMY) {
+            return Err(ConfigError::invalid(
+                economy_key,
+                format!(
+                    "the route also declares a tier \"{ECONOMY}\": give the economy models in one \
+                     place (`economy` is sugar for that tier and a budget rule)"
+                ),
+            ));
+        }
+        if rules.iter().any(|rule| rule.name() == ECONOMY) {
+            return Err(ConfigError::invalid(
+                economy_key,
+                format!("a rule is already named \"{ECONOMY}\", the name this list's rule takes"),
+            ));
+        }
+        tiers.insert(ECONOMY.to_string(), economy);
+        rules.push(rules::economy_rule());
+    }
     let canary = match spec.canary {
         None => None,
         Some(canary) => Some(validate_canary(catalog, &alias, &candidates, canary)?),
@@ -429,7 +501,8 @@ fn validate(catalog: &Catalog, alias: String, spec: RouteSpec) -> Result<Route, 
         candidates,
         canary,
         degraded,
-        economy,
+        tiers,
+        rules,
     })
 }
 
@@ -793,23 +866,29 @@ mod tests {
         let table = RouteTable::new(&config, catalog(&["a", "b", "c", "d"])).unwrap();
         let plan = table.resolve("auto", None).unwrap();
         assert_eq!(models(&plan), ["d", "a", "b"]);
-        assert!(plan.has_economy() && !plan.is_steered());
-        let steered = plan.economy().unwrap();
+        assert!(plan.needs_budget() && plan.rule().is_none());
+        let over = RuleFacts {
+            soft_limit_reached: true,
+            ..RuleFacts::default()
+        };
+        assert!(plan.ruled(&RuleFacts::default()).is_none());
+        let steered = plan.ruled(&over).unwrap();
         assert_eq!(models(&steered), ["c", "b"]);
-        assert!(steered.is_steered() && !steered.has_economy());
-        assert!(steered.economy().is_none(), "steering happens once");
+        assert_eq!(steered.rule().map(Rule::name), Some(ECONOMY));
+        assert!(!steered.needs_budget());
+        assert!(steered.ruled(&over).is_none(), "steering happens once");
         assert_eq!(steered.route_alias(), "auto");
         assert_eq!(steered.requested_model(), "auto");
         assert_eq!(steered.served_by(0), ServedBy::Primary);
 
         let direct = table.resolve("a", None).unwrap();
-        assert!(!direct.has_economy());
+        assert!(!direct.needs_budget());
         assert!(
-            direct.economy().is_none(),
+            direct.ruled(&over).is_none(),
             "a model named directly is never steered"
         );
         let plain = RouteTable::new(&self::config(&[("auto", &["a"])]), catalog(&["a"])).unwrap();
-        assert!(plain.resolve("auto", None).unwrap().economy().is_none());
+        assert!(plain.resolve("auto", None).unwrap().ruled(&over).is_none());
     }
 
     #[test]
@@ -823,6 +902,147 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(error.contains("router.routes.auto.economy"), "{error}");
+        }
+    }
+
+    fn parse(toml: &str) -> Config {
+        weir_mesh::config::Source::from_toml(toml)
+            .section("router")
+            .unwrap()
+    }
+
+    const TIERED: &str = "[router.routes.auto]\nmodels = [\"a\"]\n\
+                          tiers = { fast = [\"b\"], strong = [\"c\", \"b\"] }\n";
+
+    #[test]
+    fn rules_pick_their_tier_in_order() {
+        let config = parse(&format!(
+            "{TIERED}[[router.routes.auto.rules]]\nname = \"short\"\ntier = \"fast\"\n\
+             max_prompt_tokens = 10\n\
+             [[router.routes.auto.rules]]\nname = \"hard\"\ntier = \"strong\"\n\
+             prompt_keywords = [\"prove\"]\n"
+        ));
+        let table = RouteTable::new(&config, catalog(&["a", "b", "c"])).unwrap();
+        let plan = table.resolve("auto", None).unwrap();
+        assert!(plan.has_rules() && !plan.needs_budget());
+        let facts = |prompt, prompt_tokens| RuleFacts {
+            prompt,
+            prompt_tokens,
+            ..RuleFacts::default()
+        };
+        let short = plan.ruled(&facts("prove it", 5)).unwrap();
+        assert_eq!(models(&short), ["b"]);
+        assert_eq!(short.rule().map(Rule::name), Some("short"), "first wins");
+        let hard = plan.ruled(&facts("Prove it", 50)).unwrap();
+        assert_eq!(models(&hard), ["c", "b"]);
+        assert_eq!(hard.rule().map(Rule::tier), Some("strong"));
+        assert!(plan.ruled(&facts("hello", 50)).is_none());
+        assert!(!hard.has_rules(), "ruled once");
+    }
+
+    #[test]
+    fn bad_rules_and_tiers_name_their_key() {
+        let rule = |body: &str| format!("{TIERED}[[router.routes.auto.rules]]\n{body}\n");
+        let ok = "name = \"ok\"\ntier = \"fast\"\nquality = [\"high\"]\n\
+                  [[router.routes.auto.rules]]\n";
+        let cases = [
+            (
+                rule(&format!(
+                    "{ok}name = \"x\"\ntier = \"nope\"\nplans = [\"free\"]"
+                )),
+                "router.routes.auto.rules[1].tier",
+            ),
+            (
+                rule("name = \"x\"\ntier = \"fast\"\nprompt_regex = \"(\""),
+                "router.routes.auto.rules[0].prompt_regex",
+            ),
+            (
+                rule("name = \"x\"\ntier = \"fast\"\nprompt_keywords = [\"\"]"),
+                "router.routes.auto.rules[0].prompt_keywords",
+            ),
+            (
+                rule("name = \"x\"\ntier = \"fast\""),
+                "router.routes.auto.rules[0]",
+            ),
+            (
+                rule("tier = \"fast\"\nquality = [\"high\"]"),
+                "router.routes.auto.rules[0].name",
+            ),
+            (
+                rule(&format!(
+                    "{ok}name = \"ok\"\ntier = \"fast\"\nplans = [\"a\"]"
+                )),
+                "router.routes.auto.rules[1].name",
+            ),
+            (
+                rule("name = \"x\"\ntier = \"fast\"\nmin_prompt_tokens = 9\nmax_prompt_tokens = 3"),
+                "router.routes.auto.rules[0].min_prompt_tokens",
+            ),
+            (
+                "[router.routes.auto]\nmodels = [\"a\"]\ntiers = { fast = [] }\n".to_string(),
+                "router.routes.auto.tiers.fast",
+            ),
+            (
+                "[router.routes.auto]\nmodels = [\"a\"]\ntiers = { fast = [\"zzz\"] }\n"
+                    .to_string(),
+                "router.routes.auto.tiers.fast",
+            ),
+            (
+                "[router.routes.auto]\nmodels = [\"a\"]\neconomy = [\"b\"]\n\
+                 tiers = { economy = [\"b\"] }\n"
+                    .to_string(),
+                "router.routes.auto.economy",
+            ),
+            (
+                "[router.plans]\nacme = \"\"\n[router.routes.auto]\nmodels = [\"a\"]\n".to_string(),
+                "router.plans.acme",
+            ),
+        ];
+        for (toml, key) in cases {
+            let error = RouteTable::new(&parse(&toml), catalog(&["a", "b", "c"])).expect_err(key);
+            match &error {
+                ConfigError::Invalid { key: got, .. } => assert_eq!(got, key, "{error}"),
+                other => panic!("expected Invalid for {key}, got {other}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_routing_docs_examples_are_valid_config() {
+        let docs = include_str!("../../../docs/routing.md");
+        let blocks: Vec<&str> = docs
+            .split("```toml\n")
+            .skip(1)
+            .filter_map(|rest| rest.split("```\n").next())
+            .filter(|block| block.contains("models ="))
+            .collect();
+        assert!(blocks.len() >= 3, "{}", blocks.len());
+        for block in blocks {
+            let config = parse(block);
+            let table = RouteTable::new(&config, Arc::new(Catalog::default()))
+                .unwrap_or_else(|error| panic!("{error}\n{block}"));
+            assert!(!table.get("auto").unwrap().rules().is_empty(), "{block}");
+            if !block.contains("hard-words") {
+                continue;
+            }
+            // What the docs say of the small/large example.
+            let plan = table.resolve("auto", None).unwrap();
+            let pick = |prompt: &str| {
+                let facts = RuleFacts {
+                    prompt,
+                    prompt_tokens: 15,
+                    ..RuleFacts::default()
+                };
+                plan.ruled(&facts).map(|p| p.primary().model().to_string())
+            };
+            assert_eq!(
+                pick("What is the capital of France?").as_deref(),
+                Some("sim-small")
+            );
+            assert_eq!(
+                pick("Prove that √2 is irrational, step by step").as_deref(),
+                Some("sim-large")
+            );
         }
     }
 

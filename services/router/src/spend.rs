@@ -3,9 +3,10 @@
 //! With `router.budget_url` set, every request pays for what it asks of a model, and a tenant's
 //! spend never passes its hard limit however many requests (and router replicas) run at once:
 //!
-//! - **Steer (step 2).** When the plan's route has an economy tier, the router reads the tenant's
-//!   budget (`GetBudget`); once spend has passed the soft limit in the current period
-//!   (`soft_limit_reached`), the request is served from the economy tier and the answer carries a
+//! - **Steer (step 2).** When a rule of the plan's route tests the budget (its economy tier, or a
+//!   rule with `budget = "soft_limit_reached"`; see [`crate::rules`]), the router reads the
+//!   tenant's budget (`GetBudget`, once); once spend has passed the soft limit in the current
+//!   period (`soft_limit_reached`), that rule's tier serves the request and the answer carries a
 //!   [`BUDGET_STEERED`] notice. A tenant without a budget, or a budget that cannot be read, is not
 //!   steered (the reservation below decides what an outage means).
 //! - **Reserve (step 4).** Before each model call, `Reserve` holds the request's worst case: the

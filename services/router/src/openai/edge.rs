@@ -84,10 +84,11 @@ pub const TIMEOUT_MS: &str = "weir-timeout-ms";
 /// The header carrying the answer's trace id.
 pub const TRACE_ID: &str = "weir-trace-id";
 /// Headers passed on to the router as gRPC metadata, unchanged.
-const FORWARDED: [&str; 5] = [
+const FORWARDED: [&str; 6] = [
     weir_mesh::metadata::AUTHORIZATION,
     weir_mesh::metadata::CRITICALITY,
     weir_mesh::metadata::CACHE_CONTROL,
+    weir_mesh::metadata::QUALITY,
     "traceparent",
     "tracestate",
 ];
