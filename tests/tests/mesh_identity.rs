@@ -703,7 +703,8 @@ fn reason(status: &Status) -> String {
 
 #[tokio::test]
 async fn a_spoofed_tenant_never_reaches_another_tenants_data_over_any_rpc() {
-    let mesh = Mesh::start(&config(&unique_prefix())).await;
+    let prefix = unique_prefix();
+    let mesh = Mesh::start(&config(&prefix)).await;
     let victim = victim_data(&mesh).await;
     let before = victim_state(&mesh, &victim).await;
     assert_eq!(before.turns.len(), 2);
@@ -759,11 +760,13 @@ async fn a_spoofed_tenant_never_reaches_another_tenants_data_over_any_rpc() {
         .unwrap();
     assert_eq!(released.state(), ReservationState::Released);
     mesh.stop().await;
+    weir_tests::delete_prefix(&prefix).await;
 }
 
 #[tokio::test]
 async fn administrative_rpcs_need_their_role() {
-    let mesh = Mesh::start(&config(&unique_prefix())).await;
+    let prefix = unique_prefix();
+    let mesh = Mesh::start(&config(&prefix)).await;
     let victim = victim_data(&mesh).await;
     let before = victim_state(&mesh, &victim).await;
     let key = |k| Credentials::Key(k);
@@ -818,11 +821,13 @@ async fn administrative_rpcs_need_their_role() {
         .unwrap();
     assert_eq!(attacker_budget.hard_limit_micros, 999_000_000);
     mesh.stop().await;
+    weir_tests::delete_prefix(&prefix).await;
 }
 
 #[tokio::test]
 async fn the_router_calls_session_and_budget_for_the_tenant_it_authenticated() {
-    let mesh = Mesh::start(&config(&unique_prefix())).await;
+    let prefix = unique_prefix();
+    let mesh = Mesh::start(&config(&prefix)).await;
     mesh.session()
         .create_session(with_key(
             CreateSessionRequest {
@@ -915,6 +920,7 @@ async fn the_router_calls_session_and_budget_for_the_tenant_it_authenticated() {
     let status = mesh.router().complete(anonymous).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
     mesh.stop().await;
+    weir_tests::delete_prefix(&prefix).await;
 }
 
 /// A router with a fixed admission limit of 2 (SHEDDABLE may use 1 slot, CRITICAL 2,

@@ -160,7 +160,8 @@ fn cost_at_one_per_token(response: &CompleteResponse) -> i64 {
 async fn two_routers_sharing_one_budget_never_overspend() {
     const LIMIT: i64 = 500;
     const PER_ROUTER: usize = 40;
-    let toml = config(&unique_prefix());
+    let prefix = unique_prefix();
+    let toml = config(&prefix);
     let a = Mesh::start(&toml).await;
     let (inference_url, budget_url) = (a.url(Service::Inference), a.url(Service::Budget));
     let b = Mesh::start_with(&toml, &[Service::Router], |c| {
@@ -233,11 +234,13 @@ async fn two_routers_sharing_one_budget_never_overspend() {
     );
     b.stop().await;
     a.stop().await;
+    weir_tests::delete_prefix(&prefix).await;
 }
 
 #[tokio::test]
 async fn above_its_soft_limit_a_tenant_is_served_by_the_economy_tier() {
-    let mesh = Mesh::start(&config(&unique_prefix())).await;
+    let prefix = unique_prefix();
+    let mesh = Mesh::start(&config(&prefix)).await;
     // Soft limit at $0.001: one premium answer (23 tokens at 100 micro-USD) passes it.
     set_budget(&mesh, 1_000_000, 0.001).await;
     let mut router = mesh.router();
@@ -290,11 +293,13 @@ async fn above_its_soft_limit_a_tenant_is_served_by_the_economy_tier() {
     assert_eq!(direct.model, PREMIUM);
     assert!(direct.notices.is_empty());
     mesh.stop().await;
+    weir_tests::delete_prefix(&prefix).await;
 }
 
 #[tokio::test]
 async fn a_budget_service_that_is_down_fails_closed_unless_the_tenant_fails_open() {
-    let toml = config(&unique_prefix());
+    let prefix = unique_prefix();
+    let toml = config(&prefix);
     let closed = Mesh::start_with(&toml, &[Service::Inference, Service::Router], |c| {
         c.router.budget_url = "http://127.0.0.1:1".to_string();
     })
@@ -344,11 +349,13 @@ async fn a_budget_service_that_is_down_fails_closed_unless_the_tenant_fails_open
     assert_eq!(reasons(&response.notices), [BUDGET_UNAVAILABLE]);
     assert_eq!(response.cost_micros, 0, "nothing was recorded");
     open.stop().await;
+    weir_tests::delete_prefix(&prefix).await;
 }
 
 #[tokio::test]
 async fn a_cancelled_stream_commits_what_was_relayed_and_is_not_appended() {
-    let mesh = Mesh::start(&config(&unique_prefix())).await;
+    let prefix = unique_prefix();
+    let mesh = Mesh::start(&config(&prefix)).await;
     set_budget(&mesh, 1_000_000, 0.0).await;
     mesh.session()
         .create_session(CreateSessionRequest {
@@ -408,11 +415,13 @@ async fn a_cancelled_stream_commits_what_was_relayed_and_is_not_appended() {
         .turns;
     assert!(turns.is_empty(), "{turns:?}");
     mesh.stop().await;
+    weir_tests::delete_prefix(&prefix).await;
 }
 
 #[tokio::test]
 async fn a_fallback_is_charged_at_the_model_that_served_and_a_degraded_answer_is_free() {
-    let mesh = Mesh::start(&config(&unique_prefix())).await;
+    let prefix = unique_prefix();
+    let mesh = Mesh::start(&config(&prefix)).await;
     set_budget(&mesh, 1_000_000, 0.0).await;
     let mut router = mesh.router();
     let response = router
@@ -447,11 +456,13 @@ async fn a_fallback_is_charged_at_the_model_that_served_and_a_degraded_answer_is
         "the broken model was tried, and cost nothing"
     );
     mesh.stop().await;
+    weir_tests::delete_prefix(&prefix).await;
 }
 
 #[tokio::test]
 async fn an_exhausted_budget_refuses_before_any_model_runs() {
-    let mesh = Mesh::start(&config(&unique_prefix())).await;
+    let prefix = unique_prefix();
+    let mesh = Mesh::start(&config(&prefix)).await;
     set_budget(&mesh, 10, 0.0).await;
     let mut request: CompleteRequest = complete(PRICED, "too expensive");
     request.params = Some(GenerationParams {
@@ -463,4 +474,5 @@ async fn an_exhausted_budget_refuses_before_any_model_runs() {
     assert!(mesh.inference_api().sim_requests_for(PRICED).is_empty());
     assert_eq!(settled(&mesh).await.spent_micros, 0);
     mesh.stop().await;
+    weir_tests::delete_prefix(&prefix).await;
 }
