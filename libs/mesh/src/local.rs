@@ -240,11 +240,6 @@ impl Dialer {
         self
     }
 
-    /// Whether no server of this process is known (every call takes a socket).
-    pub fn is_empty(&self) -> bool {
-        self.local.is_empty()
-    }
-
     /// The transport to `url` (`http://host:port`): in process when `host:port` is the address of
     /// a server given to [`Dialer::with_local`] (an IP address, as the stack writes its URLs;
     /// names are never resolved here), else a lazy socket channel.
