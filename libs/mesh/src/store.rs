@@ -29,6 +29,47 @@ pub const REDIS_UNAVAILABLE: &str = "REDIS_UNAVAILABLE";
 /// The retry delay (RetryInfo) a Redis outage advertises.
 pub const REDIS_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Skips a Redis store for a while after it failed, so that an outage costs each request an
+/// immediate fallback (the local rate limiter, a cache miss) instead of a timeout. Not paused
+/// until [`OutagePause::trip`]; a pause ends by itself after its interval, and the next call
+/// tries Redis again. Uses Tokio's clock, so tests on a paused clock can step through it.
+#[derive(Debug)]
+pub struct OutagePause {
+    interval: std::time::Duration,
+    until: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl OutagePause {
+    /// A gate that pauses for `interval` after each failure.
+    pub fn new(interval: std::time::Duration) -> Self {
+        Self {
+            interval,
+            until: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Whether Redis is to be left alone now.
+    pub fn is_paused(&self) -> bool {
+        self.until
+            .lock()
+            .is_ok_and(|until| until.is_some_and(|until| tokio::time::Instant::now() < until))
+    }
+
+    /// Starts (or extends) a pause after a failure. True when no pause was running, so a caller
+    /// logs an outage once per pause rather than once per failed request.
+    pub fn trip(&self) -> bool {
+        let now = tokio::time::Instant::now();
+        match self.until.lock() {
+            Ok(mut until) => {
+                let fresh = until.is_none_or(|until| until <= now);
+                *until = Some(now + self.interval);
+                fresh
+            }
+            Err(_) => true,
+        }
+    }
+}
+
 /// Whether a Redis error means "Redis cannot be reached right now" (the connection failed,
 /// dropped or timed out; the server is loading, read-only, failing over or its cluster is down)
 /// rather than a command Redis refused, which is a bug.
@@ -174,6 +215,20 @@ impl KeySpace {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_starts_at_a_failure_and_ends_after_its_interval() {
+        let pause = OutagePause::new(std::time::Duration::from_secs(1));
+        assert!(!pause.is_paused());
+        assert!(pause.trip(), "the first failure starts a pause");
+        assert!(pause.is_paused());
+        assert!(!pause.trip(), "a failure during a pause extends it");
+        tokio::time::advance(std::time::Duration::from_millis(999)).await;
+        assert!(pause.is_paused());
+        tokio::time::advance(std::time::Duration::from_millis(2)).await;
+        assert!(!pause.is_paused());
+        assert!(pause.trip(), "a failure after the pause starts a new one");
+    }
 
     #[test]
     fn an_unreachable_redis_is_unavailable_and_a_refused_command_internal() {

@@ -25,7 +25,7 @@ use crate::{
     auth::ApiKeyId,
     config::ConfigError,
     error::ApiError,
-    store::{KeySpace, redact},
+    store::{KeySpace, OutagePause, redact},
     tenant::Tenant,
 };
 
@@ -299,12 +299,11 @@ struct Redis {
     script: redis::Script,
     prefix: String,
     timeout: Duration,
-    retry_interval: Duration,
     global: Rate,
     tenants: HashMap<Tenant, Rate>,
     keys: HashMap<ApiKeyId, Rate>,
-    /// Skip Redis until then (after a failure).
-    down_until: Mutex<Option<Instant>>,
+    /// Skips Redis for `redis_retry_interval` after a failure.
+    pause: OutagePause,
 }
 
 /// Why the Redis check did not decide.
@@ -319,19 +318,6 @@ enum RedisFailure {
 }
 
 impl Redis {
-    fn is_down(&self) -> bool {
-        match self.down_until.lock() {
-            Ok(until) => until.is_some_and(|until| Instant::now() < until),
-            Err(_) => false,
-        }
-    }
-
-    fn set_down(&self, down: bool) {
-        if let Ok(mut until) = self.down_until.lock() {
-            *until = down.then(|| Instant::now() + self.retry_interval);
-        }
-    }
-
     async fn check(
         &self,
         tenant: &Tenant,
@@ -471,7 +457,6 @@ impl TenantLimiter {
             script: redis::Script::new(GCRA_SCRIPT),
             prefix: config.key_prefix.clone(),
             timeout: config.redis_timeout,
-            retry_interval: config.redis_retry_interval,
             global,
             tenants: config
                 .tenants
@@ -483,7 +468,7 @@ impl TenantLimiter {
                 .iter()
                 .map(|(id, limit)| (ApiKeyId::new(id), limit.over(global)))
                 .collect(),
-            down_until: Mutex::new(None),
+            pause: OutagePause::new(config.redis_retry_interval),
         });
         Self {
             inner: Arc::new(LimiterInner {
@@ -515,7 +500,7 @@ impl TenantLimiter {
         let inner = &self.inner;
         match &inner.redis {
             None => Some(inner.local.check(tenant, key, DecidedBy::Local)),
-            Some(redis) if redis.is_down() => Some(self.fallback(tenant, key, None)),
+            Some(redis) if redis.pause.is_paused() => Some(self.fallback(tenant, key, None)),
             Some(_) => None,
         }
     }
@@ -538,7 +523,7 @@ impl TenantLimiter {
                 decision
             }
             Err(failure) => {
-                redis.set_down(true);
+                redis.pause.trip();
                 self.fallback(tenant, key, Some(&failure))
             }
         }

@@ -8,10 +8,7 @@
 use std::{
     collections::HashMap,
     fmt,
-    sync::{
-        Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
@@ -19,7 +16,7 @@ use redis::{
     AsyncCommands, Client,
     aio::{ConnectionManager, ConnectionManagerConfig},
 };
-use weir_mesh::store::{KeySpace, redact};
+use weir_mesh::store::{KeySpace, OutagePause, redact};
 
 use super::{CacheKey, Query};
 
@@ -90,9 +87,8 @@ fn poisoned() -> StoreError {
 pub struct RedisStore {
     connection: ConnectionManager,
     prefix: String,
-    /// Milliseconds since `epoch` until which Redis is not asked (after a failure).
-    paused_until: AtomicU64,
-    epoch: Instant,
+    /// Redis is not asked for [`OUTAGE_PAUSE`] after a failure.
+    pause: OutagePause,
 }
 
 impl fmt::Debug for RedisStore {
@@ -116,8 +112,7 @@ impl RedisStore {
         Ok(Self {
             connection: ConnectionManager::new_lazy_with_config(client, config).map_err(invalid)?,
             prefix: prefix.to_string(),
-            paused_until: AtomicU64::new(0),
-            epoch: Instant::now(),
+            pause: OutagePause::new(OUTAGE_PAUSE),
         })
     }
 
@@ -125,16 +120,12 @@ impl RedisStore {
         KeySpace::new(&self.prefix, &query.tenant, "cache").key(&query.key.hex())
     }
 
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
     /// Runs `operation` unless Redis is paused; a failure pauses it, logged once per pause.
     async fn guarded<T>(
         &self,
         operation: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StoreError> {
-        if self.now_ms() < self.paused_until.load(Ordering::Relaxed) {
+        if self.pause.is_paused() {
             return Err(StoreError("paused after a Redis failure".to_string()));
         }
         let error = match tokio::time::timeout(OPERATION_TIMEOUT, operation).await {
@@ -142,9 +133,7 @@ impl RedisStore {
             Ok(Err(error)) => error.to_string(),
             Err(_) => format!("no answer within {OPERATION_TIMEOUT:?}"),
         };
-        let until = self.now_ms() + u64::try_from(OUTAGE_PAUSE.as_millis()).unwrap_or(1000);
-        let before = self.paused_until.swap(until, Ordering::Relaxed);
-        if before <= self.now_ms() {
+        if self.pause.trip() {
             tracing::warn!(%error, pause = ?OUTAGE_PAUSE, "response cache: Redis failed; serving without the cache");
         } else {
             tracing::debug!(%error, "response cache: Redis failed");
