@@ -452,14 +452,13 @@ pub async fn start(
     for (service, listener) in listeners {
         let server = match service {
             Service::Router => {
-                let (server, jobs) = weir_router::server_with_jobs(
+                let (mut server, jobs) = weir_router::server_with_jobs(
                     &config.router,
                     config.catalog.clone(),
                     authenticator.clone(),
                     &dialer,
                 )?;
                 router_jobs = jobs;
-                let mut server = server;
                 if openai_listener.is_some() {
                     local_router = Some(server.local_channel());
                 }
