@@ -272,7 +272,7 @@ async fn routers_fall_back_to_their_local_share_when_redis_stops() {
     // Redis. (The first call also opens the connection; should that take longer than the 50 ms
     // timeout on a busy machine, the call is decided locally and Redis is skipped for a second,
     // so ask again until the shared bucket exists.)
-    let bucket = format!("{prefix}:default:ratelimit");
+    let bucket = format!("{prefix}:{{default}}:ratelimit");
     let router = a.router();
     let shared = eventually(Duration::from_secs(5), || {
         let (mut router, redis, bucket) = (router.clone(), &redis, &bucket);
@@ -378,7 +378,7 @@ key_prefix = "{prefix}"
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_micros();
-    let bucket = format!("{prefix}:default:ratelimit");
+    let bucket = format!("{prefix}:{{default}}:ratelimit");
     let _: () = redis::cmd("SET")
         .arg(&bucket)
         .arg((now_us + 3_600_000_000).to_string())
@@ -396,7 +396,7 @@ key_prefix = "{prefix}"
 
     // Two reservations were made: the first committed, the refused one released (on a task of
     // its own, hence the bounded wait); nothing is left held, and only one request was charged.
-    let pattern = format!("{prefix}:default:budget:res:*");
+    let pattern = format!("{prefix}:{{default}}:budget:res:*");
     let states = || {
         let (client, pattern) = (client.clone(), pattern.clone());
         async move {

@@ -81,7 +81,9 @@ pub enum StartError {
 pub async fn api(config: &Config) -> Result<ReviewApi, StartError> {
     config.validate()?;
     let store = match &config.redis_url {
-        Some(url) => AnyStore::Redis(RedisStore::connect(url, &config.key_prefix).await?),
+        Some(url) => AnyStore::Redis(Box::new(
+            RedisStore::connect(url, &config.key_prefix).await?,
+        )),
         None => {
             tracing::warn!(
                 "review: no redis_url; review items are kept in memory and lost on restart"

@@ -6,13 +6,10 @@
 
 use std::time::Duration;
 
-use redis::{
-    Client, Script,
-    aio::{ConnectionManager, ConnectionManagerConfig},
-};
+use redis::Script;
 
 use super::{Record, StoreError};
-use crate::store::redact;
+use crate::store::{ConnectOptions, RedisConnection, connect_lazy};
 
 /// Claims the key, or returns the record that holds it.
 /// KEYS[1] = key; ARGV = token, fingerprint, lease (ms). Returns {} when claimed, else
@@ -55,7 +52,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub(super) struct RedisStore {
-    connection: ConnectionManager,
+    connection: RedisConnection,
     claim: Script,
     complete: Script,
     release: Script,
@@ -64,14 +61,13 @@ pub(super) struct RedisStore {
 impl RedisStore {
     /// A store over a connection made on first use, so Redis may start after the service.
     pub(super) fn lazy(url: &str) -> Result<Self, String> {
-        let invalid = |error: redis::RedisError| format!("{}: {error}", redact(url));
-        let client = Client::open(url).map_err(invalid)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_number_of_retries(1);
+        let options = ConnectOptions {
+            connect_timeout: CONNECT_TIMEOUT,
+            response_timeout: RESPONSE_TIMEOUT,
+            retries: Some(1),
+        };
         Ok(Self {
-            connection: ConnectionManager::new_lazy_with_config(client, config).map_err(invalid)?,
+            connection: connect_lazy(url, &options).map_err(|error| error.to_string())?,
             claim: Script::new(CLAIM),
             complete: Script::new(COMPLETE),
             release: Script::new(RELEASE),

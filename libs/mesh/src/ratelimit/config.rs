@@ -91,7 +91,7 @@ impl RateLimitConfig {
             ));
         }
         if let Some(url) = &self.redis_url {
-            redis::Client::open(url.as_str()).map_err(|error| {
+            crate::store::check_url(url).map_err(|error| {
                 ConfigError::invalid(key("redis_url"), format!("{}: {error}", redact(url)))
             })?;
         }

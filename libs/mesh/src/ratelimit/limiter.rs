@@ -18,14 +18,13 @@ use governor::{
     nanos::Nanos,
     state::{InMemoryState, NotKeyed, keyed::DashMapStateStore},
 };
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::time::Instant;
 
 use crate::{
     auth::ApiKeyId,
     config::ConfigError,
     error::ApiError,
-    store::{KeySpace, OutagePause, redact},
+    store::{ConnectOptions, KeySpace, OutagePause, RedisConnection, connect_lazy, redact},
     tenant::Tenant,
 };
 
@@ -295,7 +294,7 @@ impl Local {
 /// The shared Redis limit.
 struct Redis {
     url: String,
-    connection: ConnectionManager,
+    connection: RedisConnection,
     script: redis::Script,
     prefix: String,
     timeout: Duration,
@@ -418,21 +417,14 @@ impl TenantLimiter {
         let connection = match &config.redis_url {
             None => None,
             Some(url) => {
-                let invalid = |error: redis::RedisError| {
-                    ConfigError::invalid(
-                        format!("{key_prefix}.redis_url"),
-                        format!("{}: {error}", redact(url)),
-                    )
+                let options = ConnectOptions {
+                    connect_timeout: REDIS_CONNECT_TIMEOUT,
+                    response_timeout: config.redis_timeout,
+                    retries: Some(0),
                 };
-                let client = redis::Client::open(url.as_str()).map_err(invalid)?;
-                let manager_config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
-                    .set_response_timeout(Some(config.redis_timeout))
-                    .set_number_of_retries(0);
-                Some(
-                    ConnectionManager::new_lazy_with_config(client, manager_config)
-                        .map_err(invalid)?,
-                )
+                Some(connect_lazy(url, &options).map_err(|error| {
+                    ConfigError::invalid(format!("{key_prefix}.redis_url"), error.to_string())
+                })?)
             }
         };
         Ok(Self::build(config, connection))
@@ -440,7 +432,7 @@ impl TenantLimiter {
 
     /// A limiter that shares its limit through an existing Redis connection (`redis_url` is
     /// ignored). `config` is assumed validated.
-    pub fn with_connection(config: &RateLimitConfig, connection: ConnectionManager) -> Self {
+    pub fn with_connection(config: &RateLimitConfig, connection: RedisConnection) -> Self {
         Self::build(config, Some(connection))
     }
 
@@ -449,7 +441,7 @@ impl TenantLimiter {
         Self::build(config, None)
     }
 
-    fn build(config: &RateLimitConfig, connection: Option<ConnectionManager>) -> Self {
+    fn build(config: &RateLimitConfig, connection: Option<RedisConnection>) -> Self {
         let global = config.global();
         let redis = connection.map(|connection| Redis {
             url: config.redis_url.as_deref().map(redact).unwrap_or_default(),

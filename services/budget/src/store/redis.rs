@@ -32,7 +32,8 @@
 //! The scripts read key names recorded in the reservation hash, which a single Redis (or a
 //! replicated primary) allows; Redis Cluster would need every tenant's keys in one hash slot.
 
-use ::redis::{AsyncCommands, Script, aio::ConnectionManager};
+use ::redis::{AsyncCommands, Script};
+use weir_mesh::store::RedisConnection;
 use weir_mesh::{store::KeySpace, tenant::Tenant};
 
 use super::{
@@ -49,7 +50,7 @@ const PRELUDE: &str = include_str!("lua/prelude.lua");
 /// The Redis store.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     prefix: String,
     retention_ms: i64,
     idempotency_ttl_ms: i64,
@@ -81,7 +82,7 @@ impl RedisStore {
     /// A store on `conn` under `prefix`. Settled reservations are kept `retention` (what a retried
     /// Commit can replay), idempotency records `idempotency_ttl`, per-hour spend `usage_retention`.
     pub fn new(
-        conn: ConnectionManager,
+        conn: RedisConnection,
         prefix: &str,
         retention: std::time::Duration,
         idempotency_ttl: std::time::Duration,

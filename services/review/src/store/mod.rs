@@ -407,7 +407,7 @@ pub trait Store: Send + Sync + Clone + 'static {
 #[derive(Debug, Clone)]
 pub enum AnyStore {
     /// Redis.
-    Redis(RedisStore),
+    Redis(Box<RedisStore>),
     /// In-process memory.
     Memory(MemoryStore),
 }

@@ -35,9 +35,12 @@ use std::{
 
 use futures::StreamExt;
 use prost::Message as _;
-use redis::{Script, Value, aio::ConnectionManager};
+use redis::{Script, Value};
 use tokio::sync::{broadcast, watch};
-use weir_mesh::{store::KeySpace, tenant::Tenant};
+use weir_mesh::{
+    store::{KeySpace, RedisConnection},
+    tenant::Tenant,
+};
 use weir_proto::review::ReviewItem;
 
 use super::{
@@ -56,7 +59,7 @@ const CLAIM_ATTEMPTS: usize = 8;
 /// The review store on Redis. Cheap to clone (clones share the connection).
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     client: Option<redis::Client>,
     prefix: Arc<str>,
     scripts: Arc<Scripts>,
@@ -121,7 +124,7 @@ impl RedisStore {
 
     /// A store on an existing connection. Without a client ([`Self::connect`]) it has no change
     /// feed across replicas: watchers see this process's changes only by their periodic re-read.
-    pub fn new(conn: ConnectionManager, prefix: &str) -> Self {
+    pub fn new(conn: RedisConnection, prefix: &str) -> Self {
         Self {
             conn,
             client: None,

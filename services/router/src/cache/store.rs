@@ -12,11 +12,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redis::{
-    AsyncCommands, Client,
-    aio::{ConnectionManager, ConnectionManagerConfig},
-};
-use weir_mesh::store::{KeySpace, OutagePause, redact};
+use redis::AsyncCommands;
+use weir_mesh::store::{ConnectOptions, KeySpace, OutagePause, RedisConnection, connect_lazy};
 
 use super::{CacheKey, Query};
 
@@ -85,7 +82,7 @@ fn poisoned() -> StoreError {
 /// Entries in Redis, shared by every replica: one string per entry,
 /// `<prefix>:<tenant>:cache:<key hex>`, expiring with the entry's TTL.
 pub struct RedisStore {
-    connection: ConnectionManager,
+    connection: RedisConnection,
     prefix: String,
     /// Redis is not asked for [`OUTAGE_PAUSE`] after a failure.
     pause: OutagePause,
@@ -103,14 +100,13 @@ impl RedisStore {
     /// A store over a connection made on first use, so Redis may start after the router (and a
     /// router whose Redis is down starts, serving without a cache).
     pub fn lazy(url: &str, prefix: &str) -> Result<Self, String> {
-        let invalid = |error: redis::RedisError| format!("{}: {error}", redact(url));
-        let client = Client::open(url).map_err(invalid)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(OPERATION_TIMEOUT))
-            .set_response_timeout(Some(OPERATION_TIMEOUT))
-            .set_number_of_retries(0);
+        let options = ConnectOptions {
+            connect_timeout: OPERATION_TIMEOUT,
+            response_timeout: OPERATION_TIMEOUT,
+            retries: Some(0),
+        };
         Ok(Self {
-            connection: ConnectionManager::new_lazy_with_config(client, config).map_err(invalid)?,
+            connection: connect_lazy(url, &options).map_err(|error| error.to_string())?,
             prefix: prefix.to_string(),
             pause: OutagePause::new(OUTAGE_PAUSE),
         })

@@ -44,9 +44,9 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use prost::Message as _;
-use redis::{Script, Value, aio::ConnectionManager};
+use redis::{Script, Value};
 use weir_mesh::{
-    store::{KeySpace, connect},
+    store::{KeySpace, RedisConnection, connect},
     tenant::Tenant,
 };
 use weir_proto::session::Turn;
@@ -64,7 +64,7 @@ const SERVICE: &str = "session";
 /// The session store on Redis. Cheap to clone (clones share the connection).
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     prefix: Arc<str>,
     scripts: Arc<Scripts>,
 }
@@ -168,7 +168,7 @@ impl RedisStore {
     }
 
     /// A store on an existing connection.
-    pub fn new(conn: ConnectionManager, prefix: &str) -> Self {
+    pub fn new(conn: RedisConnection, prefix: &str) -> Self {
         Self {
             conn,
             prefix: prefix.into(),

@@ -13,11 +13,11 @@ use std::{
     time::Duration,
 };
 
-use redis::aio::ConnectionManager;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Status, transport::Channel};
 use weir_inference::InferenceApi;
+use weir_mesh::store::RedisConnection;
 use weir_mesh::{
     ApiError,
     auth::{self, ApiKeySpec, AuthConfig, Authenticator},
@@ -144,7 +144,7 @@ pub struct Harness {
     pub inference: Option<Inference>,
     pub config: Config,
     pub catalog: Arc<Catalog>,
-    pub redis: ConnectionManager,
+    pub redis: RedisConnection,
     /// A second handle on the same keys, for what a test does behind the service's back (late
     /// summary commits).
     pub store: RedisStore,
@@ -228,7 +228,7 @@ impl Harness {
 
     /// Every key of session `id` in Redis right now (SCAN over its key pattern).
     pub async fn scan_session_keys(&self, tenant: &str, id: &str) -> Vec<String> {
-        let pattern = format!("{}:{tenant}:session:s:{id}:*", self.config.key_prefix);
+        let pattern = format!("{}:{{{tenant}}}:session:s:{id}:*", self.config.key_prefix);
         let mut conn = self.redis.clone();
         let mut keys = weir_mesh::store::scan_keys(&mut conn, &pattern)
             .await

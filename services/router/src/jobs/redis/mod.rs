@@ -18,10 +18,13 @@ use std::{
 use prost::Message as _;
 use redis::{
     Client, Script, Value,
-    aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
+    aio::MultiplexedConnection,
     streams::{StreamAutoClaimReply, StreamId, StreamReadReply},
 };
-use weir_mesh::{store::redact, tenant::Tenant};
+use weir_mesh::{
+    store::{ConnectOptions, RedisConnection, connect_lazy, redact},
+    tenant::Tenant,
+};
 use weir_proto::router::{CompleteResponse, Job, JobError};
 
 use super::{
@@ -93,7 +96,7 @@ impl Scripts {
 #[derive(Clone)]
 pub struct RedisJobs {
     client: Client,
-    conn: ConnectionManager,
+    conn: RedisConnection,
     prefix: Arc<str>,
     scripts: Arc<Scripts>,
     /// Each consumer's connection for blocking reads.
@@ -113,12 +116,15 @@ impl RedisJobs {
     pub fn lazy(url: &str, prefix: &str) -> Result<Self, String> {
         let invalid = |error: redis::RedisError| format!("{}: {error}", redact(url));
         let client = Client::open(url).map_err(invalid)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_number_of_retries(1);
-        let conn =
-            ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(invalid)?;
+        let conn = connect_lazy(
+            url,
+            &ConnectOptions {
+                connect_timeout: CONNECT_TIMEOUT,
+                response_timeout: RESPONSE_TIMEOUT,
+                retries: Some(1),
+            },
+        )
+        .map_err(|error| error.to_string())?;
         Ok(Self {
             client,
             conn,
