@@ -174,7 +174,7 @@ async fn two_routers_sharing_one_budget_never_overspend() {
     // 80 requests at once, 40 through each router. Each reserves 31 micro-USD (11 prompt tokens
     // + max_tokens 20) and spends 23 (11 + 12), so the $0.0005 limit serves at most 21.
     let mut tasks = Vec::new();
-    for router in [a.router(), b.router()] {
+    for (r, router) in [a.router(), b.router()].into_iter().enumerate() {
         for i in 0..PER_ROUTER {
             let mut router = router.clone();
             let mut request = complete(PRICED, "how much is this");
@@ -182,7 +182,8 @@ async fn two_routers_sharing_one_budget_never_overspend() {
                 max_tokens: Some(20),
                 ..GenerationParams::default()
             });
-            request.request_id = format!("r-{i}");
+            // Distinct ids: the same id through both routers would be one request, paid once.
+            request.request_id = format!("r-{r}-{i}");
             tasks.push(tokio::spawn(async move { router.complete(request).await }));
         }
     }

@@ -53,7 +53,8 @@ impl RouterApi {
             .or_else(|| Tenant::from_metadata(metadata).ok())
             .unwrap_or_default();
         let payer = Payer::new(tenant, ApiKeyId::of(extensions))
-            .with_tier(crate::request::price_tier(metadata, extensions));
+            .with_tier(crate::request::price_tier(metadata, extensions))
+            .with_request_id(&completion.request_id);
         let mut walk = Walk {
             completion,
             plan,
@@ -189,9 +190,12 @@ impl RouterApi {
             .reserve(
                 &walk.call,
                 &walk.payer,
-                model,
-                prompt_tokens,
-                max_output,
+                HoldFor {
+                    model,
+                    purpose: Purpose::Call,
+                    prompt_tokens,
+                    max_output_tokens: max_output,
+                },
                 &mut walk.notices,
             )
             .await?;

@@ -74,7 +74,7 @@ use crate::{
     rules::{QUALITY_LABEL, ROUTE_RULE, RuleFacts},
     session::{History, Sessions},
     settlement::Settlement,
-    spend::{BUDGET_STEERED, Payer, Spend},
+    spend::{BUDGET_STEERED, HoldFor, Payer, Purpose, Spend},
 };
 
 mod begin;

@@ -42,9 +42,12 @@ impl RouterApi {
             .reserve(
                 &walk.call,
                 &walk.payer,
-                model,
-                tokens(usage.input_tokens),
-                tokens(usage.output_tokens),
+                HoldFor {
+                    model,
+                    purpose: Purpose::CacheHit,
+                    prompt_tokens: tokens(usage.input_tokens),
+                    max_output_tokens: tokens(usage.output_tokens),
+                },
                 notices,
             )
             .await
