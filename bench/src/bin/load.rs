@@ -117,6 +117,8 @@ struct Measure {
     name: String,
     #[arg(long, value_enum)]
     kind: Kind,
+    /// The target; several, comma-separated, spread the callers over them (caller i uses the
+    /// i-th modulo their number; the c=1 phase uses the first).
     #[arg(long)]
     url: String,
     /// The model every request names.
@@ -313,19 +315,26 @@ enum Caller {
 }
 
 impl Caller {
-    async fn connect(measure: &Measure, http: &reqwest::Client) -> anyhow::Result<Self> {
+    /// The `index`-th caller's connection, to the `index`-th target of `--url` (modulo their number).
+    async fn connect(
+        measure: &Measure,
+        http: &reqwest::Client,
+        index: usize,
+    ) -> anyhow::Result<Self> {
+        let urls: Vec<&str> = measure.url.split(',').map(str::trim).collect();
+        let url = urls[index % urls.len()];
         Ok(match measure.kind {
             Kind::Http => Caller::Http {
                 client: http.clone(),
-                url: format!("{}/chat/completions", measure.url.trim_end_matches('/')),
+                url: format!("{}/chat/completions", url.trim_end_matches('/')),
             },
             // One connection per caller, as an HTTP/1.1 caller has.
             Kind::Grpc => Caller::Grpc(RouterServiceClient::new(
-                Channel::from_shared(measure.url.clone())?
+                Channel::from_shared(url.to_string())?
                     .tcp_nodelay(true)
                     .connect()
                     .await
-                    .with_context(|| format!("connecting to {}", measure.url))?,
+                    .with_context(|| format!("connecting to {url}"))?,
             )),
         })
     }
@@ -460,7 +469,7 @@ async fn measure_target(measure: &Measure) -> anyhow::Result<Row> {
         .build()?;
     let model = measure.model.as_str();
     let errors = Arc::new(AtomicU64::new(0));
-    let mut caller = Caller::connect(measure, &http).await?;
+    let mut caller = Caller::connect(measure, &http, 0).await?;
 
     // Warm-up: connections, the target's pools and caches, the first streams.
     for i in 0..measure.warmup as u64 {
@@ -539,8 +548,8 @@ async fn closed_loop(
     errors: &Arc<AtomicU64>,
 ) -> anyhow::Result<(u64, f64)> {
     let mut callers = Vec::with_capacity(concurrency);
-    for _ in 0..concurrency {
-        callers.push(Caller::connect(measure, http).await?);
+    for index in 0..concurrency {
+        callers.push(Caller::connect(measure, http, index).await?);
     }
     // The window starts after every caller is connected and has had a second to warm up.
     let begin = Instant::now() + Duration::from_secs(1);
