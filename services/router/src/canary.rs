@@ -427,14 +427,13 @@ impl Canary {
     }
 
     /// Runs one check over the calls since the last one (see the module documentation); rolls
-    /// the canary back on the last allowed failed check. A rolled-back canary is not judged.
-    pub fn check(&self, now: SystemTime) -> Option<Check> {
+    /// the canary back on the last allowed failed check. A rolled-back canary is still checked
+    /// (it has no calls, so the check is skipped), but nothing a check finds changes its state:
+    /// only [`Canary::resume`] does.
+    pub fn check(&self, now: SystemTime) -> Check {
         let mut state = self.lock();
         let canary = std::mem::take(&mut state.canary);
         let primary = std::mem::take(&mut state.primary);
-        if state.rolled_back.is_some() {
-            return None;
-        }
         let (verdict, figures) = judge(&canary, &primary, &self.settings);
         metrics::counter!(
             "weir_canary_checks_total",
@@ -443,6 +442,7 @@ impl Canary {
         )
         .increment(1);
         match &verdict {
+            _ if state.rolled_back.is_some() => {}
             Verdict::Skipped => {}
             Verdict::Passed => state.failed_in_a_row = 0,
             Verdict::Failed(reason) => {
@@ -466,7 +466,7 @@ impl Canary {
             figures,
         };
         state.last_check = Some(check.clone());
-        Some(check)
+        check
     }
 
     fn roll_back(&self, state: &mut State, now: SystemTime, reason: &str, figures: &Figures) {
@@ -689,7 +689,7 @@ mod tests {
                 canary.record("c", Some(&failure), None, MS);
                 canary.record("p", None, None, MS);
             }
-            canary.check(SystemTime::now()).unwrap()
+            canary.check(SystemTime::now())
         };
         assert!(matches!(fail_interval(&canary).verdict, Verdict::Failed(_)));
         assert_eq!(canary.status().failed_checks, 1);
@@ -698,17 +698,11 @@ mod tests {
         for _ in 0..4 {
             canary.record("c", None, None, MS);
         }
-        assert_eq!(
-            canary.check(SystemTime::now()).unwrap().verdict,
-            Verdict::Passed
-        );
+        assert_eq!(canary.check(SystemTime::now()).verdict, Verdict::Passed);
         assert_eq!(canary.status().failed_checks, 0);
         // A skipped check leaves the count.
         fail_interval(&canary);
-        assert_eq!(
-            canary.check(SystemTime::now()).unwrap().verdict,
-            Verdict::Skipped
-        );
+        assert_eq!(canary.check(SystemTime::now()).verdict, Verdict::Skipped);
         assert_eq!(canary.status().failed_checks, 1);
         fail_interval(&canary);
         let status = canary.status();
@@ -719,8 +713,9 @@ mod tests {
         for _ in 0..10 {
             canary.record("c", None, None, MS);
         }
-        assert!(canary.check(SystemTime::now()).is_none());
+        assert_eq!(canary.check(SystemTime::now()).verdict, Verdict::Passed);
         assert_eq!(canary.status().current_weight, 0.0);
+        assert!(canary.status().rolled_back.is_some());
         canary.resume();
         let status = canary.status();
         assert_eq!((status.current_weight, status.failed_checks), (0.5, 0));
@@ -743,20 +738,13 @@ mod tests {
             canary.record("c", Some(&invalid), None, MS);
             canary.record("other", Some(&timed_out), None, MS);
         }
-        let check = canary.check(SystemTime::now()).unwrap();
+        let check = canary.check(SystemTime::now());
         assert_eq!(check.verdict, Verdict::Skipped);
         assert_eq!(check.figures, Figures::default());
         // A model's own timeout while the caller still had time is the model's fault.
         let later = Some(Deadline::after(Duration::from_secs(60)));
         canary.record("c", Some(&timed_out), later, MS);
-        assert_eq!(
-            canary
-                .check(SystemTime::now())
-                .unwrap()
-                .figures
-                .canary_failures,
-            1
-        );
+        assert_eq!(canary.check(SystemTime::now()).figures.canary_failures, 1);
     }
 
     #[test]
