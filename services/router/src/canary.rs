@@ -748,6 +748,25 @@ mod tests {
     }
 
     #[test]
+    fn the_docs_example_lists_the_defaults() {
+        let docs = include_str!("../../../docs/routing.md");
+        let block = docs
+            .split("```toml\n")
+            .filter_map(|rest| rest.split("```\n").next())
+            .find(|block| block.starts_with("[router.routes.auto.canary]"))
+            .unwrap();
+        let spec: CanarySpec = weir_mesh::config::Source::from_toml(block)
+            .section("router.routes.auto.canary")
+            .unwrap();
+        let expected = CanarySpec {
+            model: "sim-new".to_string(),
+            weight: 0.1,
+            ..CanarySpec::default()
+        };
+        assert_eq!(spec, expected);
+    }
+
+    #[test]
     fn bad_settings_name_their_key() {
         let catalog = catalog();
         let candidates = [Candidate::new("p".to_string())];
