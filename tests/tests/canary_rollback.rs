@@ -293,13 +293,21 @@ async fn callers_own_deadlines_and_cancellations_do_not_roll_a_canary_back() {
             async move { router.complete(request).await }
         });
         for result in futures::future::join_all(short).await {
-            let status = result.expect_err("the caller's deadline passes first");
-            // The router's DEADLINE_EXCEEDED, or tonic's own CANCELLED when its timer fires first.
-            assert!(
-                [Code::DeadlineExceeded, Code::Cancelled].contains(&status.code()),
-                "{status:?}"
-            );
-            deadline_exceeded.set(deadline_exceeded.get() + 1);
+            match result {
+                // The router's DEADLINE_EXCEEDED, or tonic's own CANCELLED when its timer fires
+                // first.
+                Err(status) => {
+                    assert!(
+                        [Code::DeadlineExceeded, Code::Cancelled].contains(&status.code()),
+                        "{status:?}"
+                    );
+                    deadline_exceeded.set(deadline_exceeded.get() + 1);
+                }
+                // The canary's call ends a few milliseconds before the caller's deadline (the
+                // margins of the deadline layers), which can leave the instant primary time to
+                // answer.
+                Ok(response) => assert_eq!(response.into_inner().model, "stable-d"),
+            }
         }
         let gone = (0..6).map(|_| {
             let mut router = mesh.router();
