@@ -1,7 +1,8 @@
 //! Canaries that roll themselves back, across real sockets: a canary that fails (or is too slow)
 //! is rolled back within its window while the route keeps answering from the primary, stays
 //! off until an operator resumes it through `RouteAdminService`, and callers' own deadlines or
-//! cancellations never count against it.
+//! cancellations never count against it. The service needs `admin`, and health and reflection
+//! list it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
@@ -10,9 +11,14 @@ use std::{
     time::Duration,
 };
 
+use tokio_stream::StreamExt;
 use tonic::{Code, transport::Channel};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+use tonic_reflection::pb::v1::{
+    ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+    server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
 };
 use weir::stack::Service;
 use weir_proto::{
@@ -407,5 +413,29 @@ async fn the_admin_service_needs_admin_and_names_what_is_wrong() {
         .into_inner()
         .status();
     assert_eq!(serving, ServingStatus::Serving);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let listed = ServerReflectionClient::new(mesh.channel(Service::Router))
+        .server_reflection_info(tokio_stream::once(request))
+        .await
+        .unwrap()
+        .into_inner()
+        .next()
+        .await
+        .unwrap()
+        .unwrap()
+        .message_response;
+    let Some(MessageResponse::ListServicesResponse(listed)) = listed else {
+        panic!("unexpected reflection answer: {listed:?}");
+    };
+    assert!(
+        listed
+            .service
+            .iter()
+            .any(|s| s.name == service_names::ROUTE_ADMIN),
+        "{listed:?}"
+    );
     mesh.stop().await;
 }
