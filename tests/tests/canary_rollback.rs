@@ -1,8 +1,8 @@
 //! Canaries that roll themselves back, across real sockets: a canary that fails (or is too slow)
 //! is rolled back within its window while the route keeps answering from the primary, stays
 //! off until an operator resumes it through `RouteAdminService`, and callers' own deadlines or
-//! cancellations never count against it. The service needs `admin`, and health and reflection
-//! list it.
+//! cancellations never count against it. An operator may pause a canary too. The service needs
+//! `admin`, and health and reflection list it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
@@ -24,7 +24,8 @@ use weir::stack::Service;
 use weir_proto::{
     router::{
         CanaryCheckResult, CanaryInfo, CanaryState, CompleteResponse, ListRoutesRequest,
-        ResumeCanaryRequest, ServedBy, route_admin_service_client::RouteAdminServiceClient,
+        PauseCanaryRequest, ResumeCanaryRequest, ServedBy,
+        route_admin_service_client::RouteAdminServiceClient,
     },
     service_names,
 };
@@ -112,6 +113,30 @@ async fn canary(mesh: &Mesh, route: &str) -> CanaryInfo {
         .find(|r| r.alias == route)
         .and_then(|r| r.canary)
         .expect("the route and its canary are listed")
+}
+
+/// `ResumeCanary` on `route` with `key`: the canary afterwards, or the refusal.
+async fn resume(mesh: &Mesh, route: &str, key: &str) -> Result<CanaryInfo, tonic::Status> {
+    let request = with_key(
+        ResumeCanaryRequest {
+            route: route.to_string(),
+        },
+        key,
+    );
+    let route = admin(mesh).resume_canary(request).await?.into_inner().route;
+    Ok(route.and_then(|r| r.canary).expect("the route's canary"))
+}
+
+/// `PauseCanary` on `route` with `key`: the canary afterwards, or the refusal.
+async fn pause(mesh: &Mesh, route: &str, key: &str) -> Result<CanaryInfo, tonic::Status> {
+    let request = with_key(
+        PauseCanaryRequest {
+            route: route.to_string(),
+        },
+        key,
+    );
+    let route = admin(mesh).pause_canary(request).await?.into_inner().route;
+    Ok(route.and_then(|r| r.canary).expect("the route's canary"))
 }
 
 /// One `Complete` on `route`, which must be answered.
@@ -202,19 +227,9 @@ async fn a_failing_canary_is_rolled_back_while_the_primary_serves_and_stays_off(
     assert_eq!(model_calls("broken-canary", "INTERNAL"), canary_calls);
 
     // Resumed: back at its configured weight, and tried again.
-    let resumed = admin(mesh)
-        .resume_canary(with_key(
-            ResumeCanaryRequest {
-                route: "failing".to_string(),
-            },
-            ADMIN_KEY,
-        ))
+    let resumed = resume(mesh, "failing", ADMIN_KEY)
         .await
-        .expect("ResumeCanary")
-        .into_inner()
-        .route
-        .and_then(|r| r.canary)
-        .unwrap();
+        .expect("ResumeCanary");
     assert_eq!(resumed.state(), CanaryState::Active);
     assert_eq!((resumed.current_weight, resumed.failed_checks), (0.5, 0));
     let responses = burst(mesh, "failing", 10).await;
@@ -348,15 +363,9 @@ async fn the_admin_service_needs_admin_and_names_what_is_wrong() {
         .unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied);
     assert_eq!(reason(&denied), "ROLE_REQUIRED");
-    let denied = admin(&mesh)
-        .resume_canary(with_key(
-            ResumeCanaryRequest {
-                route: "failing".to_string(),
-            },
-            USER_KEY,
-        ))
-        .await
-        .unwrap_err();
+    let denied = resume(&mesh, "failing", USER_KEY).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let denied = pause(&mesh, "healthy", USER_KEY).await.unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied);
     let anonymous = admin(&mesh)
         .list_routes(ListRoutesRequest {})
@@ -364,17 +373,11 @@ async fn the_admin_service_needs_admin_and_names_what_is_wrong() {
         .unwrap_err();
     assert_eq!(anonymous.code(), Code::Unauthenticated);
 
-    let resume = |route: &str| {
-        let mut client = admin(&mesh);
-        let request = with_key(
-            ResumeCanaryRequest {
-                route: route.to_string(),
-            },
-            ADMIN_KEY,
-        );
-        async move { client.resume_canary(request).await.unwrap_err() }
+    let refused = |route: &'static str| {
+        let mesh = &mesh;
+        async move { resume(mesh, route, ADMIN_KEY).await.unwrap_err() }
     };
-    let unknown = resume("nope").await;
+    let unknown = refused("nope").await;
     assert_eq!(unknown.code(), Code::NotFound);
     assert_eq!(reason(&unknown), "ROUTE_NOT_FOUND");
     assert!(
@@ -382,10 +385,28 @@ async fn the_admin_service_needs_admin_and_names_what_is_wrong() {
         "{}",
         unknown.message()
     );
-    let no_canary = resume("plain").await;
+    let no_canary = refused("plain").await;
     assert_eq!(no_canary.code(), Code::FailedPrecondition);
     assert_eq!(reason(&no_canary), "NO_CANARY");
-    assert_eq!(resume("").await.code(), Code::InvalidArgument);
+    assert_eq!(refused("").await.code(), Code::InvalidArgument);
+
+    // A paused canary gets no request until resumed.
+    let paused = pause(&mesh, "healthy", ADMIN_KEY).await.unwrap();
+    assert_eq!(paused.state(), CanaryState::Paused);
+    assert_eq!(paused.current_weight, 0.0);
+    assert!(paused.rolled_back_time.is_some());
+    for response in burst(&mesh, "healthy", 10).await {
+        assert_eq!(response.model, "stable-b");
+        assert!(response.notices.is_empty(), "{:?}", response.notices);
+    }
+    let resumed = resume(&mesh, "healthy", ADMIN_KEY).await.unwrap();
+    assert_eq!(resumed.state(), CanaryState::Active);
+    let models: BTreeSet<String> = burst(&mesh, "healthy", 10)
+        .await
+        .into_iter()
+        .map(|r| r.model)
+        .collect();
+    assert!(models.contains("healthy-canary"), "{models:?}");
 
     // The listing: every route, its models and canary, and the cache's counters.
     let listed = admin(&mesh)

@@ -9,22 +9,24 @@
 //!   (configured and current weight, active or rolled back with when and why, failed checks so
 //!   far, the last check's figures), and the response cache's hits and misses since start.
 //! - `ResumeCanary`: the route's canary back at its configured weight with no failed check
-//!   counted. NOT_FOUND (`ROUTE_NOT_FOUND`) for an unknown route, FAILED_PRECONDITION
+//!   counted; `PauseCanary`: the route's canary off (weight 0) at once, until resumed. Both:
+//!   NOT_FOUND (`ROUTE_NOT_FOUND`) for an unknown route, FAILED_PRECONDITION
 //!   (`NO_CANARY`) for a route without a canary, INVALID_ARGUMENT for an empty `route`.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::SystemTime};
 
 use tonic::{Code, Request, Response, Status};
 use weir_mesh::ApiError;
 use weir_proto::router::{
     CacheStats, CanaryCheck, CanaryCheckResult, CanaryInfo, CanaryState, ListRoutesRequest,
-    ListRoutesResponse, ResumeCanaryRequest, ResumeCanaryResponse, RouteInfo, RouteTier,
+    ListRoutesResponse, PauseCanaryRequest, PauseCanaryResponse, ResumeCanaryRequest,
+    ResumeCanaryResponse, RouteInfo, RouteTier,
     route_admin_service_server::{RouteAdminService, RouteAdminServiceServer},
 };
 
 use crate::{
     cache::ResponseCache,
-    canary::{self, Canary, Verdict},
+    canary::{self, Canary, Cause, Verdict},
     route::{Candidate, Route, RouteTable},
 };
 
@@ -105,6 +107,18 @@ impl RouteAdminService for RouteAdmin {
             route: Some(route_info(route)),
         }))
     }
+
+    async fn pause_canary(
+        &self,
+        request: Request<PauseCanaryRequest>,
+    ) -> Result<Response<PauseCanaryResponse>, Status> {
+        let alias = request.into_inner().route;
+        let (route, canary) = self.canary_of(&alias)?;
+        canary.pause(SystemTime::now());
+        Ok(Response::new(PauseCanaryResponse {
+            route: Some(route_info(route)),
+        }))
+    }
 }
 
 fn models(candidates: &[Candidate]) -> Vec<String> {
@@ -130,18 +144,18 @@ fn route_info(route: &Route) -> RouteInfo {
 fn canary_info(canary: &Canary) -> CanaryInfo {
     let status = canary.status();
     let settings = canary.settings();
-    let state = if status.rolled_back.is_some() {
-        CanaryState::RolledBack
-    } else {
-        CanaryState::Active
+    let state = match status.off.as_ref().map(|off| off.cause) {
+        None => CanaryState::Active,
+        Some(Cause::Checks) => CanaryState::RolledBack,
+        Some(Cause::Operator) => CanaryState::Paused,
     };
     CanaryInfo {
         model: status.model,
         configured_weight: status.configured_weight,
         current_weight: status.current_weight,
         state: state.into(),
-        rolled_back_time: status.rolled_back.as_ref().map(|r| r.at.into()),
-        rollback_reason: status.rolled_back.map(|r| r.reason).unwrap_or_default(),
+        rolled_back_time: status.off.as_ref().map(|off| off.at.into()),
+        rollback_reason: status.off.map(|off| off.reason).unwrap_or_default(),
         failed_checks: status.failed_checks,
         failed_checks_limit: settings.failed_checks,
         interval: prost_types::Duration::try_from(settings.interval).ok(),

@@ -36,17 +36,20 @@
 //! After `failed_checks` failed checks **in a row** (default [`DEFAULT_FAILED_CHECKS`]; a passed
 //! check resets the count, a skipped one leaves it) the canary is **rolled back**: its weight
 //! becomes 0, so no request is sent to it, with a `warn!` line naming the route, the model and
-//! the failing figures, `weir_canary_rollbacks_total{route,model}` counted and
-//! `weir_canary_weight{route,model}` (the current share) at 0. It stays off until an operator
-//! resumes it (`ResumeCanary`, `weir routes canary resume`), which restores the configured
-//! weight and clears the count, or the router restarts.
+//! the failing figures, `weir_canary_rollbacks_total{route,model}` counted,
+//! `weir_canary_rolled_back{route,model}` at 1 and `weir_canary_weight{route,model}` (the
+//! current share) at 0. It stays off until an operator resumes it (`ResumeCanary`, `weir routes
+//! canary resume`), which restores the configured weight and clears the count, or the router
+//! restarts. An operator may also take a canary off at once (`PauseCanary`): weight 0 too, but
+//! not counted as a rollback.
 //!
 //! State is per router process: each replica judges its own traffic and rolls back on its own,
 //! and a restart starts again from the configured weight. The durable fix for a bad canary is
 //! `weight = 0` in the config.
 //!
-//! Metrics: `weir_canary_weight{route,model}`, `weir_canary_checks_total{route,result}`
-//! (`skipped`, `passed`, `failed`), `weir_canary_rollbacks_total{route,model}`.
+//! Metrics: `weir_canary_weight{route,model}`, `weir_canary_rolled_back{route,model}` (1 while
+//! rolled back), `weir_canary_checks_total{route,result}` (`skipped`, `passed`, `failed`),
+//! `weir_canary_rollbacks_total{route,model}`.
 
 use std::{
     sync::{
@@ -247,12 +250,23 @@ pub struct Check {
     pub figures: Figures,
 }
 
-/// When and why a canary was rolled back.
+/// Why a canary is off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// Its checks failed: rolled back.
+    Checks,
+    /// An operator paused it ([`Canary::pause`]).
+    Operator,
+}
+
+/// When and why a canary was taken off (weight 0).
 #[derive(Debug, Clone, PartialEq)]
-pub struct RolledBack {
+pub struct Off {
     /// When.
     pub at: SystemTime,
-    /// The last failed check's reason.
+    /// Rolled back by its checks, or paused.
+    pub cause: Cause,
+    /// The last failed check's reason, or that an operator paused it.
     pub reason: String,
 }
 
@@ -263,12 +277,12 @@ pub struct Status {
     pub model: String,
     /// The weight from config.
     pub configured_weight: f64,
-    /// The weight requests see now (0 once rolled back).
+    /// The weight requests see now (0 while off).
     pub current_weight: f64,
     /// Failed checks in a row so far.
     pub failed_checks: u32,
-    /// Set while rolled back.
-    pub rolled_back: Option<RolledBack>,
+    /// Set while rolled back or paused.
+    pub off: Option<Off>,
     /// The last check, if one has run.
     pub last_check: Option<Check>,
 }
@@ -278,7 +292,7 @@ struct State {
     canary: Side,
     primary: Side,
     failed_in_a_row: u32,
-    rolled_back: Option<RolledBack>,
+    off: Option<Off>,
     last_check: Option<Check>,
 }
 
@@ -442,7 +456,7 @@ impl Canary {
         )
         .increment(1);
         match &verdict {
-            _ if state.rolled_back.is_some() => {}
+            _ if state.off.is_some() => {}
             Verdict::Skipped => {}
             Verdict::Passed => state.failed_in_a_row = 0,
             Verdict::Failed(reason) => {
@@ -471,8 +485,9 @@ impl Canary {
 
     fn roll_back(&self, state: &mut State, now: SystemTime, reason: &str, figures: &Figures) {
         self.weight_ppm.store(0, Ordering::Relaxed);
-        state.rolled_back = Some(RolledBack {
+        state.off = Some(Off {
             at: now,
+            cause: Cause::Checks,
             reason: reason.to_string(),
         });
         tracing::warn!(
@@ -496,21 +511,41 @@ impl Canary {
             "model" => self.candidate.model().to_string()
         )
         .increment(1);
-        self.publish_weight();
+        self.publish(state);
+    }
+
+    /// Takes the canary off (weight 0) now, until [`Canary::resume`]; checks go on but change
+    /// nothing. Keeps the state of a canary that is already off (a rollback stays a rollback).
+    pub fn pause(&self, now: SystemTime) {
+        let mut state = self.lock();
+        if state.off.is_none() {
+            self.weight_ppm.store(0, Ordering::Relaxed);
+            state.off = Some(Off {
+                at: now,
+                cause: Cause::Operator,
+                reason: "paused by an operator".to_string(),
+            });
+            tracing::warn!(
+                route = %self.route,
+                model = self.candidate.model(),
+                "canary paused: its weight is 0 until `weir routes canary resume {}` or a restart",
+                self.route
+            );
+        }
+        self.publish(&state);
     }
 
     /// Turns the canary back on at its configured weight, with no failed check counted and the
     /// calls so far forgotten. Does nothing to a canary that is on.
     pub fn resume(&self) {
         let mut state = self.lock();
-        let was_off = state.rolled_back.take().is_some();
+        let was_off = state.off.take().is_some();
         *state = State {
             last_check: state.last_check.take(),
             ..State::default()
         };
         self.weight_ppm
             .store(self.configured_ppm, Ordering::Relaxed);
-        drop(state);
         if was_off {
             tracing::info!(
                 route = %self.route,
@@ -518,7 +553,7 @@ impl Canary {
                 "canary resumed at its configured weight"
             );
         }
-        self.publish_weight();
+        self.publish(&state);
     }
 
     /// The canary's state for an operator.
@@ -529,19 +564,23 @@ impl Canary {
             configured_weight: ppm_to_share(self.configured_ppm),
             current_weight: ppm_to_share(self.weight_ppm.load(Ordering::Relaxed)),
             failed_checks: state.failed_in_a_row,
-            rolled_back: state.rolled_back.clone(),
+            off: state.off.clone(),
             last_check: state.last_check.clone(),
         }
     }
 
-    /// Sets `weir_canary_weight{route,model}` to the current share.
-    fn publish_weight(&self) {
-        metrics::gauge!(
-            "weir_canary_weight",
-            "route" => self.route.clone(),
-            "model" => self.candidate.model().to_string()
-        )
-        .set(ppm_to_share(self.weight_ppm.load(Ordering::Relaxed)));
+    /// Sets `weir_canary_weight{route,model}` to the current share and
+    /// `weir_canary_rolled_back{route,model}` to 1 while its checks have it off (0 otherwise).
+    fn publish(&self, state: &State) {
+        let (route, model) = (self.route.clone(), self.candidate.model().to_string());
+        metrics::gauge!("weir_canary_weight", "route" => route.clone(), "model" => model.clone())
+            .set(ppm_to_share(self.weight_ppm.load(Ordering::Relaxed)));
+        let rolled_back = state
+            .off
+            .as_ref()
+            .is_some_and(|off| off.cause == Cause::Checks);
+        metrics::gauge!("weir_canary_rolled_back", "route" => route, "model" => model)
+            .set(if rolled_back { 1.0 } else { 0.0 });
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -565,7 +604,7 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 /// route table is dropped. Needs a Tokio runtime.
 pub fn spawn_checks(routes: &RouteTable) {
     for canary in routes.routes().filter_map(|route| route.shared_canary()) {
-        canary.publish_weight();
+        canary.publish(&canary.lock());
         let every = canary.settings.interval;
         let canary: Weak<Canary> = Arc::downgrade(canary);
         tokio::spawn(async move {
@@ -707,7 +746,9 @@ mod tests {
         fail_interval(&canary);
         let status = canary.status();
         assert_eq!(status.current_weight, 0.0);
-        assert!(status.rolled_back.unwrap().reason.contains("100.0%"));
+        let off = status.off.unwrap();
+        assert_eq!(off.cause, Cause::Checks);
+        assert!(off.reason.contains("100.0%"));
         assert!((0..100).all(|_| !canary.chosen(None)), "no request is sent");
         // Healthy calls afterwards do not bring it back.
         for _ in 0..10 {
@@ -715,12 +756,35 @@ mod tests {
         }
         assert_eq!(canary.check(SystemTime::now()).verdict, Verdict::Passed);
         assert_eq!(canary.status().current_weight, 0.0);
-        assert!(canary.status().rolled_back.is_some());
+        assert!(canary.status().off.is_some());
         canary.resume();
         let status = canary.status();
         assert_eq!((status.current_weight, status.failed_checks), (0.5, 0));
-        assert!(status.rolled_back.is_none());
+        assert!(status.off.is_none());
         assert_eq!((0..100).filter(|_| canary.chosen(None)).count(), 50);
+    }
+
+    #[test]
+    fn a_pause_takes_the_canary_off_until_resumed_and_keeps_a_rollback() {
+        let canary = canary(spec());
+        canary.pause(SystemTime::now());
+        let status = canary.status();
+        assert_eq!(status.current_weight, 0.0);
+        assert_eq!(status.off.unwrap().cause, Cause::Operator);
+        assert!((0..100).all(|_| !canary.chosen(None)));
+        canary.resume();
+        assert_eq!(canary.status().current_weight, 0.5);
+
+        // Pausing a rolled-back canary leaves it rolled back, with its reason.
+        let failure = ApiError::new(Code::Unavailable, "UNAVAILABLE", "down");
+        for _ in 0..2 {
+            for _ in 0..4 {
+                canary.record("c", Some(&failure), None, MS);
+            }
+            canary.check(SystemTime::now());
+        }
+        canary.pause(SystemTime::now());
+        assert_eq!(canary.status().off.unwrap().cause, Cause::Checks);
     }
 
     #[test]

@@ -24,7 +24,7 @@
 //!
 //! - a route's canary is checked against its primary and rolled back when it fails
 //!   ([`canary`]); operators read and resume it through `weir.router.v1.RouteAdminService`
-//!   ([`admin`], `admin` role only).
+//!   ([`admin`], `admin` role only), and may pause it.
 //!
 //! Errors from the inference, session and budget services reach the client with their code and
 //! `google.rpc` details (reason, RetryInfo, BadRequest, QuotaFailure) intact. Asynchronous jobs
@@ -127,6 +127,7 @@ pub fn server_with_jobs(
         // Reading and changing the routes' state is an operator's job.
         .require_role(admin_only("ListRoutes"), Role::Admin)
         .require_role(admin_only("ResumeCanary"), Role::Admin)
+        .require_role(admin_only("PauseCanary"), Role::Admin)
         .with_auth(authenticator)
         // Complete and CompleteStream start while their Redis check runs; they wait for its
         // verdict before the model call (api.rs), so the limit stays exact.

@@ -8,8 +8,8 @@
 //! - `weir review list|show|approve|reject`: the human review queue.
 //! - `weir jobs submit|get|watch|cancel|list`: asynchronous jobs.
 //! - `weir batch submit|get|results|cancel`: batches from an OpenAI batch input file.
-//! - `weir routes [canary resume ROUTE]`: routes, canary state and cache hit rate; resume a
-//!   rolled-back canary.
+//! - `weir routes [canary resume|pause ROUTE]`: routes, canary state and cache hit rate; resume a
+//!   rolled-back canary or pause one.
 //! - `weir health <addr>`: whether a service serves (grpc.health.v1), for container health checks.
 
 use std::{path::PathBuf, process::ExitCode};
@@ -133,7 +133,8 @@ enum Command {
         command: ReviewCommand,
     },
     /// Each route with its models, canary weights and state, and the cache hit rate; `canary
-    /// resume ROUTE` turns a rolled-back canary back on. Needs an `admin` key.
+    /// resume ROUTE` turns a rolled-back canary back on, `canary pause ROUTE` takes one off.
+    /// Needs an `admin` key.
     Routes {
         #[command(flatten)]
         options: RoutesOptions,

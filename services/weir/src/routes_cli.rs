@@ -3,11 +3,12 @@
 //! ```text
 //! weir routes [--router URL]...                        # each route, its weights, canary state, cache
 //! weir routes canary resume ROUTE [--router URL]...    # turn a rolled-back canary back on
+//! weir routes canary pause ROUTE [--router URL]...     # take a canary off now
 //! ```
 //!
 //! Canary state is each router process's own, so both take every replica's address: `--router`
 //! repeated or comma-separated (`WEIR_ROUTER_URL`, default `http://127.0.0.1:50051`). `resume`
-//! tries every router given and fails, naming them, if any could not be resumed. The key is
+//! and `pause` try every router given and fail, naming them, if any refused. The key is
 //! `--api-key` (`WEIR_API_KEY`) and needs the `admin` role.
 
 use std::{io::Write, time::SystemTime};
@@ -16,7 +17,8 @@ use clap::Subcommand;
 use tonic::transport::Channel;
 use weir_proto::router::{
     CanaryCheck, CanaryCheckResult, CanaryInfo, CanaryState, ListRoutesRequest, ListRoutesResponse,
-    ResumeCanaryRequest, RouteInfo, route_admin_service_client::RouteAdminServiceClient,
+    PauseCanaryRequest, ResumeCanaryRequest, RouteInfo,
+    route_admin_service_client::RouteAdminServiceClient,
 };
 
 use crate::call::{failed, request};
@@ -52,8 +54,14 @@ pub enum RoutesCommand {
 /// A `weir routes canary` subcommand.
 #[derive(Debug, Clone, Subcommand)]
 pub enum CanaryCommand {
-    /// Turn a rolled-back canary back on at its configured weight, on every router given.
+    /// Turn a rolled-back or paused canary back on at its configured weight, on every router
+    /// given.
     Resume {
+        /// The route alias.
+        route: String,
+    },
+    /// Take a canary off (weight 0) at once, on every router given, until it is resumed.
+    Pause {
         /// The route alias.
         route: String,
     },
@@ -79,16 +87,16 @@ pub async fn run(
             }
             Ok(())
         }
-        Some(RoutesCommand::Canary {
-            command: CanaryCommand::Resume { route },
-        }) => {
+        Some(RoutesCommand::Canary { command }) => {
             let mut failures = Vec::new();
             for url in &options.routers {
-                match resume(url, key, &route).await {
+                match change(url, key, &command).await {
                     Ok(canary) => writeln!(
                         out,
-                        "{url}: canary {} of route {route} resumed at weight {}",
+                        "{url}: canary {} of route {} {} at weight {}",
                         canary.model,
+                        command.route(),
+                        command.done(),
                         weight(canary.current_weight)
                     )?,
                     Err(error) => failures.push(format!("{url}: {error:#}")),
@@ -97,8 +105,27 @@ pub async fn run(
             if failures.is_empty() {
                 Ok(())
             } else {
-                anyhow::bail!("the canary was not resumed on {}", failures.join("; "))
+                anyhow::bail!(
+                    "the canary was not {} on {}",
+                    command.done(),
+                    failures.join("; ")
+                )
             }
+        }
+    }
+}
+
+impl CanaryCommand {
+    fn route(&self) -> &str {
+        match self {
+            CanaryCommand::Resume { route } | CanaryCommand::Pause { route } => route,
+        }
+    }
+
+    fn done(&self) -> &'static str {
+        match self {
+            CanaryCommand::Resume { .. } => "resumed",
+            CanaryCommand::Pause { .. } => "paused",
         }
     }
 }
@@ -112,17 +139,26 @@ async fn connect(url: &str) -> anyhow::Result<RouteAdminServiceClient<Channel>> 
     Ok(RouteAdminServiceClient::new(channel))
 }
 
-async fn resume(url: &str, key: Option<&str>, route: &str) -> anyhow::Result<CanaryInfo> {
-    let body = ResumeCanaryRequest {
-        route: route.to_string(),
+/// Resumes or pauses the canary on the router at `url`; its state afterwards.
+async fn change(
+    url: &str,
+    key: Option<&str>,
+    command: &CanaryCommand,
+) -> anyhow::Result<CanaryInfo> {
+    let mut client = connect(url).await?;
+    let route = command.route().to_string();
+    let answered = match command {
+        CanaryCommand::Resume { .. } => client
+            .resume_canary(request(key, ResumeCanaryRequest { route })?)
+            .await
+            .map(|r| r.into_inner().route),
+        CanaryCommand::Pause { .. } => client
+            .pause_canary(request(key, PauseCanaryRequest { route })?)
+            .await
+            .map(|r| r.into_inner().route),
     };
-    connect(url)
-        .await?
-        .resume_canary(request(key, body)?)
-        .await
+    answered
         .map_err(|s| failed(&s))?
-        .into_inner()
-        .route
         .and_then(|r| r.canary)
         .ok_or_else(|| anyhow::anyhow!("the router answered without the canary"))
 }
@@ -208,16 +244,18 @@ fn row(route: &RouteInfo) -> [String; 5] {
 fn state(canary: &CanaryInfo) -> &'static str {
     match canary.state() {
         CanaryState::RolledBack => "rolled back",
+        CanaryState::Paused => "paused",
         CanaryState::Active | CanaryState::Unspecified => "active",
     }
 }
 
 fn print_canary(alias: &str, canary: &CanaryInfo, out: &mut impl Write) -> anyhow::Result<()> {
-    if canary.state() == CanaryState::RolledBack {
-        let when = canary.rolled_back_time.map(time).unwrap_or_default();
+    if let Some(when) = canary.rolled_back_time {
         writeln!(
             out,
-            "  {alias} canary rolled back {when}: {}",
+            "  {alias} canary {} {}: {}",
+            state(canary),
+            time(when),
             canary.rollback_reason
         )?;
     }

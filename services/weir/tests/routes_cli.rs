@@ -1,5 +1,6 @@
 //! `weir routes` against a real `weir serve inference` and two `weir serve router` replicas: the
-//! table shows each replica's own canary state, and `canary resume` reaches every replica given.
+//! table shows each replica's own canary state, and `canary resume` and `canary pause` reach
+//! every replica given.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -173,6 +174,21 @@ async fn routes_lists_each_replica_and_resume_reaches_them_all() {
     }
     let (ok, out, _) = routes(&[one, two], ADMIN_KEY, &[]);
     assert!(ok && !out.contains("rolled back"), "{out}");
+
+    // Pause takes it off on every replica given, until resumed.
+    let (ok, out, err) = routes(&[one, two], ADMIN_KEY, &["canary", "pause", "auto"]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "{two}: canary sim-new of route auto paused at weight 0"
+        )),
+        "{out}"
+    );
+    let (ok, out, _) = routes(&[two], ADMIN_KEY, &[]);
+    assert!(
+        ok && out.contains("0.5/0") && out.contains("paused by an operator"),
+        "{out}"
+    );
     drop((first, second, inference));
     let _ = std::fs::remove_file(config);
 }

@@ -53,6 +53,7 @@ class CanaryState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CANARY_STATE_UNSPECIFIED: _ClassVar[CanaryState]
     CANARY_STATE_ACTIVE: _ClassVar[CanaryState]
     CANARY_STATE_ROLLED_BACK: _ClassVar[CanaryState]
+    CANARY_STATE_PAUSED: _ClassVar[CanaryState]
 
 class CanaryCheckResult(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -87,6 +88,7 @@ BATCH_STATE_EXPIRED: BatchState
 CANARY_STATE_UNSPECIFIED: CanaryState
 CANARY_STATE_ACTIVE: CanaryState
 CANARY_STATE_ROLLED_BACK: CanaryState
+CANARY_STATE_PAUSED: CanaryState
 CANARY_CHECK_RESULT_UNSPECIFIED: CanaryCheckResult
 CANARY_CHECK_RESULT_SKIPPED: CanaryCheckResult
 CANARY_CHECK_RESULT_PASSED: CanaryCheckResult
@@ -580,6 +582,18 @@ class ResumeCanaryRequest(_message.Message):
     def __init__(self, route: _Optional[str] = ...) -> None: ...
 
 class ResumeCanaryResponse(_message.Message):
+    __slots__ = ("route",)
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    route: RouteInfo
+    def __init__(self, route: _Optional[_Union[RouteInfo, _Mapping]] = ...) -> None: ...
+
+class PauseCanaryRequest(_message.Message):
+    __slots__ = ("route",)
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    route: str
+    def __init__(self, route: _Optional[str] = ...) -> None: ...
+
+class PauseCanaryResponse(_message.Message):
     __slots__ = ("route",)
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     route: RouteInfo

@@ -621,6 +621,11 @@ class RouteAdminServiceStub(object):
                 request_serializer=weir_dot_router_dot_v1_dot_router__pb2.ResumeCanaryRequest.SerializeToString,
                 response_deserializer=weir_dot_router_dot_v1_dot_router__pb2.ResumeCanaryResponse.FromString,
                 _registered_method=True)
+        self.PauseCanary = channel.unary_unary(
+                '/weir.router.v1.RouteAdminService/PauseCanary',
+                request_serializer=weir_dot_router_dot_v1_dot_router__pb2.PauseCanaryRequest.SerializeToString,
+                response_deserializer=weir_dot_router_dot_v1_dot_router__pb2.PauseCanaryResponse.FromString,
+                _registered_method=True)
 
 
 class RouteAdminServiceServicer(object):
@@ -640,8 +645,16 @@ class RouteAdminServiceServicer(object):
 
     def ResumeCanary(self, request, context):
         """Turns a route's canary back on at its configured weight and clears its failed checks (after a
-        rollback; harmless on an active canary). Lasts until the canary is rolled back again or the
-        router restarts.
+        rollback or a pause; harmless on an active canary). Lasts until the canary is rolled back again
+        or the router restarts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseCanary(self, request, context):
+        """Takes a route's canary off (weight 0) at once, without waiting for its checks, until it is
+        resumed or the router restarts. Harmless on a canary that is already off.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -659,6 +672,11 @@ def add_RouteAdminServiceServicer_to_server(servicer, server):
                     servicer.ResumeCanary,
                     request_deserializer=weir_dot_router_dot_v1_dot_router__pb2.ResumeCanaryRequest.FromString,
                     response_serializer=weir_dot_router_dot_v1_dot_router__pb2.ResumeCanaryResponse.SerializeToString,
+            ),
+            'PauseCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseCanary,
+                    request_deserializer=weir_dot_router_dot_v1_dot_router__pb2.PauseCanaryRequest.FromString,
+                    response_serializer=weir_dot_router_dot_v1_dot_router__pb2.PauseCanaryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -719,6 +737,33 @@ class RouteAdminService(object):
             '/weir.router.v1.RouteAdminService/ResumeCanary',
             weir_dot_router_dot_v1_dot_router__pb2.ResumeCanaryRequest.SerializeToString,
             weir_dot_router_dot_v1_dot_router__pb2.ResumeCanaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weir.router.v1.RouteAdminService/PauseCanary',
+            weir_dot_router_dot_v1_dot_router__pb2.PauseCanaryRequest.SerializeToString,
+            weir_dot_router_dot_v1_dot_router__pb2.PauseCanaryResponse.FromString,
             options,
             channel_credentials,
             insecure,
