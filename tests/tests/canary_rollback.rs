@@ -1,7 +1,8 @@
 //! Canaries that roll themselves back, across real sockets: a canary that fails (or is too slow)
 //! is rolled back within its window while the route keeps answering from the primary, stays
 //! off until an operator resumes it through `RouteAdminService`, and callers' own deadlines or
-//! cancellations never count against it. An operator may pause a canary too. The service needs
+//! cancellations never count against it. A healthy canary may be promoted in steps, and an
+//! operator may pause one. The service needs
 //! `admin`, and health and reflection list it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -89,6 +90,15 @@ canary = {{ model = "slow-canary", weight = 0.5, interval = "600ms", min_request
 [router.routes.impatient]
 models = ["stable-d"]
 canary = {{ model = "tardy-canary", weight = 1.0, interval = "300ms", min_requests = 3, failed_checks = 1 }}
+
+[models.stable-e]
+sim = {{ output_tokens = 4 }}
+[models.growing-canary]
+sim = {{ output_tokens = 4 }}
+
+[router.routes.growing]
+models = ["stable-e"]
+canary = {{ model = "growing-canary", weight = 0.2, interval = "300ms", min_requests = 3, latency_floor = "250ms", step_weight = 0.2, max_weight = 0.6 }}
 
 [router.routes.plain]
 models = ["stable-a"]
@@ -276,6 +286,32 @@ async fn a_healthy_canary_is_not_rolled_back() {
 }
 
 #[tokio::test]
+async fn a_healthy_canary_is_promoted_in_steps_up_to_its_maximum() {
+    let running = Mesh::start(&config()).await;
+    let mesh = &running;
+    let weights = &RefCell::new(Vec::new());
+    let promoted = eventually(WAIT, || async move {
+        for response in burst(mesh, "growing", 10).await {
+            assert!(["growing-canary", "stable-e"].contains(&response.model.as_str()));
+        }
+        let info = canary(mesh, "growing").await;
+        assert_eq!(info.state(), CanaryState::Active, "{info:?}");
+        assert_eq!(info.configured_weight, 0.2);
+        weights.borrow_mut().push(info.current_weight);
+        info.current_weight >= 0.6
+    })
+    .await;
+    let weights = weights.take();
+    assert!(promoted, "promoted to 0.6: {weights:?}");
+    assert!(weights.windows(2).all(|w| w[0] <= w[1]), "{weights:?}");
+    assert!(weights.iter().all(|w| *w <= 0.6), "{weights:?}");
+    // It stays at its maximum.
+    burst(mesh, "growing", 10).await;
+    assert_eq!(canary(mesh, "growing").await.current_weight, 0.6);
+    running.stop().await;
+}
+
+#[tokio::test]
 async fn a_canary_slower_than_the_threshold_is_rolled_back() {
     let mesh = Mesh::start(&config()).await;
     let rolled_back = eventually(WAIT, || async {
@@ -417,10 +453,17 @@ async fn the_admin_service_needs_admin_and_names_what_is_wrong() {
     let aliases: Vec<&str> = listed.routes.iter().map(|r| r.alias.as_str()).collect();
     assert_eq!(
         aliases,
-        ["failing", "healthy", "impatient", "plain", "slow"]
+        [
+            "failing",
+            "growing",
+            "healthy",
+            "impatient",
+            "plain",
+            "slow"
+        ]
     );
-    assert_eq!(listed.routes[3].models, ["stable-a"]);
-    assert!(listed.routes[3].canary.is_none());
+    assert_eq!(listed.routes[4].models, ["stable-a"]);
+    assert!(listed.routes[4].canary.is_none());
     let cache = listed.cache.unwrap();
     assert!(!cache.enabled);
 

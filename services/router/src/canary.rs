@@ -43,6 +43,13 @@
 //! restarts. An operator may also take a canary off at once (`PauseCanary`): weight 0 too, but
 //! not counted as a rollback.
 //!
+//! # Promotion
+//!
+//! Optionally (`step_weight` above 0; off by default) a canary that stays healthy is promoted in
+//! steps: after `promote_after` passed checks in a row its current weight grows by `step_weight`,
+//! up to `max_weight`. A failed check starts the count again; a rollback still drops it to 0, and
+//! a resume restores the *configured* weight, from which promotion starts over.
+//!
 //! State is per router process: each replica judges its own traffic and rolls back on its own,
 //! and a restart starts again from the configured weight. The durable fix for a bad canary is
 //! `weight = 0` in the config.
@@ -85,6 +92,12 @@ pub const DEFAULT_MAX_ERROR_RATE_INCREASE: f64 = 0.05;
 pub const DEFAULT_MAX_LATENCY_RATIO: f64 = 1.5;
 /// Default latency below which the canary always passes the latency test: 50ms.
 pub const DEFAULT_LATENCY_FLOOR: Duration = Duration::from_millis(50);
+/// Default promotion step: 0, never promoted.
+pub const DEFAULT_STEP_WEIGHT: f64 = 0.0;
+/// Default most a promotion raises the weight to: 0.5 (Flagger's `maxWeight` default is 50%).
+pub const DEFAULT_MAX_WEIGHT: f64 = 0.5;
+/// Default passed checks in a row before each promotion step: 1.
+pub const DEFAULT_PROMOTE_AFTER: u32 = 1;
 /// Shortest `interval` accepted.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
 /// Most success latencies kept per side and interval; later ones still count as calls.
@@ -105,6 +118,12 @@ pub struct Settings {
     pub max_latency_ratio: f64,
     /// A canary p95 at or below this always passes the latency test.
     pub latency_floor: Duration,
+    /// Promotion step, in parts per million of requests (0: never promoted).
+    pub step_ppm: u64,
+    /// The most promotion raises the weight to, in parts per million.
+    pub max_ppm: u64,
+    /// Passed checks in a row before each promotion step.
+    pub promote_after: u32,
 }
 
 impl Default for Settings {
@@ -116,6 +135,9 @@ impl Default for Settings {
             max_error_rate_increase: DEFAULT_MAX_ERROR_RATE_INCREASE,
             max_latency_ratio: DEFAULT_MAX_LATENCY_RATIO,
             latency_floor: DEFAULT_LATENCY_FLOOR,
+            step_ppm: 0,
+            max_ppm: ppm(DEFAULT_MAX_WEIGHT),
+            promote_after: DEFAULT_PROMOTE_AFTER,
         }
     }
 }
@@ -292,6 +314,7 @@ struct State {
     canary: Side,
     primary: Side,
     failed_in_a_row: u32,
+    passed_in_a_row: u32,
     off: Option<Off>,
     last_check: Option<Check>,
 }
@@ -354,8 +377,15 @@ impl Canary {
         if !(spec.max_latency_ratio >= 1.0 && spec.max_latency_ratio.is_finite()) {
             return invalid("max_latency_ratio", "must be a number of at least 1");
         }
-        // In range 0..=1, so the product is within 0..=1e6 and the cast cannot truncate.
-        let ppm = (spec.weight * 1_000_000.0).round() as u64;
+        if !(0.0..=1.0).contains(&spec.step_weight) {
+            return invalid("step_weight", "must be between 0 and 1");
+        }
+        if spec.step_weight > 0.0 && !(spec.weight..=1.0).contains(&spec.max_weight) {
+            return invalid("max_weight", "must be between `weight` and 1");
+        }
+        if spec.promote_after == 0 {
+            return invalid("promote_after", "must be at least 1");
+        }
         Ok(Self {
             route: alias.to_string(),
             candidate: Candidate::new(spec.model),
@@ -370,9 +400,12 @@ impl Canary {
                 max_error_rate_increase: spec.max_error_rate_increase,
                 max_latency_ratio: spec.max_latency_ratio,
                 latency_floor: spec.latency_floor,
+                step_ppm: ppm(spec.step_weight),
+                max_ppm: ppm(spec.max_weight),
+                promote_after: spec.promote_after,
             },
-            configured_ppm: ppm,
-            weight_ppm: AtomicU64::new(ppm),
+            configured_ppm: ppm(spec.weight),
+            weight_ppm: AtomicU64::new(ppm(spec.weight)),
             counter: AtomicU64::new(0),
             state: Mutex::new(State::default()),
         })
@@ -458,8 +491,16 @@ impl Canary {
         match &verdict {
             _ if state.off.is_some() => {}
             Verdict::Skipped => {}
-            Verdict::Passed => state.failed_in_a_row = 0,
+            Verdict::Passed => {
+                state.failed_in_a_row = 0;
+                state.passed_in_a_row += 1;
+                if state.passed_in_a_row >= self.settings.promote_after {
+                    state.passed_in_a_row = 0;
+                    self.promote(&state);
+                }
+            }
             Verdict::Failed(reason) => {
+                state.passed_in_a_row = 0;
                 state.failed_in_a_row += 1;
                 tracing::info!(
                     route = %self.route,
@@ -481,6 +522,24 @@ impl Canary {
         };
         state.last_check = Some(check.clone());
         check
+    }
+
+    /// One promotion step, when promotion is on and the weight is below its maximum.
+    fn promote(&self, state: &State) {
+        let current = self.weight_ppm.load(Ordering::Relaxed);
+        let next = (current + self.settings.step_ppm).min(self.settings.max_ppm);
+        if self.settings.step_ppm == 0 || next <= current {
+            return;
+        }
+        self.weight_ppm.store(next, Ordering::Relaxed);
+        tracing::info!(
+            route = %self.route,
+            model = self.candidate.model(),
+            from = ppm_to_share(current),
+            to = ppm_to_share(next),
+            "canary promoted after passed checks"
+        );
+        self.publish(state);
     }
 
     fn roll_back(&self, state: &mut State, now: SystemTime, reason: &str, figures: &Figures) {
@@ -587,6 +646,12 @@ impl Canary {
         // The state is plain counters: one a panicking holder left behind is still usable.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// A share (checked to be within 0..=1) in parts per million.
+fn ppm(share: f64) -> u64 {
+    // Within 0..=1, so the product is within 0..=1e6 and the cast cannot truncate.
+    (share.clamp(0.0, 1.0) * 1_000_000.0).round() as u64
 }
 
 fn ppm_to_share(ppm: u64) -> f64 {
@@ -765,6 +830,50 @@ mod tests {
     }
 
     #[test]
+    fn passed_checks_promote_in_steps_up_to_the_maximum() {
+        let canary = canary(CanarySpec {
+            weight: 0.1,
+            step_weight: 0.25,
+            max_weight: 0.5,
+            promote_after: 2,
+            ..spec()
+        });
+        let healthy_interval = |canary: &Canary| {
+            for _ in 0..4 {
+                canary.record("c", None, None, MS);
+            }
+            canary.check(SystemTime::now()).verdict
+        };
+        let weight = |canary: &Canary| canary.status().current_weight;
+        assert_eq!(healthy_interval(&canary), Verdict::Passed);
+        assert_eq!(weight(&canary), 0.1, "one pass is not enough");
+        // A skipped check neither counts nor resets.
+        canary.check(SystemTime::now());
+        healthy_interval(&canary);
+        assert_eq!(weight(&canary), 0.35);
+        healthy_interval(&canary);
+        healthy_interval(&canary);
+        assert_eq!(weight(&canary), 0.5, "capped at max_weight");
+        healthy_interval(&canary);
+        healthy_interval(&canary);
+        assert_eq!(weight(&canary), 0.5);
+        // A failed check starts the count again.
+        let failure = ApiError::new(Code::Unavailable, "UNAVAILABLE", "down");
+        for _ in 0..4 {
+            canary.record("c", Some(&failure), None, MS);
+        }
+        canary.check(SystemTime::now());
+        healthy_interval(&canary);
+        assert_eq!(canary.status().failed_checks, 0);
+        canary.resume();
+        assert_eq!(
+            weight(&canary),
+            0.1,
+            "resume restores the configured weight"
+        );
+    }
+
+    #[test]
     fn a_pause_takes_the_canary_off_until_resumed_and_keeps_a_rollback() {
         let canary = canary(spec());
         canary.pause(SystemTime::now());
@@ -846,6 +955,12 @@ mod tests {
             }),
             ("max_latency_ratio", |s| s.max_latency_ratio = 0.5),
             ("max_latency_ratio", |s| s.max_latency_ratio = f64::NAN),
+            ("step_weight", |s| s.step_weight = 1.5),
+            ("max_weight", |s| {
+                s.step_weight = 0.1;
+                s.max_weight = 0.2;
+            }),
+            ("promote_after", |s| s.promote_after = 0),
         ] {
             let mut spec = spec();
             adjust(&mut spec);

@@ -344,6 +344,16 @@ pub struct CanarySpec {
     /// latency is mostly noise do not flap (default [`canary::DEFAULT_LATENCY_FLOOR`], 50ms).
     #[serde(with = "humantime_serde")]
     pub latency_floor: Duration,
+    /// Promotion: after `promote_after` passed checks in a row the current weight grows by this
+    /// much, up to `max_weight` (default [`canary::DEFAULT_STEP_WEIGHT`], 0: never promoted; 0
+    /// to 1).
+    pub step_weight: f64,
+    /// The most promotion raises the weight to (default [`canary::DEFAULT_MAX_WEIGHT`], 0.5; from
+    /// `weight` to 1 when `step_weight` is set).
+    pub max_weight: f64,
+    /// Passed checks in a row before each promotion step (default
+    /// [`canary::DEFAULT_PROMOTE_AFTER`], 1; at least 1).
+    pub promote_after: u32,
 }
 
 impl Default for CanarySpec {
@@ -357,6 +367,9 @@ impl Default for CanarySpec {
             max_error_rate_increase: canary::DEFAULT_MAX_ERROR_RATE_INCREASE,
             max_latency_ratio: canary::DEFAULT_MAX_LATENCY_RATIO,
             latency_floor: canary::DEFAULT_LATENCY_FLOOR,
+            step_weight: canary::DEFAULT_STEP_WEIGHT,
+            max_weight: canary::DEFAULT_MAX_WEIGHT,
+            promote_after: canary::DEFAULT_PROMOTE_AFTER,
         }
     }
 }
