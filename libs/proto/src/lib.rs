@@ -63,6 +63,8 @@ pub mod service_names {
     pub const INFERENCE: &str = "weir.inference.v1.InferenceService";
     /// `weir.router.v1.RouterService`.
     pub const ROUTER: &str = "weir.router.v1.RouterService";
+    /// `weir.router.v1.RouteAdminService`.
+    pub const ROUTE_ADMIN: &str = "weir.router.v1.RouteAdminService";
     /// `weir.session.v1.SessionService`.
     pub const SESSION: &str = "weir.session.v1.SessionService";
     /// `weir.budget.v1.BudgetService`.

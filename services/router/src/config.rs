@@ -79,6 +79,7 @@
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
@@ -87,7 +88,7 @@ use weir_mesh::{
     ratelimit::RateLimitConfig,
 };
 
-use crate::{clients::Clients, review::ReviewConfig};
+use crate::{canary, clients::Clients, review::ReviewConfig};
 
 /// Default address the router listens on.
 pub const DEFAULT_LISTEN: SocketAddr =
@@ -311,13 +312,66 @@ fn default_refusal() -> String {
 /// back to the route's models in order, so a bad canary costs latency, not errors. Requests with
 /// a `session_id` are assigned by a hash of it (a conversation stays on one model); others by a
 /// counter, so exactly `weight` of them go to the canary.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+///
+/// Every `interval` the canary's calls are compared with the primary's; after `failed_checks`
+/// failed checks in a row its weight drops to 0 until an operator resumes it (see
+/// [`crate::canary`]). Each key has an environment override, e.g.
+/// `WEIR_ROUTER__ROUTES__AUTO__CANARY__INTERVAL`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CanarySpec {
     /// The new model (a catalog model not among the route's `models`).
     pub model: String,
-    /// Share of requests, 0 to 1.
+    /// Share of requests, 0 to 1 (default 0).
     pub weight: f64,
+    /// How often the canary is checked against the primary, over the calls since the last check
+    /// (default [`canary::DEFAULT_INTERVAL`], 30s; at least 100ms).
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Failed checks in a row that roll the canary back (default
+    /// [`canary::DEFAULT_FAILED_CHECKS`], 3; at least 1).
+    pub failed_checks: u32,
+    /// Fewest canary calls a check needs to judge; a check with fewer is skipped, neither pass nor
+    /// fail (default [`canary::DEFAULT_MIN_REQUESTS`], 20; at least 1).
+    pub min_requests: u64,
+    /// How far the canary's error rate may exceed the primary's, as a fraction (default
+    /// [`canary::DEFAULT_MAX_ERROR_RATE_INCREASE`], 0.05: five percentage points; 0 to 1).
+    pub max_error_rate_increase: f64,
+    /// Most the canary's p95 success latency may be, as a multiple of the primary's (default
+    /// [`canary::DEFAULT_MAX_LATENCY_RATIO`], 1.5; at least 1).
+    pub max_latency_ratio: f64,
+    /// A canary p95 at or below this always passes the latency test, so that fast models whose
+    /// latency is mostly noise do not flap (default [`canary::DEFAULT_LATENCY_FLOOR`], 50ms).
+    #[serde(with = "humantime_serde")]
+    pub latency_floor: Duration,
+    /// Promotion: after `promote_after` passed checks in a row the current weight grows by this
+    /// much, up to `max_weight` (default [`canary::DEFAULT_STEP_WEIGHT`], 0: never promoted; 0
+    /// to 1).
+    pub step_weight: f64,
+    /// The most promotion raises the weight to (default [`canary::DEFAULT_MAX_WEIGHT`], 0.5; from
+    /// `weight` to 1 when `step_weight` is set).
+    pub max_weight: f64,
+    /// Passed checks in a row before each promotion step (default
+    /// [`canary::DEFAULT_PROMOTE_AFTER`], 1; at least 1).
+    pub promote_after: u32,
+}
+
+impl Default for CanarySpec {
+    fn default() -> Self {
+        Self {
+            model: String::new(),
+            weight: 0.0,
+            interval: canary::DEFAULT_INTERVAL,
+            failed_checks: canary::DEFAULT_FAILED_CHECKS,
+            min_requests: canary::DEFAULT_MIN_REQUESTS,
+            max_error_rate_increase: canary::DEFAULT_MAX_ERROR_RATE_INCREASE,
+            max_latency_ratio: canary::DEFAULT_MAX_LATENCY_RATIO,
+            latency_floor: canary::DEFAULT_LATENCY_FLOOR,
+            step_weight: canary::DEFAULT_STEP_WEIGHT,
+            max_weight: canary::DEFAULT_MAX_WEIGHT,
+            promote_after: canary::DEFAULT_PROMOTE_AFTER,
+        }
+    }
 }
 
 impl Config {

@@ -22,6 +22,10 @@
 //!   is held back until its end) or delivered and audited afterwards (post-hoc); see
 //!   [`review_gate`].
 //!
+//! - a route's canary is checked against its primary and rolled back when it fails
+//!   ([`canary`]); operators read and resume it through `weir.router.v1.RouteAdminService`
+//!   ([`admin`], `admin` role only), and may pause it.
+//!
 //! Errors from the inference, session and budget services reach the client with their code and
 //! `google.rpc` details (reason, RetryInfo, BadRequest, QuotaFailure) intact. Asynchronous jobs
 //! ([`jobs`]) are queued and run by workers through `Complete`; batches land with their own issue,
@@ -31,8 +35,10 @@
 //! server; the same library is served alone by `weir serve router` and together by `weir up`.
 #![warn(missing_docs)]
 
+pub mod admin;
 mod api;
 pub mod cache;
+pub mod canary;
 pub mod clients;
 pub mod config;
 pub mod fallback;
@@ -55,7 +61,7 @@ pub mod spend;
 use std::sync::Arc;
 
 use weir_mesh::{
-    auth::{AuthConfig, Authenticator},
+    auth::{AuthConfig, Authenticator, Role},
     catalog::Catalog,
     client::ClientStack,
     config::ConfigError,
@@ -64,8 +70,9 @@ use weir_mesh::{
     ratelimit::{RateLimitLayer, TenantLimiter},
     server::GrpcServer,
 };
-use weir_proto::router::router_service_server::RouterServiceServer;
+use weir_proto::{router::router_service_server::RouterServiceServer, service_names};
 
+pub use admin::RouteAdmin;
 pub use api::RouterApi;
 pub use config::{BudgetPolicy, Config, RouteSpec, TenantBudgetPolicy};
 pub use relay::CompleteStream;
@@ -111,9 +118,16 @@ pub fn server_with_jobs(
     }
     let api = router_api_with(config, catalog, authenticator.identity().clone(), dialer)?;
     let jobs = api.jobs().cloned();
+    let admin = api.route_admin();
     let limiter = TenantLimiter::from_config(&config.rate_limit, "router.rate_limit")?;
+    let admin_only = |rpc: &str| format!("/{}/{rpc}", service_names::ROUTE_ADMIN);
     Ok(GrpcServer::default()
         .add_service(RouterServiceServer::new(api).max_decoding_message_size(MAX_MESSAGE_BYTES))
+        .add_service(admin.into_service())
+        // Reading and changing the routes' state is an operator's job.
+        .require_role(admin_only("ListRoutes"), Role::Admin)
+        .require_role(admin_only("ResumeCanary"), Role::Admin)
+        .require_role(admin_only("PauseCanary"), Role::Admin)
         .with_auth(authenticator)
         // Complete and CompleteStream start while their Redis check runs; they wait for its
         // verdict before the model call (api.rs), so the limit stays exact.
@@ -146,6 +160,7 @@ pub fn router_api_with(
     config.validate()?;
     config.client.validate()?;
     let routes = RouteTable::new(config, catalog)?;
+    canary::spawn_checks(&routes);
     let policies = review::Policies::new(&config.review, routes.catalog(), &routes)?;
     let stack =
         |settings, key: &str, url: &str| client_stack(settings, key, url, &identity, dialer);
@@ -201,8 +216,6 @@ fn client_stack(
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
-    use weir_proto::service_names;
-
     use super::*;
 
     #[tokio::test]
@@ -213,7 +226,10 @@ mod tests {
             Authenticator::default(),
         )
         .unwrap();
-        assert_eq!(server.service_names(), [service_names::ROUTER]);
+        assert_eq!(
+            server.service_names(),
+            [service_names::ROUTER, service_names::ROUTE_ADMIN]
+        );
     }
 
     #[tokio::test]

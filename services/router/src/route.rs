@@ -30,14 +30,7 @@
 //! and a last rule `economy` that holds when the tenant is above its soft budget limit (see
 //! [`crate::spend`]).
 
-use std::{
-    collections::BTreeMap,
-    fmt,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-};
+use std::{collections::BTreeMap, fmt, sync::Arc};
 
 use tonic::Code;
 use weir_mesh::{ApiError, catalog::Catalog, config::ConfigError};
@@ -46,7 +39,8 @@ use weir_proto::router::ServedBy;
 use weir_proto::common::{Message, Role};
 
 use crate::{
-    config::{CanarySpec, Config, DEFAULT_ROUTE, DEFAULT_ROUTE_MODELS, DegradedSpec, RouteSpec},
+    canary::Canary,
+    config::{Config, DEFAULT_ROUTE, DEFAULT_ROUTE_MODELS, DegradedSpec, RouteSpec},
     rules::{self, ECONOMY, Rule, RuleFacts},
 };
 
@@ -62,6 +56,11 @@ pub struct Candidate {
 }
 
 impl Candidate {
+    /// A candidate for the catalog model `model` (assumed checked against the catalog).
+    pub(crate) fn new(model: String) -> Self {
+        Self { model }
+    }
+
     /// The catalog name of the model.
     pub fn model(&self) -> &str {
         &self.model
@@ -92,39 +91,6 @@ impl Degraded {
     }
 }
 
-/// A validated canary split (see [`CanarySpec`]).
-#[derive(Debug)]
-struct Canary {
-    candidate: Candidate,
-    /// Share of requests in parts per million, so the choice is exact integer arithmetic.
-    weight_ppm: u64,
-    /// Requests without a session seen so far, for the exact-share counter.
-    counter: AtomicU64,
-}
-
-impl Canary {
-    /// Whether this request tries the canary: by a stable hash of `sticky` when given, else the
-    /// n-th request is chosen iff floor((n+1)·w) > floor(n·w), which sends exactly a share w.
-    fn chosen(&self, sticky: Option<&str>) -> bool {
-        match sticky {
-            Some(key) => fnv1a(key.as_bytes()) % 1_000_000 < self.weight_ppm,
-            None => {
-                let n = self.counter.fetch_add(1, Ordering::Relaxed);
-                let before = n.saturating_mul(self.weight_ppm) / 1_000_000;
-                let after = (n + 1).saturating_mul(self.weight_ppm) / 1_000_000;
-                after > before
-            }
-        }
-    }
-}
-
-/// 64-bit FNV-1a: stable across processes and versions, unlike std's hasher.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
 /// A validated route alias: its name, description, candidates (primary first), canary and
 /// degraded answer.
 #[derive(Debug)]
@@ -133,7 +99,7 @@ pub struct Route {
     description: String,
     /// Never empty: [`RouteTable::new`] refuses an empty list.
     candidates: Vec<Candidate>,
-    canary: Option<Canary>,
+    canary: Option<Arc<Canary>>,
     degraded: Option<Degraded>,
     /// Named tiers (the economy tier among them), each never empty.
     tiers: BTreeMap<String, Vec<Candidate>>,
@@ -155,6 +121,23 @@ impl Route {
     /// The candidates in order: the primary first, then the fallback chain.
     pub fn candidates(&self) -> &[Candidate] {
         &self.candidates
+    }
+
+    /// The canary split of the default tier, with its analysis state ([`crate::canary`]).
+    pub fn canary(&self) -> Option<&Canary> {
+        self.canary.as_deref()
+    }
+
+    /// The canary, shared, for its check task.
+    pub(crate) fn shared_canary(&self) -> Option<&Arc<Canary>> {
+        self.canary.as_ref()
+    }
+
+    /// The named tiers (the economy tier among them), by name.
+    pub fn tiers(&self) -> impl Iterator<Item = (&str, &[Candidate])> {
+        self.tiers
+            .iter()
+            .map(|(name, tier)| (name.as_str(), tier.as_slice()))
     }
 
     /// The degraded answer, if configured.
@@ -376,7 +359,7 @@ impl RouteTable {
         } else if let Some(route) = self.routes.get(name) {
             let mut candidates = Vec::with_capacity(route.candidates.len() + 1);
             if let Some(canary) = route.canary.as_ref().filter(|c| c.chosen(sticky)) {
-                candidates.push(canary.candidate.clone());
+                candidates.push(canary.candidate().clone());
             }
             candidates.extend(route.candidates.iter().cloned());
             (Some(Arc::clone(route)), candidates)
@@ -480,7 +463,7 @@ fn validate(catalog: &Catalog, alias: String, spec: RouteSpec) -> Result<Route, 
     }
     let canary = match spec.canary {
         None => None,
-        Some(canary) => Some(validate_canary(catalog, &alias, &candidates, canary)?),
+        Some(canary) => Some(Arc::new(Canary::new(catalog, &alias, &candidates, canary)?)),
     };
     let degraded = match spec.degraded {
         None => None,
@@ -534,44 +517,6 @@ fn validate_models(
     Ok(candidates)
 }
 
-fn validate_canary(
-    catalog: &Catalog,
-    alias: &str,
-    candidates: &[Candidate],
-    canary: CanarySpec,
-) -> Result<Canary, ConfigError> {
-    let key = |field: &str| format!("router.routes.{alias}.canary.{field}");
-    if catalog.get(&canary.model).is_none() {
-        return Err(ConfigError::invalid(
-            key("model"),
-            format!("\"{}\" is not a model in the catalog", canary.model),
-        ));
-    }
-    if candidates.iter().any(|c| c.model == canary.model) {
-        return Err(ConfigError::invalid(
-            key("model"),
-            format!(
-                "\"{}\" is already one of the route's models; a canary is a new model",
-                canary.model
-            ),
-        ));
-    }
-    if !(0.0..=1.0).contains(&canary.weight) {
-        return Err(ConfigError::invalid(
-            key("weight"),
-            "must be between 0 and 1",
-        ));
-    }
-    Ok(Canary {
-        candidate: Candidate {
-            model: canary.model,
-        },
-        // In range 0..=1, so the product is within 0..=1e6 and the cast cannot truncate.
-        weight_ppm: (canary.weight * 1_000_000.0).round() as u64,
-        counter: AtomicU64::new(0),
-    })
-}
-
 /// Names joined for a message, or `none`.
 fn list<'a>(names: impl Iterator<Item = &'a str>) -> String {
     let joined = names.collect::<Vec<_>>().join(", ");
@@ -608,6 +553,7 @@ mod tests {
     use weir_mesh::catalog::ModelSpec;
 
     use super::*;
+    use crate::config::CanarySpec;
 
     fn catalog(names: &[&str]) -> Arc<Catalog> {
         Arc::new(Catalog::new(
@@ -791,6 +737,7 @@ mod tests {
         let canary = CanarySpec {
             model: "c".to_string(),
             weight: 0.25,
+            ..CanarySpec::default()
         };
         let table =
             RouteTable::new(&with_extras(Some(canary), None), catalog(&["a", "b", "c"])).unwrap();
@@ -812,6 +759,7 @@ mod tests {
         let canary = CanarySpec {
             model: "c".to_string(),
             weight: 0.5,
+            ..CanarySpec::default()
         };
         let table =
             RouteTable::new(&with_extras(Some(canary), None), catalog(&["a", "b", "c"])).unwrap();
@@ -844,6 +792,7 @@ mod tests {
             let canary = CanarySpec {
                 model: model.to_string(),
                 weight,
+                ..CanarySpec::default()
             };
             let error =
                 RouteTable::new(&with_extras(Some(canary), None), catalog(&["a", "b", "c"]))
@@ -861,6 +810,7 @@ mod tests {
             spec.canary = Some(CanarySpec {
                 model: "d".to_string(),
                 weight: 1.0,
+                ..CanarySpec::default()
             });
         }
         let table = RouteTable::new(&config, catalog(&["a", "b", "c", "d"])).unwrap();

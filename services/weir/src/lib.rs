@@ -12,5 +12,6 @@ pub mod chat;
 pub mod health;
 pub mod jobs_cli;
 pub mod review_cli;
+pub mod routes_cli;
 pub mod stack;
 pub mod worker;

@@ -8,6 +8,8 @@
 //! - `weir review list|show|approve|reject`: the human review queue.
 //! - `weir jobs submit|get|watch|cancel|list`: asynchronous jobs.
 //! - `weir batch submit|get|results|cancel`: batches from an OpenAI batch input file.
+//! - `weir routes [canary resume|pause ROUTE]`: routes, canary state and cache hit rate; resume a
+//!   rolled-back canary or pause one.
 //! - `weir health <addr>`: whether a service serves (grpc.health.v1), for container health checks.
 
 use std::{path::PathBuf, process::ExitCode};
@@ -19,6 +21,7 @@ use weir::{
     chat::{self, ChatOptions},
     jobs_cli::{self, JobsCommand},
     review_cli::{self, ReviewCommand, ReviewOptions},
+    routes_cli::{self, RoutesCommand, RoutesOptions},
     stack::{self, Service, StackConfig},
 };
 use weir_mesh::telemetry;
@@ -129,6 +132,15 @@ enum Command {
         #[command(subcommand)]
         command: ReviewCommand,
     },
+    /// Each route with its models, canary weights and state, and the cache hit rate; `canary
+    /// resume ROUTE` turns a rolled-back canary back on, `canary pause ROUTE` takes one off.
+    /// Needs an `admin` key.
+    Routes {
+        #[command(flatten)]
+        options: RoutesOptions,
+        #[command(subcommand)]
+        command: Option<RoutesCommand>,
+    },
 }
 
 #[tokio::main]
@@ -175,6 +187,9 @@ async fn main() -> ExitCode {
         }
         Command::Review { options, command } => {
             review_cli::run(options, command, &mut std::io::stdout().lock()).await
+        }
+        Command::Routes { options, command } => {
+            routes_cli::run(options, command, &mut std::io::stdout().lock()).await
         }
     };
     match result {

@@ -22,10 +22,16 @@ impl RouterApi {
             }
             // 3., 4. Context and reservation for this candidate.
             let prepared = self.prepare(walk, model).await.map_err(refused)?;
-            match self
+            let started = tokio::time::Instant::now();
+            let result = self
                 .attempt(walk, delivery, model, position, prepared)
-                .await
-            {
+                .await;
+            // The canary's rollback checks compare its calls with the primary's.
+            if let Some(canary) = plan.route().and_then(|route| route.canary()) {
+                let error = result.as_ref().err();
+                canary.record(model, error, walk.call.deadline(), started.elapsed());
+            }
+            match result {
                 Ok(answer) => {
                     return Ok(Served::Model {
                         answer,

@@ -190,6 +190,11 @@ impl RouterApi {
     pub fn routes(&self) -> &RouteTable {
         &self.routes
     }
+
+    /// The admin service over this router's routes and response cache ([`crate::admin`]).
+    pub fn route_admin(&self) -> crate::admin::RouteAdmin {
+        crate::admin::RouteAdmin::new(Arc::clone(&self.routes), self.cache.clone())
+    }
 }
 
 /// One request on its way through the walk: what steps 2 to 8 share.

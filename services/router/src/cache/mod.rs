@@ -26,7 +26,13 @@
 
 pub mod store;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
@@ -235,6 +241,9 @@ struct Inner {
     ttl: Duration,
     max_entry_bytes: usize,
     price_fraction: f64,
+    /// Hits and misses since start, for `RouteAdminService/ListRoutes`.
+    hits: AtomicU64,
+    misses: AtomicU64,
 }
 
 /// What the cache said about a request.
@@ -271,6 +280,8 @@ impl ResponseCache {
                 ttl: config.ttl,
                 max_entry_bytes: config.max_entry_bytes,
                 price_fraction: config.cached_price_fraction,
+                hits: AtomicU64::new(0),
+                misses: AtomicU64::new(0),
             })),
         })
     }
@@ -278,6 +289,14 @@ impl ResponseCache {
     /// Whether the cache is on.
     pub(crate) fn is_on(&self) -> bool {
         self.inner.is_some()
+    }
+
+    /// Hits and misses since start (both 0 when the cache is off).
+    pub(crate) fn hits_and_misses(&self) -> (u64, u64) {
+        self.inner.as_ref().map_or((0, 0), |inner| {
+            let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+            (read(&inner.hits), read(&inner.misses))
+        })
     }
 
     /// The share of a stored answer's usage a hit is charged (0 when the cache is off).
@@ -325,10 +344,12 @@ impl ResponseCache {
         match inner.lookup.find(&pending.query).await {
             Ok(Some(entry)) => {
                 count("hit");
+                inner.hits.fetch_add(1, Ordering::Relaxed);
                 Looked::Hit(entry)
             }
             Ok(None) => {
                 count("miss");
+                inner.misses.fetch_add(1, Ordering::Relaxed);
                 Looked::Miss(Some(pending))
             }
             Err(error) => {

@@ -47,6 +47,20 @@ class BatchState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BATCH_STATE_CANCELLING: _ClassVar[BatchState]
     BATCH_STATE_CANCELLED: _ClassVar[BatchState]
     BATCH_STATE_EXPIRED: _ClassVar[BatchState]
+
+class CanaryState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CANARY_STATE_UNSPECIFIED: _ClassVar[CanaryState]
+    CANARY_STATE_ACTIVE: _ClassVar[CanaryState]
+    CANARY_STATE_ROLLED_BACK: _ClassVar[CanaryState]
+    CANARY_STATE_PAUSED: _ClassVar[CanaryState]
+
+class CanaryCheckResult(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CANARY_CHECK_RESULT_UNSPECIFIED: _ClassVar[CanaryCheckResult]
+    CANARY_CHECK_RESULT_SKIPPED: _ClassVar[CanaryCheckResult]
+    CANARY_CHECK_RESULT_PASSED: _ClassVar[CanaryCheckResult]
+    CANARY_CHECK_RESULT_FAILED: _ClassVar[CanaryCheckResult]
 SERVED_BY_UNSPECIFIED: ServedBy
 SERVED_BY_PRIMARY: ServedBy
 SERVED_BY_FALLBACK: ServedBy
@@ -71,6 +85,14 @@ BATCH_STATE_COMPLETED: BatchState
 BATCH_STATE_CANCELLING: BatchState
 BATCH_STATE_CANCELLED: BatchState
 BATCH_STATE_EXPIRED: BatchState
+CANARY_STATE_UNSPECIFIED: CanaryState
+CANARY_STATE_ACTIVE: CanaryState
+CANARY_STATE_ROLLED_BACK: CanaryState
+CANARY_STATE_PAUSED: CanaryState
+CANARY_CHECK_RESULT_UNSPECIFIED: CanaryCheckResult
+CANARY_CHECK_RESULT_SKIPPED: CanaryCheckResult
+CANARY_CHECK_RESULT_PASSED: CanaryCheckResult
+CANARY_CHECK_RESULT_FAILED: CanaryCheckResult
 
 class Notice(_message.Message):
     __slots__ = ("reason", "message")
@@ -462,3 +484,117 @@ class ListBatchesResponse(_message.Message):
     batches: _containers.RepeatedCompositeFieldContainer[Batch]
     next_page_token: str
     def __init__(self, batches: _Optional[_Iterable[_Union[Batch, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ListRoutesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListRoutesResponse(_message.Message):
+    __slots__ = ("routes", "cache")
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
+    routes: _containers.RepeatedCompositeFieldContainer[RouteInfo]
+    cache: CacheStats
+    def __init__(self, routes: _Optional[_Iterable[_Union[RouteInfo, _Mapping]]] = ..., cache: _Optional[_Union[CacheStats, _Mapping]] = ...) -> None: ...
+
+class RouteInfo(_message.Message):
+    __slots__ = ("alias", "description", "models", "tiers", "canary")
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    CANARY_FIELD_NUMBER: _ClassVar[int]
+    alias: str
+    description: str
+    models: _containers.RepeatedScalarFieldContainer[str]
+    tiers: _containers.RepeatedCompositeFieldContainer[RouteTier]
+    canary: CanaryInfo
+    def __init__(self, alias: _Optional[str] = ..., description: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., tiers: _Optional[_Iterable[_Union[RouteTier, _Mapping]]] = ..., canary: _Optional[_Union[CanaryInfo, _Mapping]] = ...) -> None: ...
+
+class RouteTier(_message.Message):
+    __slots__ = ("name", "models")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    models: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CanaryInfo(_message.Message):
+    __slots__ = ("model", "configured_weight", "current_weight", "state", "rolled_back_time", "rollback_reason", "failed_checks", "failed_checks_limit", "interval", "last_check")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CONFIGURED_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ROLLED_BACK_TIME_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_REASON_FIELD_NUMBER: _ClassVar[int]
+    FAILED_CHECKS_FIELD_NUMBER: _ClassVar[int]
+    FAILED_CHECKS_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    LAST_CHECK_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    configured_weight: float
+    current_weight: float
+    state: CanaryState
+    rolled_back_time: _timestamp_pb2.Timestamp
+    rollback_reason: str
+    failed_checks: int
+    failed_checks_limit: int
+    interval: _duration_pb2.Duration
+    last_check: CanaryCheck
+    def __init__(self, model: _Optional[str] = ..., configured_weight: _Optional[float] = ..., current_weight: _Optional[float] = ..., state: _Optional[_Union[CanaryState, str]] = ..., rolled_back_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rollback_reason: _Optional[str] = ..., failed_checks: _Optional[int] = ..., failed_checks_limit: _Optional[int] = ..., interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., last_check: _Optional[_Union[CanaryCheck, _Mapping]] = ...) -> None: ...
+
+class CanaryCheck(_message.Message):
+    __slots__ = ("time", "result", "reason", "canary_calls", "canary_failures", "primary_calls", "primary_failures", "canary_latency_p95", "primary_latency_p95")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CANARY_CALLS_FIELD_NUMBER: _ClassVar[int]
+    CANARY_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_CALLS_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    CANARY_LATENCY_P95_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_LATENCY_P95_FIELD_NUMBER: _ClassVar[int]
+    time: _timestamp_pb2.Timestamp
+    result: CanaryCheckResult
+    reason: str
+    canary_calls: int
+    canary_failures: int
+    primary_calls: int
+    primary_failures: int
+    canary_latency_p95: _duration_pb2.Duration
+    primary_latency_p95: _duration_pb2.Duration
+    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[CanaryCheckResult, str]] = ..., reason: _Optional[str] = ..., canary_calls: _Optional[int] = ..., canary_failures: _Optional[int] = ..., primary_calls: _Optional[int] = ..., primary_failures: _Optional[int] = ..., canary_latency_p95: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., primary_latency_p95: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class CacheStats(_message.Message):
+    __slots__ = ("enabled", "hits", "misses")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    hits: int
+    misses: int
+    def __init__(self, enabled: bool = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ...) -> None: ...
+
+class ResumeCanaryRequest(_message.Message):
+    __slots__ = ("route",)
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    route: str
+    def __init__(self, route: _Optional[str] = ...) -> None: ...
+
+class ResumeCanaryResponse(_message.Message):
+    __slots__ = ("route",)
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    route: RouteInfo
+    def __init__(self, route: _Optional[_Union[RouteInfo, _Mapping]] = ...) -> None: ...
+
+class PauseCanaryRequest(_message.Message):
+    __slots__ = ("route",)
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    route: str
+    def __init__(self, route: _Optional[str] = ...) -> None: ...
+
+class PauseCanaryResponse(_message.Message):
+    __slots__ = ("route",)
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    route: RouteInfo
+    def __init__(self, route: _Optional[_Union[RouteInfo, _Mapping]] = ...) -> None: ...

@@ -596,3 +596,180 @@ class RouterService(object):
             timeout,
             metadata,
             _registered_method=True)
+
+
+class RouteAdminServiceStub(object):
+    """Operators' view and control of the router's routes. Every RPC needs an API key with the `admin`
+    role (PERMISSION_DENIED, reason ROLE_REQUIRED, otherwise). The state is this router process's
+    own: with several replicas, ask each one. Errors: NOT_FOUND (reason ROUTE_NOT_FOUND) for an
+    unknown route; FAILED_PRECONDITION (reason NO_CANARY) for a canary RPC on a route without one.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListRoutes = channel.unary_unary(
+                '/weir.router.v1.RouteAdminService/ListRoutes',
+                request_serializer=weir_dot_router_dot_v1_dot_router__pb2.ListRoutesRequest.SerializeToString,
+                response_deserializer=weir_dot_router_dot_v1_dot_router__pb2.ListRoutesResponse.FromString,
+                _registered_method=True)
+        self.ResumeCanary = channel.unary_unary(
+                '/weir.router.v1.RouteAdminService/ResumeCanary',
+                request_serializer=weir_dot_router_dot_v1_dot_router__pb2.ResumeCanaryRequest.SerializeToString,
+                response_deserializer=weir_dot_router_dot_v1_dot_router__pb2.ResumeCanaryResponse.FromString,
+                _registered_method=True)
+        self.PauseCanary = channel.unary_unary(
+                '/weir.router.v1.RouteAdminService/PauseCanary',
+                request_serializer=weir_dot_router_dot_v1_dot_router__pb2.PauseCanaryRequest.SerializeToString,
+                response_deserializer=weir_dot_router_dot_v1_dot_router__pb2.PauseCanaryResponse.FromString,
+                _registered_method=True)
+
+
+class RouteAdminServiceServicer(object):
+    """Operators' view and control of the router's routes. Every RPC needs an API key with the `admin`
+    role (PERMISSION_DENIED, reason ROLE_REQUIRED, otherwise). The state is this router process's
+    own: with several replicas, ask each one. Errors: NOT_FOUND (reason ROUTE_NOT_FOUND) for an
+    unknown route; FAILED_PRECONDITION (reason NO_CANARY) for a canary RPC on a route without one.
+    """
+
+    def ListRoutes(self, request, context):
+        """Lists every route: its models per tier, its canary's weights, state and last check, and the
+        response cache's hits and misses since the router started.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeCanary(self, request, context):
+        """Turns a route's canary back on at its configured weight and clears its failed checks (after a
+        rollback or a pause; harmless on an active canary). Lasts until the canary is rolled back again
+        or the router restarts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseCanary(self, request, context):
+        """Takes a route's canary off (weight 0) at once, without waiting for its checks, until it is
+        resumed or the router restarts. Harmless on a canary that is already off.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RouteAdminServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListRoutes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRoutes,
+                    request_deserializer=weir_dot_router_dot_v1_dot_router__pb2.ListRoutesRequest.FromString,
+                    response_serializer=weir_dot_router_dot_v1_dot_router__pb2.ListRoutesResponse.SerializeToString,
+            ),
+            'ResumeCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeCanary,
+                    request_deserializer=weir_dot_router_dot_v1_dot_router__pb2.ResumeCanaryRequest.FromString,
+                    response_serializer=weir_dot_router_dot_v1_dot_router__pb2.ResumeCanaryResponse.SerializeToString,
+            ),
+            'PauseCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseCanary,
+                    request_deserializer=weir_dot_router_dot_v1_dot_router__pb2.PauseCanaryRequest.FromString,
+                    response_serializer=weir_dot_router_dot_v1_dot_router__pb2.PauseCanaryResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'weir.router.v1.RouteAdminService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('weir.router.v1.RouteAdminService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class RouteAdminService(object):
+    """Operators' view and control of the router's routes. Every RPC needs an API key with the `admin`
+    role (PERMISSION_DENIED, reason ROLE_REQUIRED, otherwise). The state is this router process's
+    own: with several replicas, ask each one. Errors: NOT_FOUND (reason ROUTE_NOT_FOUND) for an
+    unknown route; FAILED_PRECONDITION (reason NO_CANARY) for a canary RPC on a route without one.
+    """
+
+    @staticmethod
+    def ListRoutes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weir.router.v1.RouteAdminService/ListRoutes',
+            weir_dot_router_dot_v1_dot_router__pb2.ListRoutesRequest.SerializeToString,
+            weir_dot_router_dot_v1_dot_router__pb2.ListRoutesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weir.router.v1.RouteAdminService/ResumeCanary',
+            weir_dot_router_dot_v1_dot_router__pb2.ResumeCanaryRequest.SerializeToString,
+            weir_dot_router_dot_v1_dot_router__pb2.ResumeCanaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weir.router.v1.RouteAdminService/PauseCanary',
+            weir_dot_router_dot_v1_dot_router__pb2.PauseCanaryRequest.SerializeToString,
+            weir_dot_router_dot_v1_dot_router__pb2.PauseCanaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
