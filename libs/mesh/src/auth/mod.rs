@@ -58,8 +58,9 @@
 //!
 //! # Roles
 //!
-//! Administrative RPCs name a [`Role`] ([`AuthLayer::require_role`]): `SetBudget` and
-//! `DeleteUserSessions` need `admin`; the review decisions (`ClaimNext`, `RenewLease`,
+//! Administrative RPCs name a [`Role`] ([`AuthLayer::require_role`]): `SetBudget`,
+//! `DeleteUserSessions` and the router's `RouteAdminService` (`ListRoutes`, `ResumeCanary`,
+//! `PauseCanary`) need `admin`; the review decisions (`ClaimNext`, `RenewLease`,
 //! `SubmitDecision`, `CancelItem`) and the live queue (`WatchQueue`) need `reviewer`. `admin` satisfies every role. A caller
 //! without it is answered PERMISSION_DENIED, reason `ROLE_REQUIRED`, naming the role. Roles are
 //! not carried by mesh tokens: the router never makes administrative calls on a user's behalf.
