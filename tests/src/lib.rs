@@ -193,16 +193,26 @@ pub fn with_key<T>(body: T, key: &str) -> tonic::Request<T> {
 /// A connection to the test Redis ([`redis_url`]): one server or, for a `redis+cluster://` URL, a
 /// Redis Cluster (the stores' own client, so a test reads and writes where the stores do).
 pub async fn redis_connection() -> RedisConnection {
-    weir_mesh::store::connect(&redis_url())
+    redis_connection_at(&redis_url()).await
+}
+
+/// [`redis_connection`] to `url`.
+pub async fn redis_connection_at(url: &str) -> RedisConnection {
+    weir_mesh::store::connect(url)
         .await
         .expect("the test Redis is up")
 }
 
-/// Deletes every key under `<prefix>:` from the test Redis ([`redis_url`]), on every master of a
-/// cluster, with UNLINK so that a large database is never blocked; returns how many were
+/// Deletes every key under `<prefix>:` from the test Redis ([`redis_url`]); returns how many were
 /// deleted. For tests and benchmarks: each cleans up its own prefix.
 pub async fn delete_prefix(prefix: &str) -> usize {
-    let mut connection = redis_connection().await;
+    delete_prefix_at(&redis_url(), prefix).await
+}
+
+/// [`delete_prefix`] on the Redis at `url`: on every master of a cluster, with UNLINK so that a
+/// large database is never blocked.
+pub async fn delete_prefix_at(url: &str, prefix: &str) -> usize {
+    let mut connection = redis_connection_at(url).await;
     let keys = weir_mesh::store::keys_matching(&mut connection, &format!("{prefix}:*"))
         .await
         .expect("the test Redis lists keys");
