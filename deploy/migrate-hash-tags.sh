@@ -12,7 +12,8 @@
 # What it does, one SCAN page per Lua call (each call is atomic; a large database is never
 # blocked for long):
 #   - renames every key <prefix>:<tenant>:<service>:<rest> of a Weir store (session, budget,
-#     review, ratelimit, cache, router) to <prefix>:{<tenant>}:<service>:<rest>, keeping its TTL;
+#     review, ratelimit, cache, router, file) to <prefix>:{<tenant>}:<service>:<rest>, keeping its
+#     TTL;
 #   - rewrites values that name another key of the same tenant by its old name (a budget
 #     reservation's counter and budget keys, a budget idempotency record's reservation key):
 #     string values and hash fields starting with <prefix>:<tenant>: get the tag;
@@ -20,8 +21,9 @@
 #     expiry) into each tenant's <prefix>:{<tenant>}:budget:expiries, and marks every tenant with
 #     holds, and every tenant of <prefix>:review:due, due now in the sweepers' indexes
 #     <prefix>:{budget:due} and <prefix>:{review:due}, so the sweepers recompute them.
-# Job queues (<prefix>:jobs:...) are not migrated: drain them (no job queued or running) before
-# the upgrade.
+# Jobs and batches (<prefix>:<tenant>:job:..., <prefix>:<tenant>:batch:..., <prefix>:jobs:...)
+# are not migrated: their store moved under <prefix>:{router:jobs}; drain the queues (no job or
+# batch queued or running) before the upgrade.
 set -euo pipefail
 
 URL="${1:?usage: deploy/migrate-hash-tags.sh REDIS_URL [PREFIX]}"
@@ -35,7 +37,7 @@ command -v redis-cli >/dev/null || { echo "redis-cli is required (Debian: apt-ge
 read -r -d '' PAGE <<'LUA' || true
 local cursor, prefix = ARGV[1], ARGV[2]
 local services = {session = true, budget = true, review = true, ratelimit = true, cache = true,
-  router = true}
+  router = true, file = true}
 local page = redis.call('SCAN', cursor, 'MATCH', prefix .. ':*', 'COUNT', 1000)
 local renamed, conflicts = 0, 0
 for _, old in ipairs(page[2]) do
