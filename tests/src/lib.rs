@@ -18,7 +18,7 @@ use std::{
 
 use tonic::transport::Channel;
 use weir::stack::{self, Running, Service, StackConfig};
-use weir_mesh::config::Source;
+use weir_mesh::{config::Source, store::RedisConnection};
 use weir_proto::{
     budget::budget_service_client::BudgetServiceClient,
     common::{Message, Role},
@@ -190,18 +190,34 @@ pub fn with_key<T>(body: T, key: &str) -> tonic::Request<T> {
     request
 }
 
-/// Deletes every key under `<prefix>:` from the test Redis ([`redis_url`]), with SCAN and UNLINK
-/// so that a large database is never blocked; returns how many were deleted. For benchmarks that
-/// write far more than a test.
+/// A connection to the test Redis ([`redis_url`]): one server or, for a `redis+cluster://` URL, a
+/// Redis Cluster (the stores' own client, so a test reads and writes where the stores do).
+pub async fn redis_connection() -> RedisConnection {
+    redis_connection_at(&redis_url()).await
+}
+
+/// [`redis_connection`] to `url`.
+pub async fn redis_connection_at(url: &str) -> RedisConnection {
+    weir_mesh::store::connect(url)
+        .await
+        .expect("the test Redis is up")
+}
+
+/// Deletes every key under `<prefix>:` from the test Redis ([`redis_url`]); returns how many were
+/// deleted. For tests and benchmarks: each cleans up its own prefix.
 pub async fn delete_prefix(prefix: &str) -> usize {
-    let client = redis::Client::open(redis_url()).expect("valid Redis URL");
-    let mut connection = client
-        .get_multiplexed_async_connection()
+    delete_prefix_at(&redis_url(), prefix).await
+}
+
+/// [`delete_prefix`] on the Redis at `url`: on every master of a cluster, with UNLINK so that a
+/// large database is never blocked.
+pub async fn delete_prefix_at(url: &str, prefix: &str) -> usize {
+    let mut connection = redis_connection_at(url).await;
+    let keys = weir_mesh::store::keys_matching(&mut connection, &format!("{prefix}:*"))
         .await
-        .expect("Redis is up");
-    let keys = weir_mesh::store::scan_keys(&mut connection, &format!("{prefix}:*"))
-        .await
-        .expect("SCAN");
+        .expect("the test Redis lists keys");
+    // One UNLINK for many keys on a server; on a cluster the keys span slots, and the cluster
+    // client splits a multi-key UNLINK by slot itself.
     for batch in keys.chunks(10_000) {
         let _: () = redis::cmd("UNLINK")
             .arg(batch)

@@ -21,16 +21,12 @@ use tonic::{Code, transport::Channel};
 use tonic_types::StatusExt;
 use weir::stack::Service;
 use weir_proto::router::router_service_client::RouterServiceClient;
-use weir_tests::{Mesh, complete, eventually, reason};
+use weir_tests::{Mesh, complete, eventually, reason, redis_connection, redis_url};
 
 /// Global limit of the tests: bursts of 10, then one request per second.
 const BURST: usize = 10;
 /// Router instances sharing it: each one's fallback share is a burst of 10 ÷ 2 = 5.
 const REPLICAS: usize = 2;
-
-fn redis_url() -> String {
-    std::env::var("WEIR_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string())
-}
 
 /// A key prefix no other run (or test) shares, so buckets never carry over.
 fn unique_prefix(test: &str) -> String {
@@ -372,8 +368,7 @@ key_prefix = "{prefix}"
     assert!(first.get_ref().cost_micros > 0);
 
     // Another replica spends the shared bucket: its theoretical arrival time is an hour away.
-    let client = redis::Client::open(redis.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis_connection().await;
     let now_us = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -398,10 +393,9 @@ key_prefix = "{prefix}"
     // its own, hence the bounded wait); nothing is left held, and only one request was charged.
     let pattern = format!("{prefix}:{{default}}:budget:res:*");
     let states = || {
-        let (client, pattern) = (client.clone(), pattern.clone());
+        let (mut conn, pattern) = (conn.clone(), pattern.clone());
         async move {
-            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-            let keys = weir_mesh::store::scan_keys(&mut conn, &pattern)
+            let keys = weir_mesh::store::keys_matching(&mut conn, &pattern)
                 .await
                 .unwrap();
             let mut states = Vec::new();

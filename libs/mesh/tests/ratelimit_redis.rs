@@ -248,6 +248,12 @@ fn host_port(url: &str) -> String {
 
 #[tokio::test]
 async fn redis_stopped_then_restarted_falls_back_then_shares_again() {
+    if weir_mesh::store::is_cluster_url(&redis_url()) {
+        // The proxy stands in for one server; a cluster client learns the nodes' own addresses
+        // and would bypass it. The cluster's outage is the failover test (tests/redis_failover).
+        eprintln!("skipped: WEIR_TEST_REDIS_URL is a Redis Cluster; see redis_failover");
+        return;
+    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let upstream = host_port(&redis_url());

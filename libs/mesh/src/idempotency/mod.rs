@@ -34,9 +34,10 @@
 //! # Stores
 //!
 //! With `redis_url`, records are shared by every replica through Redis: one hash per key,
-//! `<prefix>:<tenant>:idempotency:<key>`, claimed and completed by Lua scripts that compare the
-//! owner's token, so a slow owner whose lease expired cannot overwrite the record of the request
-//! that took over. Without it (the `weir up` default) records live in the process. When Redis
+//! `<prefix>:{<tenant>}:<service>:idem:<key>`, claimed and completed by Lua scripts that compare
+//! the owner's token, so a slow owner whose lease expired cannot overwrite the record of the
+//! request that took over. Each script touches that one key, so a Redis Cluster
+//! (`redis+cluster://` URL) runs them as one server does. Without it (the `weir up` default) records live in the process. When Redis
 //! cannot answer, a request with a key fails with UNAVAILABLE `IDEMPOTENCY_UNAVAILABLE`: running it
 //! unrecorded could run it twice, which is what the key was sent to prevent.
 

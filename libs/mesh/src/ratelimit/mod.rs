@@ -17,8 +17,8 @@
 //! - With `redis_url`, N router replicas share **one** limit: [`GCRA_SCRIPT`] runs the same
 //!   algorithm atomically inside Redis, reading the time from Redis' own `TIME`, so replicas whose
 //!   clocks disagree still agree on the limit. It returns limited / remaining / retry-after /
-//!   reset-after. Keys are `<key_prefix>:<tenant>:ratelimit` (and
-//!   `<key_prefix>:<tenant>:ratelimit:key:<api key id>` for a key with its own limit) and expire
+//!   reset-after. Keys are `<key_prefix>:{<tenant>}:ratelimit` (and
+//!   `<key_prefix>:{<tenant>}:ratelimit:key:<api key id>` for a key with its own limit) and expire
 //!   once idle, so an idle tenant costs nothing. When a request is subject to both a tenant and a
 //!   key limit, the script checks both and charges both or neither.
 //! - A limiter must never take the service down with it: if Redis fails or does not answer within
@@ -29,8 +29,9 @@
 //!   straight to the local limiter instead of paying the timeout again; then Redis is tried again.
 //!   The request itself is never failed because the limiter's store is down.
 //!
-//! The tenant's and the key's buckets are two keys of one script call, so on a Redis Cluster
-//! they would have to share a hash slot; Weir runs one Redis (possibly with replicas).
+//! The tenant's and the key's buckets are two keys of one script call: both carry the tenant's
+//! hash tag `{<tenant>}`, so on a Redis Cluster (`redis+cluster://` URL) they are in one slot and
+//! the script runs on one node, as on a single server.
 //!
 //! The configured rate is always the **global** rate of the tenant. Without Redis each replica
 //! enforces its share, rate ÷ `replicas` (so with the default `replicas = 1`, a single router

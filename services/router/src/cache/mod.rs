@@ -122,7 +122,7 @@ impl CacheConfig {
             ));
         }
         if let Some(url) = &self.redis_url {
-            redis::Client::open(url.as_str()).map_err(|error| {
+            weir_mesh::store::check_url(url).map_err(|error| {
                 ConfigError::invalid(
                     "router.cache.redis_url",
                     format!("{}: {error}", weir_mesh::store::redact(url)),
@@ -694,10 +694,25 @@ mod tests {
                 },
                 "router.cache.redis_url",
             ),
+            (
+                CacheConfig {
+                    redis_url: Some("redis+cluster://".to_string()),
+                    ..CacheConfig::default()
+                },
+                "router.cache.redis_url",
+            ),
         ] {
             let error = config.validate().unwrap_err().to_string();
             assert!(error.contains(key), "{error}");
         }
+        let cluster = CacheConfig {
+            redis_url: Some("redis+cluster://127.0.0.1:7000,127.0.0.1:7001".to_string()),
+            ..CacheConfig::default()
+        };
+        assert!(
+            cluster.validate().is_ok(),
+            "a Redis Cluster URL is accepted"
+        );
     }
 
     #[test]

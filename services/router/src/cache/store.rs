@@ -80,7 +80,8 @@ fn poisoned() -> StoreError {
 }
 
 /// Entries in Redis, shared by every replica: one string per entry,
-/// `<prefix>:<tenant>:cache:<key hex>`, expiring with the entry's TTL.
+/// `<prefix>:{<tenant>}:cache:<key hex>`, expiring with the entry's TTL. Single-key commands only,
+/// so a Redis Cluster (`redis+cluster://` URL) serves it as one server does.
 pub struct RedisStore {
     connection: RedisConnection,
     prefix: String,

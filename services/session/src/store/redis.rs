@@ -2,8 +2,9 @@
 //!
 //! # Key layout
 //!
-//! Keys are built with [`KeySpace`] (`<prefix>:<tenant>:session:...`), so every key carries the
-//! tenant and a session id never resolves across tenants. For session `<id>`:
+//! Keys are built with [`KeySpace`] (`<prefix>:{<tenant>}:session:...`), so every key carries the
+//! tenant and a session id never resolves across tenants, and every key of a tenant is in one
+//! Redis Cluster slot (the `{<tenant>}` hash tag). For session `<id>`:
 //!
 //! | key | type | contents |
 //! |---|---|---|
@@ -30,9 +31,11 @@
 //! (`ok`, `not_found`, `aborted`, ...) and, where useful, the session state, so each RPC is one
 //! round trip. Scripts are sent with EVALSHA (redis-rs loads them on `NOSCRIPT`).
 //!
-//! The user index key is derived inside the append and delete scripts from the stored user id
-//! (the script gets its prefix), because the caller of an append does not know the user. Like the
-//! per-user index itself this assumes one Redis primary (not Redis Cluster).
+//! The user index key is derived inside the create, append and delete scripts from the stored
+//! user id (the script gets its prefix), because the caller of an append does not know the user.
+//! It is in the tenant's slot like the keys the script declares, and Redis Cluster lets a script
+//! touch undeclared keys of its declared keys' slot, so every script runs on one node of a
+//! cluster, atomically, exactly as on one server (docs/redis.md lists every key).
 //!
 //! # Failures
 //!

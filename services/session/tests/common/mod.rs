@@ -226,11 +226,12 @@ impl Harness {
         SessionKeys::new(&self.config.key_prefix, &session_ref(tenant, id))
     }
 
-    /// Every key of session `id` in Redis right now (SCAN over its key pattern).
+    /// Every key of session `id` in Redis right now (SCAN over its key pattern; on a cluster,
+    /// every master's keys).
     pub async fn scan_session_keys(&self, tenant: &str, id: &str) -> Vec<String> {
         let pattern = format!("{}:{{{tenant}}}:session:s:{id}:*", self.config.key_prefix);
         let mut conn = self.redis.clone();
-        let mut keys = weir_mesh::store::scan_keys(&mut conn, &pattern)
+        let mut keys = weir_mesh::store::keys_matching(&mut conn, &pattern)
             .await
             .unwrap();
         keys.sort();
