@@ -410,4 +410,36 @@ mod tests {
         );
         assert!(dialer.dial("not a url").is_err());
     }
+
+    #[tokio::test]
+    async fn a_balanced_list_calls_its_hosted_endpoints_in_process() {
+        let (publisher, channel) = publisher();
+        publisher.serve(echo());
+        let dialer = Dialer::default().with_local("127.0.0.1:1".parse().unwrap(), channel);
+        let config = BalanceConfig::default();
+        let single = dialer
+            .dial_balanced("http://127.0.0.1:1", &config, "t")
+            .unwrap();
+        assert!(
+            single.is_local(),
+            "one hosted address: the local channel itself"
+        );
+        // Nothing listens on ports 1 and 9 of loopback: only the in-process server can answer.
+        let list = dialer
+            .dial_balanced("http://127.0.0.1:1,http://127.0.0.1:9", &config, "t")
+            .unwrap();
+        assert_eq!(list.balancer().unwrap().endpoints().len(), 2);
+        let mut answered = 0;
+        for _ in 0..20 {
+            if let Ok(response) = list.clone().oneshot(request()).await {
+                assert_eq!(response.headers()["path"], "/pkg.Svc/Method");
+                answered += 1;
+            }
+        }
+        assert!(answered > 0);
+        let error = dialer
+            .dial_balanced("http://127.0.0.1:1,ftp://x", &config, "t")
+            .unwrap_err();
+        assert_eq!(error.url, "ftp://x");
+    }
 }
