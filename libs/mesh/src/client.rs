@@ -5,6 +5,10 @@
 //! propagation → retry (with a budget) → circuit breaker → bulkhead → per-attempt timeout → mesh
 //! token ([`crate::identity`], with [`ClientStack::signed`]) → the channel.
 //!
+//! The transport under the stack is what [`crate::local::Dialer`] dials for the service's URL:
+//! one channel, the in-process server, or a [`crate::balance::Balancer`] over the service's
+//! replicas, below every layer so that each attempt (a retry included) picks its replica.
+//!
 //! A [`Channel`] connects lazily and reconnects on its own, so a service can start before its
 //! dependencies and survive their restarts; calls made while a dependency is down fail with
 //! UNAVAILABLE, which the router's resilience layers (retry, breaker, fallback) act on.
@@ -19,6 +23,7 @@ use tonic::{
 use tower::{ServiceBuilder, util::BoxCloneSyncService};
 
 use crate::{
+    balance::BalanceConfig,
     breaker::{BreakerConfig, Breakers, CircuitBreakerLayer},
     bulkhead::{BulkheadConfig, BulkheadLayer, Bulkheads},
     config::ConfigError,
@@ -65,6 +70,9 @@ pub struct ClientConfig {
     pub bulkhead: BulkheadConfig,
     /// Per-attempt timeout (`[...client.timeout]`).
     pub timeout: TimeoutConfig,
+    /// Load balancing over the service's endpoints and their outlier ejection
+    /// (`[...client.balance]`), used when its URL lists several or names a host to resolve.
+    pub balance: BalanceConfig,
 }
 
 impl Default for ClientConfig {
@@ -76,6 +84,7 @@ impl Default for ClientConfig {
             breaker: BreakerConfig::default(),
             bulkhead: BulkheadConfig::default(),
             timeout: TimeoutConfig::default(),
+            balance: BalanceConfig::default(),
         }
     }
 }
@@ -88,7 +97,8 @@ impl ClientConfig {
             .validate(&format!("{key_prefix}.retry_budget"))?;
         self.breaker.validate(&format!("{key_prefix}.breaker"))?;
         self.bulkhead.validate(&format!("{key_prefix}.bulkhead"))?;
-        self.timeout.validate(&format!("{key_prefix}.timeout"))
+        self.timeout.validate(&format!("{key_prefix}.timeout"))?;
+        self.balance.validate(&format!("{key_prefix}.balance"))
     }
 }
 

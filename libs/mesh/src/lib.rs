@@ -8,6 +8,8 @@
 //!   the router reserves with and the budget service commits with.
 //! - [`server`]: the gRPC server builder: health, reflection, graceful drain on shutdown.
 //! - [`client`]: channels to other Weir services.
+//! - [`balance`]: client-side load balancing over a service's replicas (a URL list, DNS names
+//!   resolved again periodically), with outlier ejection per replica.
 //! - [`local`]: in-process calls between services hosted by the same process (the callee's whole
 //!   server stack, minus the socket), and the [`local::Dialer`] that picks them.
 //! - [`shutdown`]: SIGTERM / Ctrl-C as a cancellation token.
@@ -51,6 +53,7 @@
 pub mod admission;
 pub mod auth;
 pub mod backend;
+pub mod balance;
 pub mod breaker;
 pub mod bulkhead;
 pub mod catalog;

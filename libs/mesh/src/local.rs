@@ -45,12 +45,15 @@ use std::{
     task::{Context, Poll},
 };
 
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, Either};
 use tokio::sync::watch;
 use tonic::{body::Body, transport::Channel};
 use tower::{BoxError, Service, ServiceExt};
 
-use crate::server::{LocalError, LocalService};
+use crate::{
+    balance::{BadUrl, BalanceConfig, Balancer, Target},
+    server::{LocalError, LocalService},
+};
 
 /// Where a [`LocalChannel`]'s server is in its life.
 #[derive(Clone, Default)]
@@ -155,8 +158,9 @@ impl Service<http::Request<Body>> for LocalChannel {
     }
 }
 
-/// The transport under a [`crate::client::ClientStack`]: a socket [`Channel`] or a
-/// [`LocalChannel`]. Made by [`Dialer::dial`], or from either with `into()`.
+/// The transport under a [`crate::client::ClientStack`]: a socket [`Channel`], a
+/// [`LocalChannel`], or a [`Balancer`] over several endpoints of either kind. Made by
+/// [`Dialer::dial`], or from any of them with `into()`.
 #[derive(Debug, Clone)]
 pub struct Transport(Route);
 
@@ -164,12 +168,27 @@ pub struct Transport(Route);
 enum Route {
     Socket(Channel),
     Local(LocalChannel),
+    Balanced(Balancer),
 }
 
 impl Transport {
     /// Whether calls stay in the process.
     pub fn is_local(&self) -> bool {
         matches!(self.0, Route::Local(_))
+    }
+
+    /// The balancer, when this transport spreads calls over several endpoints.
+    pub fn balancer(&self) -> Option<&Balancer> {
+        match &self.0 {
+            Route::Balanced(balancer) => Some(balancer),
+            Route::Socket(_) | Route::Local(_) => None,
+        }
+    }
+}
+
+impl From<Balancer> for Transport {
+    fn from(balancer: Balancer) -> Self {
+        Self(Route::Balanced(balancer))
     }
 }
 
@@ -195,32 +214,36 @@ type LocalFuture = futures::future::MapErr<
     <LocalChannel as Service<http::Request<Body>>>::Future,
     fn(LocalError) -> BoxError,
 >;
+/// The future of a balanced call.
+type BalancedFuture = <Balancer as Service<http::Request<Body>>>::Future;
 
 impl Service<http::Request<Body>> for Transport {
     type Response = http::Response<Body>;
     type Error = BoxError;
-    type Future = futures::future::Either<SocketFuture, LocalFuture>;
+    type Future = Either<Either<SocketFuture, LocalFuture>, BalancedFuture>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         match &mut self.0 {
             Route::Socket(channel) => channel.poll_ready(cx).map_err(BoxError::from),
             Route::Local(channel) => channel.poll_ready(cx).map_err(BoxError::from),
+            Route::Balanced(balancer) => balancer.poll_ready(cx),
         }
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         use futures::TryFutureExt;
         match &mut self.0 {
-            Route::Socket(channel) => futures::future::Either::Left(
+            Route::Socket(channel) => Either::Left(Either::Left(
                 channel
                     .call(request)
                     .map_err(BoxError::from as fn(tonic::transport::Error) -> BoxError),
-            ),
-            Route::Local(channel) => futures::future::Either::Right(
+            )),
+            Route::Local(channel) => Either::Left(Either::Right(
                 channel
                     .call(request)
                     .map_err(BoxError::from as fn(LocalError) -> BoxError),
-            ),
+            )),
+            Route::Balanced(balancer) => Either::Right(balancer.call(request)),
         }
     }
 }
@@ -248,6 +271,42 @@ impl Dialer {
             return Ok(channel.clone().into());
         }
         crate::client::lazy_channel(url).map(Transport::from)
+    }
+
+    /// The transport to `urls`, a comma-separated list of `http://host[:port]` URLs: what
+    /// [`Dialer::dial`] gives for a single URL whose host is an IP address (one channel, or the
+    /// in-process server), else a [`Balancer`] over every address of every element, resolved
+    /// again every [`BalanceConfig::resolve_interval`] (see [`crate::balance`]). `service` names
+    /// the dependency in the balancer's metrics (`inference`, `session`, ...). An endpoint whose
+    /// address a server of this process listens on is called in process. Needs a Tokio runtime.
+    pub fn dial_balanced(
+        &self,
+        urls: &str,
+        config: &BalanceConfig,
+        service: &str,
+    ) -> Result<Transport, BadUrl> {
+        let targets = Target::parse_list(urls)?;
+        if let [target] = targets.as_slice()
+            && target.ip.is_some()
+        {
+            return self.dial(urls.trim()).map_err(|error| BadUrl {
+                url: urls.trim().to_string(),
+                reason: error.to_string(),
+            });
+        }
+        let local = self.local.clone();
+        let connect = move |addr: SocketAddr| match local.get(&addr) {
+            Some(channel) => Ok(Transport::from(channel.clone())),
+            None => crate::client::lazy_channel(&format!("http://{addr}")).map(Transport::from),
+        };
+        Ok(Balancer::new(
+            service,
+            targets,
+            config,
+            crate::balance::resolver(),
+            connect,
+        )
+        .into())
     }
 
     fn local_for(&self, url: &str) -> Option<&LocalChannel> {
@@ -350,5 +409,37 @@ mod tests {
                 .is_local()
         );
         assert!(dialer.dial("not a url").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_balanced_list_calls_its_hosted_endpoints_in_process() {
+        let (publisher, channel) = publisher();
+        publisher.serve(echo());
+        let dialer = Dialer::default().with_local("127.0.0.1:1".parse().unwrap(), channel);
+        let config = BalanceConfig::default();
+        let single = dialer
+            .dial_balanced("http://127.0.0.1:1", &config, "t")
+            .unwrap();
+        assert!(
+            single.is_local(),
+            "one hosted address: the local channel itself"
+        );
+        // Nothing listens on ports 1 and 9 of loopback: only the in-process server can answer.
+        let list = dialer
+            .dial_balanced("http://127.0.0.1:1,http://127.0.0.1:9", &config, "t")
+            .unwrap();
+        assert_eq!(list.balancer().unwrap().endpoints().len(), 2);
+        let mut answered = 0;
+        for _ in 0..20 {
+            if let Ok(response) = list.clone().oneshot(request()).await {
+                assert_eq!(response.headers()["path"], "/pkg.Svc/Method");
+                answered += 1;
+            }
+        }
+        assert!(answered > 0);
+        let error = dialer
+            .dial_balanced("http://127.0.0.1:1,ftp://x", &config, "t")
+            .unwrap_err();
+        assert_eq!(error.url, "ftp://x");
     }
 }

@@ -9,7 +9,7 @@
 //!
 //! | when | code | reason |
 //! |---|---|---|
-//! | no connection could be made (or the in-process server has stopped, [`crate::local`]): the request was never sent | UNAVAILABLE | [`UPSTREAM_UNREACHABLE`] |
+//! | no connection could be made (or the in-process server has stopped, [`crate::local`], or no address of the service is known, [`crate::balance`]): the request was never sent | UNAVAILABLE | [`UPSTREAM_UNREACHABLE`] |
 //! | the connection broke after the request was sent, before or after the response started | UNAVAILABLE | [`STREAM_CUT`] |
 //! | tonic's own timer ran out the `grpc-timeout` it was given | DEADLINE_EXCEEDED | `DEADLINE_EXCEEDED` |
 //! | a status (from the peer, or from a layer of ours such as the breaker) | unchanged | unchanged |
@@ -33,7 +33,11 @@ pub const STREAM_CUT: &str = "STREAM_CUT";
 /// The status a caller gets for a call that failed before its response started (see the
 /// [module docs](self)).
 pub fn call_error(error: BoxError) -> Status {
-    if chain(&*error).any(|e| e.is::<tonic::ConnectError>() || e.is::<crate::local::NotServing>()) {
+    if chain(&*error).any(|e| {
+        e.is::<tonic::ConnectError>()
+            || e.is::<crate::local::NotServing>()
+            || e.is::<crate::balance::NoEndpoints>()
+    }) {
         return ApiError::unavailable(
             UPSTREAM_UNREACHABLE,
             format!("could not connect to the service ({error}); retry"),

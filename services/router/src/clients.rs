@@ -14,6 +14,9 @@
 //!
 //! [router.client.review.timeout]       # CreateItem
 //! attempt_timeout = "3s"
+//!
+//! [router.client.inference.balance]    # replicas of inference (a URL list or a DNS name)
+//! consecutive_failures = 5             # then the replica is ejected for 30 s, 60 s, ...
 //! ```
 //!
 //! # Why one table per dependency
@@ -141,13 +144,14 @@ impl<'de> Deserialize<'de> for Clients {
 }
 
 /// The keys of a [`ClientConfig`], which the one `[router.client]` table of earlier versions held.
-const MESH_KEYS: [&str; 6] = [
+const MESH_KEYS: [&str; 7] = [
     "deadline_margin",
     "retry",
     "retry_budget",
     "breaker",
     "bulkhead",
     "timeout",
+    "balance",
 ];
 
 /// `patch` (a table as written) laid over `base`: tables merge key by key, any other value
@@ -251,6 +255,31 @@ backends = { gpt-4o = 16 }
             error.contains("router.client.budget") && error.contains("max_concurent"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn each_dependency_has_its_own_balance_table() {
+        let config = router(
+            "[router.client.inference.balance]\nconsecutive_failures = 3\nresolve_interval = \"2s\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.client.inference.balance.consecutive_failures, 3);
+        assert_eq!(
+            config.client.inference.balance.resolve_interval,
+            Duration::from_secs(2)
+        );
+        assert_eq!(config.client.budget.balance, Default::default());
+        let config =
+            router("[router.client.budget.balance]\nmax_ejection_percent = 150\n").unwrap();
+        let error = config.client.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("router.client.budget.balance.max_ejection_percent"),
+            "{error}"
+        );
+        let error = router("[router.client.balance]\nconsecutive_failures = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("router.client.inference.balance"), "{error}");
     }
 
     #[test]

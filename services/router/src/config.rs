@@ -62,6 +62,12 @@
 //!   that answers matched by a review policy are sent to, held back (blocking) or sampled for audit
 //!   (post-hoc); see [`crate::review`] for the policies and [`crate::review_gate`] for the walk.
 //!
+//! Each of the four URLs may list the service's replicas, comma-separated
+//! (`"http://10.0.0.1:50052,http://10.0.0.2:50052"`), or name a host that resolves to several
+//! addresses (a headless Service): the router then balances over every replica and ejects a sick
+//! one for a while ([`weir_mesh::balance`]; `[router.client.<dependency>.balance]`). A single
+//! `http://<IP address>:port` is one plain channel, as before.
+//!
 //! `weir up` (and `weir::stack::start`) points `inference_url`, and `session_url`, `budget_url` and
 //! `review.review_url` when set, at the services it runs in the same process.
 //!
@@ -405,9 +411,24 @@ impl Config {
 }
 
 /// Checks the URL of a service the router calls, configured at `key`: an `http://host[:port]`
-/// URL with no path, since gRPC replaces the path with the method's. `https://` is refused because
-/// this build has no TLS client; a channel to it would fail on every call instead of at start-up.
-pub fn validate_service_url(key: &str, url: &str) -> Result<(), ConfigError> {
+/// URL with no path, since gRPC replaces the path with the method's, or a comma-separated list of
+/// them (the service's replicas, balanced over: [`weir_mesh::balance`]), naming the bad element.
+/// `https://` is refused because this build has no TLS client; a channel to it would fail on every
+/// call instead of at start-up.
+pub fn validate_service_url(key: &str, urls: &str) -> Result<(), ConfigError> {
+    for url in urls.split(',') {
+        if url.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                key,
+                format!("{urls:?} has an empty element; separate URLs with single commas"),
+            ));
+        }
+        validate_one_url(key, url)?;
+    }
+    Ok(())
+}
+
+fn validate_one_url(key: &str, url: &str) -> Result<(), ConfigError> {
     let url = url.trim();
     let uri: http::Uri = url
         .parse()
@@ -514,6 +535,34 @@ mod tests {
             };
             let error = config.validate().expect_err(url).to_string();
             assert!(error.contains("router.inference_url"), "{url}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_list_of_replicas_is_accepted_and_a_bad_element_is_named() {
+        let config = Config {
+            inference_url: "http://10.0.0.1:50052, http://inference-headless:50052".to_string(),
+            ..Config::default()
+        };
+        config.validate().unwrap();
+        for (urls, named) in [
+            (
+                "http://10.0.0.1:50052,ftp://10.0.0.2:50052",
+                "ftp://10.0.0.2:50052",
+            ),
+            (
+                "http://10.0.0.1:50052,,http://10.0.0.2:50052",
+                "empty element",
+            ),
+            ("http://10.0.0.1:50052,", "empty element"),
+        ] {
+            let config = Config {
+                inference_url: urls.to_string(),
+                ..Config::default()
+            };
+            let error = config.validate().expect_err(urls).to_string();
+            assert!(error.contains("router.inference_url"), "{urls}: {error}");
+            assert!(error.contains(named), "{urls}: {error}");
         }
     }
 

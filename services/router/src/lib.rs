@@ -199,7 +199,8 @@ pub fn router_api_with(
 }
 
 /// A client stack with `settings` over the transport `dialer` picks for `url` (configured at
-/// `key`), signing every call with `identity`.
+/// `key`; a list of URLs or a host name is balanced over every replica, see
+/// [`weir_mesh::balance`]), signing every call with `identity`.
 fn client_stack(
     settings: &weir_mesh::client::ClientConfig,
     key: &str,
@@ -207,8 +208,14 @@ fn client_stack(
     identity: &MeshIdentity,
     dialer: &Dialer,
 ) -> Result<ClientStack, ConfigError> {
+    // The dependency's name (`router.budget_url` → `budget`) labels the balancer's metrics.
+    let service = key
+        .rsplit('.')
+        .next()
+        .unwrap_or(key)
+        .trim_end_matches("_url");
     let channel = dialer
-        .dial(url.trim())
+        .dial_balanced(url, &settings.balance, service)
         .map_err(|error| ConfigError::invalid(key, error.to_string()))?;
     Ok(ClientStack::signed(channel, settings, identity.clone()))
 }

@@ -80,8 +80,8 @@ pub enum StartError {
     InferenceUrl {
         /// The URL.
         url: String,
-        /// Why it cannot be used.
-        source: tonic::transport::Error,
+        /// Why it cannot be used (it names the bad element of a list).
+        source: weir_mesh::balance::BadUrl,
     },
 }
 
@@ -104,12 +104,17 @@ pub async fn api(
             AnyStore::Memory(MemoryStore::new())
         }
     };
-    let channel = weir_mesh::client::lazy_channel(&config.inference_url).map_err(|source| {
-        StartError::InferenceUrl {
+    // A list of URLs or a host name is balanced over every inference replica.
+    let channel = weir_mesh::local::Dialer::default()
+        .dial_balanced(
+            &config.inference_url,
+            &weir_mesh::balance::BalanceConfig::default(),
+            "inference",
+        )
+        .map_err(|source| StartError::InferenceUrl {
             url: config.inference_url.clone(),
             source,
-        }
-    })?;
+        })?;
     let summarizer = Summarizer::new(
         store.clone(),
         channel,

@@ -40,7 +40,6 @@ use std::{
     time::Duration,
 };
 
-use tonic::transport::Channel;
 use tracing::Instrument;
 use weir_mesh::{
     backend::BackendKey,
@@ -158,7 +157,7 @@ impl Summarizer {
     /// per summary model), each call signed by `identity` so inference believes its tenant.
     pub fn new(
         store: AnyStore,
-        channel: Channel,
+        channel: impl Into<weir_mesh::local::Transport>,
         identity: MeshIdentity,
         catalog: Arc<Catalog>,
         config: Config,

@@ -11,6 +11,7 @@ pub mod call;
 pub mod chat;
 pub mod health;
 pub mod jobs_cli;
+pub mod replicas;
 pub mod review_cli;
 pub mod routes_cli;
 pub mod stack;

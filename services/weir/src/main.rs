@@ -1,7 +1,8 @@
 //! `weir`: run the Weir mesh, or talk to it.
 //!
 //! - `weir up`: every service in one process, each on its own port, with the simulated model and
-//!   in-memory defaults: nothing to install, no config file needed.
+//!   in-memory defaults: nothing to install, no config file needed. `weir up --replicas N`: N
+//!   processes of each service on Redis, balanced over ([`weir::replicas`]).
 //! - `weir serve <service>`: one service, as deployed in production.
 //! - `weir chat "prompt"`: stream an answer from the router.
 //! - `weir models`: list the models the inference service can call.
@@ -20,6 +21,7 @@ use weir::{
     call::RouterOptions,
     chat::{self, ChatOptions},
     jobs_cli::{self, JobsCommand},
+    replicas,
     review_cli::{self, ReviewCommand, ReviewOptions},
     routes_cli::{self, RoutesCommand, RoutesOptions},
     stack::{self, Service, StackConfig},
@@ -45,11 +47,19 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run every service in one process (router, inference, session, budget, review).
+    /// Run every service in one process (router, inference, session, budget, review), or with
+    /// `--replicas N`, N processes of each, balanced over.
     Up {
         /// Config file (default: $WEIR_CONFIG, else built-in defaults).
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Run N `weir serve` processes of every service instead, each calling all N of the
+        /// services it depends on (client-side load balancing); their state is in Redis.
+        #[arg(long, value_name = "N")]
+        replicas: Option<usize>,
+        /// The Redis every replica shares (with --replicas).
+        #[arg(long, value_name = "URL", default_value = replicas::DEFAULT_REDIS_URL, requires = "replicas")]
+        redis: String,
     },
     /// Run one service, or several in one process (`weir serve router budget inference`), which
     /// then call each other in the process (`[mesh] in_process`).
@@ -147,7 +157,12 @@ enum Command {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Up { config } => serve(config, &Service::ALL).await,
+        Command::Up {
+            config,
+            replicas: Some(replicas),
+            redis,
+        } => replicas::up(replicas, &redis, config.as_deref()).await,
+        Command::Up { config, .. } => serve(config, &Service::ALL).await,
         Command::Serve { services, config } => serve(config, &services).await,
         Command::Chat {
             prompt,
