@@ -140,7 +140,7 @@ async fn run_drain(mesh: &Mesh, prefix: &str, submit: usize, workers: usize) -> 
     );
     let client = redis::Client::open(redis_url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let open_key = format!("{prefix}:jobs:async:open");
+    let open_key = format!("{prefix}:{{router:jobs}}:async:open");
     let open = |conn: &mut redis::aio::MultiplexedConnection| {
         let mut conn = conn.clone();
         let key = open_key.clone();

@@ -331,10 +331,9 @@ async fn a_poison_job_is_dead_lettered_while_others_complete() {
     assert_eq!(error.reason, "MAX_DELIVERIES");
     assert_eq!(error.code, Code::Unavailable as i32);
 
-    let client = redis::Client::open(redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = weir_mesh::store::connect(&redis_url()).await.unwrap();
     let letters: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(format!("{prefix}:jobs:async:dead"))
+        .arg(format!("{prefix}:{{router:jobs}}:async:dead"))
         .arg("-")
         .arg("+")
         .query_async(&mut conn)
@@ -347,7 +346,7 @@ async fn a_poison_job_is_dead_lettered_while_others_complete() {
         .collect();
     assert_eq!(ids, std::slice::from_ref(&poison.id));
     let pending: redis::Value = redis::cmd("XPENDING")
-        .arg(format!("{prefix}:jobs:async"))
+        .arg(format!("{prefix}:{{router:jobs}}:async"))
         .arg("workers")
         .query_async(&mut conn)
         .await

@@ -405,9 +405,8 @@ async fn files_and_batches_run_end_to_end_in_memory() {
 async fn files_are_kept_in_redis_under_the_prefix_with_their_retention() {
     run(Store::Redis, "", |edge| async move {
         let file = edge.upload(&line("a", "sim-instant", "hi")).await;
-        let client = redis::Client::open(redis_url()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let key = format!("{}:acme:file:{file}", edge.prefix);
+        let mut conn = weir_mesh::store::connect(&redis_url()).await.unwrap();
+        let key = format!("{}:{{acme}}:file:{file}", edge.prefix);
         let ttl: i64 = redis::cmd("PTTL")
             .arg(&key)
             .query_async(&mut conn)
@@ -416,7 +415,7 @@ async fn files_are_kept_in_redis_under_the_prefix_with_their_retention() {
         let thirty_days = 30 * 24 * 3600 * 1000;
         assert!(ttl > thirty_days - 60_000 && ttl <= thirty_days, "{ttl}");
         let indexed: Option<f64> = redis::cmd("ZSCORE")
-            .arg(format!("{}:acme:file:_index", edge.prefix))
+            .arg(format!("{}:{{acme}}:file:_index", edge.prefix))
             .arg(&file)
             .query_async(&mut conn)
             .await

@@ -61,6 +61,7 @@ pub mod client;
 pub mod config;
 pub mod criticality;
 pub mod deadline;
+pub mod due;
 pub mod error;
 pub mod idempotency;
 pub mod identity;

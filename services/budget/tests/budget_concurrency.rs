@@ -27,12 +27,12 @@ async fn thousand_concurrent_reservations_never_overspend() {
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = {
         let stop = stop.clone();
-        let pattern = format!("{}:acme:budget:ctr:*", server.prefix);
+        let pattern = format!("{}:{{acme}}:budget:ctr:*", server.prefix);
         tokio::spawn(async move {
             let mut conn = redis().await;
             let (mut samples, mut max_seen) = (0u64, 0i64);
             while !stop.load(Ordering::Relaxed) {
-                let keys = weir_mesh::store::scan_keys(&mut conn, &pattern)
+                let keys = weir_mesh::store::keys_matching(&mut conn, &pattern)
                     .await
                     .unwrap();
                 for key in keys {

@@ -35,6 +35,13 @@ async fn proxy() -> (String, JoinSet<()>) {
 
 #[tokio::test]
 async fn redis_down_is_unavailable() {
+    if weir_mesh::store::is_cluster_url(&redis_url()) {
+        // A proxy cannot stand in front of a cluster: its client learns the nodes' own addresses
+        // and goes around it. The single-server run covers this; the cluster's outages are a
+        // failover, which tests/run's failover check covers.
+        eprintln!("skipped on a Redis Cluster");
+        return;
+    }
     let (url, mut tasks) = proxy().await;
     let mut config = config();
     config.redis_url = Some(url);

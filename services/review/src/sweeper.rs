@@ -1,7 +1,7 @@
 //! The sweeper: returns lapsed leases to PENDING and applies SLA timeout actions.
 //!
 //! Every replica sweeps every [`Config::sweep_interval`]. It finds the tenants with something
-//! due in one index (`<prefix>:review:due` on Redis), then each tenant's lapsed leases and
+//! due in one index (`weir_mesh::due::DueTenants` on Redis), then each tenant's lapsed leases and
 //! breached SLAs, and applies each transition with its own atomic step
 //! ([`Store::expire_lease`], [`Store::apply_sla`]) that re-checks the item: when two replicas
 //! race for the same item, one applies the transition and the other finds nothing to do, so an

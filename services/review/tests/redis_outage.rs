@@ -65,6 +65,13 @@ impl Proxy {
 
 #[tokio::test]
 async fn a_redis_outage_is_unavailable_and_loses_nothing() {
+    if weir_mesh::store::is_cluster_url(&redis_url()) {
+        // A proxy cannot stand in front of a cluster: its client learns the nodes' own addresses
+        // and goes around it. The single-server run covers this; a cluster's outage is a
+        // failover, which tests/run's failover check covers.
+        eprintln!("skipped on a Redis Cluster");
+        return;
+    }
     let upstream = redis_url()
         .trim_start_matches("redis://")
         .trim_end_matches('/')

@@ -190,10 +190,9 @@ key_prefix = "{prefix}"
     assert_eq!(job(&mut router, &id).await.result, Some(result.clone()));
 
     // Nothing stays pending in the stream.
-    let client = redis::Client::open(redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = weir_mesh::store::connect(&redis_url()).await.unwrap();
     let pending: redis::Value = redis::cmd("XPENDING")
-        .arg(format!("{prefix}:jobs:async"))
+        .arg(format!("{prefix}:{{router:jobs}}:async"))
         .arg("workers")
         .query_async(&mut conn)
         .await

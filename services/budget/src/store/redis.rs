@@ -2,7 +2,9 @@
 //!
 //! # Key layout
 //!
-//! Every key goes through [`KeySpace`] (`<prefix>:<tenant>:budget:...`), so tenants are isolated:
+//! Every key of a tenant goes through [`KeySpace`] (`<prefix>:{<tenant>}:budget:...`), so tenants
+//! are isolated and, on a Redis Cluster, all of a tenant's keys are in one hash slot (the tenant is
+//! the hash tag):
 //!
 //! | key | type | holds |
 //! |---|---|---|
@@ -11,11 +13,14 @@
 //! | `res:<id>` | hash | the reservation: state, amount, model, times, and per scope its counter and budget keys |
 //! | `idem:<request_id>` | string | `<reservation key>\|<fingerprint>` for the idempotency TTL |
 //! | `use:<scope>:<hour>` | hash | per model: cost, requests, input/output/cached tokens, for GetSpend |
+//! | `expiries` | sorted set | the tenant's HELD reservation keys by expiry, for the sweeper |
 //!
-//! `<scope>` is `tenant`, `api_key:<id>`, `user:<id>` or `session:<id>`; `<period>` comes from
-//! [`crate::period::Window::counter_id`], so a new period is a new, empty counter (the reset is
-//! atomic because nothing has to be reset). One key is shared by all tenants:
-//! `<prefix>:budget:expiries`, a sorted set of reservation keys by expiry that the sweeper reads.
+//! `<scope>` is `tenant`, `api_key:<id>`, `user:<id>` or `session:<id>`: every scope is a
+//! tenant's, so a reservation over several scopes is still one slot and one script. `<period>`
+//! comes from [`crate::period::Window::counter_id`], so a new period is a new, empty counter (the
+//! reset is atomic because nothing has to be reset). The only keys shared by all tenants are the
+//! sweeper's index of tenants with holds ([`DueTenants`], `<prefix>:{budget:due}:at` and `:gen`),
+//! which no script touches.
 //!
 //! # Scripts
 //!
@@ -24,15 +29,25 @@
 //! - `commit.lua`: gives the hold back and adds the actual cost to spend in one step; charged at
 //!   most once; claims the soft-limit event of the period with HSETNX (exactly once).
 //! - `release.lua`: HELD -> RELEASED, giving the hold back.
-//! - `sweep.lua`: HELD -> EXPIRED for due reservations; atomic with respect to Commit and Release,
-//!   so a hold is given back exactly once.
+//! - `sweep.lua`: HELD -> EXPIRED for one tenant's due reservations; atomic with respect to
+//!   Commit and Release, so a hold is given back exactly once.
 //! - `set_budget.lua`: replaces a budget and bumps its generation; Reserve refuses to apply a plan
 //!   made with an older generation, so a period or limit change never races a reservation.
 //!
-//! The scripts read key names recorded in the reservation hash, which a single Redis (or a
-//! replicated primary) allows; Redis Cluster would need every tenant's keys in one hash slot.
+//! Each script touches the keys of one tenant only (the scripts also read key names recorded in
+//! the reservation hash, which are the same tenant's), so they run unchanged on a Redis Cluster.
+//!
+//! # Sweeping
+//!
+//! After a reservation is held, the store marks its tenant in [`DueTenants`] with the hold's
+//! expiry; the sweeper expires each due tenant's holds and settles the tenant's next expiry. A
+//! refused reservation marks its tenant due now, so a hold whose mark was lost (the process died
+//! between the script and the mark) is swept as soon as the tenant is refused for it. Until then a
+//! lost mark costs only budget held longer than its TTL, never an overspend: a hold only ever
+//! makes Reserve stricter, and Commit or Release of an expired hold expires it on the spot.
 
 use ::redis::{AsyncCommands, Script};
+use weir_mesh::due::DueTenants;
 use weir_mesh::store::RedisConnection;
 use weir_mesh::{store::KeySpace, tenant::Tenant};
 
@@ -56,6 +71,7 @@ pub struct RedisStore {
     idempotency_ttl_ms: i64,
     usage_retention_ms: i64,
     scripts: std::sync::Arc<Scripts>,
+    due: DueTenants,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -102,6 +118,7 @@ impl RedisStore {
                 sweep: script(include_str!("lua/sweep.lua")),
                 set_budget: script(include_str!("lua/set_budget.lua")),
             }),
+            due: DueTenants::new(prefix, "budget"),
         }
     }
 
@@ -109,8 +126,8 @@ impl RedisStore {
         KeySpace::new(&self.prefix, tenant, "budget")
     }
 
-    fn expiries(&self) -> String {
-        format!("{}:budget:expiries", self.prefix)
+    fn expiries(keys: &KeySpace) -> String {
+        keys.key("expiries")
     }
 
     fn budget_key(keys: &KeySpace, scope: &Scope) -> String {
@@ -151,7 +168,7 @@ impl RedisStore {
         let mut call = self.scripts.reserve.prepare_invoke();
         call.key(keys.key2("idem", &input.request_id))
             .key(&rkey)
-            .key(self.expiries());
+            .key(Self::expiries(&keys));
         call.arg(&input.id)
             .arg(&input.fingerprint)
             .arg(input.amount)
@@ -165,7 +182,8 @@ impl RedisStore {
             call.key(Self::budget_key(&keys, &plan.scope));
             match &plan.window {
                 Some(window) => call.key(Self::counter_key(&keys, &plan.scope, window)),
-                None => call.key(""),
+                // No counter: a placeholder in the tenant's slot (see reserve.lua).
+                None => call.key(&rkey),
             };
             let (bucket_ms, buckets) = plan
                 .window
@@ -183,6 +201,20 @@ impl RedisStore {
         let mut conn = self.conn.clone();
         let reply: Vec<String> = call.invoke_async(&mut conn).await?;
         let code = reply.first().map(String::as_str).unwrap_or_default();
+        match code {
+            "OK" => {
+                self.due
+                    .mark(&mut conn, tenant.as_str(), input.expire_ms)
+                    .await?
+            }
+            // Whatever holds the budget, make sure the sweeper looks at it (see the module docs).
+            "EXHAUSTED" => {
+                self.due
+                    .mark(&mut conn, tenant.as_str(), input.now_ms)
+                    .await?
+            }
+            _ => {}
+        }
         Ok(match code {
             "OK" | "REPLAY" => ReserveOutcome::Held(parse_reservation(&reply)?.0),
             "STALE" => ReserveOutcome::Stale,
@@ -244,10 +276,11 @@ impl RedisStore {
         tenant: &Tenant,
         input: &CommitInput,
     ) -> Result<CommitOutcome, StoreError> {
-        let rkey = self.keys(tenant).key2("res", &input.id);
+        let keys = self.keys(tenant);
+        let rkey = keys.key2("res", &input.id);
         let mut call = self.scripts.commit.prepare_invoke();
         call.key(&rkey)
-            .key(self.expiries())
+            .key(Self::expiries(&keys))
             .arg(input.now_ms)
             .arg(input.cost)
             .arg(&input.request_id)
@@ -291,10 +324,11 @@ impl RedisStore {
         id: &str,
         now_ms: i64,
     ) -> Result<Option<ReservationRecord>, StoreError> {
-        let rkey = self.keys(tenant).key2("res", id);
+        let keys = self.keys(tenant);
+        let rkey = keys.key2("res", id);
         let mut call = self.scripts.release.prepare_invoke();
         call.key(&rkey)
-            .key(self.expiries())
+            .key(Self::expiries(&keys))
             .arg(now_ms)
             .arg(self.retention_ms);
         let mut conn = self.conn.clone();
@@ -305,19 +339,43 @@ impl RedisStore {
         Ok(Some(parse_reservation(&reply)?.0))
     }
 
+    /// Expires the due holds of up to `limit` due tenants (each tenant's, `limit` at a time,
+    /// until none is due). Returns the tenants looked at and the reservations expired.
     pub(super) async fn sweep(
         &self,
         now_ms: i64,
         limit: usize,
     ) -> Result<(usize, usize), StoreError> {
-        let mut call = self.scripts.sweep.prepare_invoke();
-        call.key(self.expiries())
-            .arg(now_ms)
-            .arg(limit)
-            .arg(self.retention_ms);
         let mut conn = self.conn.clone();
-        let (seen, expired): (usize, usize) = call.invoke_async(&mut conn).await?;
-        Ok((seen, expired))
+        let tenants = self.due.due(&mut conn, now_ms, limit).await?;
+        let mut expired = 0;
+        for name in &tenants {
+            let Ok(tenant) = Tenant::new(name) else {
+                continue;
+            };
+            let zkey = Self::expiries(&self.keys(&tenant));
+            let mut sweeper = conn.clone();
+            self.due
+                .settle(&mut conn, name, || async {
+                    loop {
+                        let (seen, gone, next): (usize, usize, i64) = self
+                            .scripts
+                            .sweep
+                            .key(&zkey)
+                            .arg(now_ms)
+                            .arg(limit)
+                            .arg(self.retention_ms)
+                            .invoke_async(&mut sweeper)
+                            .await?;
+                        expired += gone;
+                        if seen < limit {
+                            return Ok::<_, StoreError>((next >= 0).then_some(next));
+                        }
+                    }
+                })
+                .await?;
+        }
+        Ok((tenants.len(), expired))
     }
 
     pub(super) async fn set_budget(

@@ -232,22 +232,19 @@ where
     }
 }
 
-/// A plain connection to the test Redis.
-pub async fn redis() -> redis::aio::MultiplexedConnection {
-    redis::Client::open(redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
+/// A connection to the test Redis (a server or a cluster, as `WEIR_TEST_REDIS_URL` says).
+pub async fn redis() -> weir_mesh::store::RedisConnection {
+    weir_mesh::store::connect(&redis_url()).await.unwrap()
 }
 
-/// Deletes every key under `prefix` (best effort).
+/// Deletes every key under `prefix` (best effort), one at a time: on a cluster they are in
+/// several slots.
 pub async fn cleanup(prefix: &str) {
     let mut conn = redis().await;
-    let keys = weir_mesh::store::scan_keys(&mut conn, &format!("{prefix}:*"))
+    let keys = weir_mesh::store::keys_matching(&mut conn, &format!("{prefix}:*"))
         .await
         .unwrap_or_default();
-    if !keys.is_empty() {
-        let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
+    for key in keys {
+        let _: Result<(), _> = redis::cmd("DEL").arg(key).query_async(&mut conn).await;
     }
 }

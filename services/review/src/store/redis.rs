@@ -2,13 +2,14 @@
 //!
 //! # Key layout
 //!
-//! Every key of a tenant starts with `<prefix>:<tenant>:review` ([`KeySpace`]), so an item id
-//! never resolves across tenants. The full layout is documented at the top of
+//! Every key of a tenant starts with `<prefix>:{<tenant>}:review` ([`KeySpace`]), so an item id
+//! never resolves across tenants, and on a Redis Cluster all of a tenant's keys are in one hash
+//! slot (the tenant is the hash tag). The full layout is documented at the top of
 //! `lua/prelude.lua`: the item is a hash (its immutable content is one protobuf `body` field, the
 //! state that transitions change is in plain fields the scripts read), and each queue has
 //! indexes of its pending, claimed and open items, of its recent decisions and of its counts.
-//! Two keys are global to the prefix: `<prefix>:review:due`, the tenants with a lease or SLA
-//! due, by time, for the sweeper (which does not know the tenants); and the pub/sub channel
+//! Shared by all tenants: the sweeper's index of tenants with a lease or SLA due
+//! ([`DueTenants`], `<prefix>:{review:due}:at` and `:gen`) and the pub/sub channel
 //! `<prefix>:review:changes`.
 //!
 //! # Why Lua
@@ -17,13 +18,24 @@
 //! its precondition, moves the item between the indexes, appends its audit event and publishes
 //! the change, atomically. Concurrent decisions on one item are serialized by Redis: the first
 //! finds its lease and decides, the others find the item DECIDED and are refused. Scripts are
-//! sent with EVALSHA (redis-rs loads them on `NOSCRIPT`). Like the scripts' derived keys, this
-//! assumes one Redis primary (not Redis Cluster).
+//! sent with EVALSHA (redis-rs loads them on `NOSCRIPT`). Each script declares the tenant's key
+//! space as its one key and derives every other key from it, so it runs in the tenant's slot.
+//!
+//! # The sweeper's index
+//!
+//! No script touches the shared index of due tenants (on a cluster it is in another slot). A
+//! transition that gives a tenant something due (a new item's SLA deadline, a claim's lease, an
+//! escalation's new deadline) marks the tenant after its script; the sweeper settles a tenant
+//! when nothing of it is due any more ([`DueTenants`] explains why no mark is lost). A replica
+//! that dies between a script and its mark leaves that lease or deadline unswept until the
+//! tenant's next mark: the item is still decided, claimed or listed normally meanwhile.
 //!
 //! # Changes
 //!
 //! A background task (started on the first [`Store::subscribe`]) holds one SUBSCRIBE connection
-//! per store and fans the channel's messages out to the process's watchers. When it
+//! per store and fans the channel's messages out to the process's watchers. On a Redis Cluster a
+//! PUBLISH reaches the subscribers of every node, so the task subscribes through one node (the
+//! first seed node that answers, the next one after a failure). When it
 //! (re)subscribes it sends [`Change::Resync`], so a watcher re-reads its item after the feed is
 //! live and misses nothing.
 
@@ -38,6 +50,7 @@ use prost::Message as _;
 use redis::{Script, Value};
 use tokio::sync::{broadcast, watch};
 use weir_mesh::{
+    due::DueTenants,
     store::{KeySpace, RedisConnection},
     tenant::Tenant,
 };
@@ -60,8 +73,11 @@ const CLAIM_ATTEMPTS: usize = 8;
 #[derive(Clone)]
 pub struct RedisStore {
     conn: RedisConnection,
-    client: Option<redis::Client>,
+    /// The servers the change feed may subscribe through, tried in turn (one for a single
+    /// Redis, the seed nodes of a cluster).
+    feed_nodes: Arc<[redis::Client]>,
     prefix: Arc<str>,
+    due: DueTenants,
     scripts: Arc<Scripts>,
     changes: Arc<broadcast::Sender<Change>>,
     feed: Arc<OnceLock<()>>,
@@ -111,24 +127,30 @@ impl RedisStore {
     /// Connects to `url` (the first connection is made now, so a wrong URL fails at start-up).
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, weir_mesh::store::ConnectError> {
         let conn = weir_mesh::store::connect(url).await?;
-        let client = redis::Client::open(url).map_err(|source| weir_mesh::store::ConnectError {
-            url: weir_mesh::store::redact(url),
-            source,
-        })?;
+        let nodes = weir_mesh::store::cluster_nodes(url).unwrap_or_else(|| vec![url.to_string()]);
+        let feed_nodes = nodes
+            .iter()
+            .map(|node| redis::Client::open(node.as_str()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| weir_mesh::store::ConnectError {
+                url: weir_mesh::store::redact(url),
+                source,
+            })?;
         let mut store = Self::new(conn, prefix);
-        store.client = Some(client);
+        store.feed_nodes = feed_nodes.into();
         // Subscribe now, so the first watcher finds the feed live.
         store.start_feed();
         Ok(store)
     }
 
-    /// A store on an existing connection. Without a client ([`Self::connect`]) it has no change
+    /// A store on an existing connection. Without [`Self::connect`]'s servers it has no change
     /// feed across replicas: watchers see this process's changes only by their periodic re-read.
     pub fn new(conn: RedisConnection, prefix: &str) -> Self {
         Self {
             conn,
-            client: None,
+            feed_nodes: Arc::new([]),
             prefix: prefix.into(),
+            due: DueTenants::new(prefix, SERVICE),
             scripts: Arc::new(Scripts::new()),
             changes: Arc::new(broadcast::channel(4096).0),
             feed: Arc::new(OnceLock::new()),
@@ -136,7 +158,7 @@ impl RedisStore {
         }
     }
 
-    /// `<prefix>:<tenant>:review`.
+    /// `<prefix>:{<tenant>}:review`.
     fn base(&self, tenant: &Tenant) -> String {
         KeySpace::new(&self.prefix, tenant, SERVICE)
             .base()
@@ -155,6 +177,7 @@ impl RedisStore {
     ) -> redis::ScriptInvocation<'a> {
         let mut invocation = script.prepare_invoke();
         invocation
+            .key(self.base(tenant))
             .arg(&*self.prefix)
             .arg(tenant.as_str())
             .arg(now_ms);
@@ -167,28 +190,36 @@ impl RedisStore {
         Reply::parse(value)
     }
 
+    /// Marks `tenant` due at `due_ms` in the sweeper's index, after a script gave it a lease or
+    /// a deadline.
+    async fn mark_due(&self, tenant: &Tenant, due_ms: i64) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        Ok(self.due.mark(&mut conn, tenant.as_str(), due_ms).await?)
+    }
+
     /// Starts the change feed once.
     fn start_feed(&self) {
-        let Some(client) = self.client.clone() else {
+        if self.feed_nodes.is_empty() {
             return;
-        };
+        }
+        let nodes = self.feed_nodes.clone();
         self.feed.get_or_init(|| {
             let channel = format!("{}:review:changes", self.prefix);
             let sender = Arc::downgrade(&self.changes);
-            tokio::spawn(run_feed(client, channel, sender, self.live.clone()));
+            tokio::spawn(run_feed(nodes, channel, sender, self.live.clone()));
         });
     }
 }
 
 /// Forwards the pub/sub channel to the process's watchers until the store is dropped,
-/// resubscribing after a failure.
+/// resubscribing after a failure through the next of `nodes`.
 async fn run_feed(
-    client: redis::Client,
+    nodes: Arc<[redis::Client]>,
     channel: String,
     sender: Weak<broadcast::Sender<Change>>,
     live: Arc<watch::Sender<bool>>,
 ) {
-    loop {
+    for client in nodes.iter().cycle() {
         match client.get_async_pubsub().await {
             Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
                 Ok(()) => {
@@ -247,7 +278,10 @@ impl Store for RedisStore {
             .arg(&new.actor);
         let reply = self.run(&invocation).await?;
         match reply.status.as_str() {
-            "ok" => Ok((reply.item()?, true)),
+            "ok" => {
+                self.mark_due(tenant, new.sla_ms).await?;
+                Ok((reply.item()?, true))
+            }
             "exists" => Ok((reply.item()?, false)),
             other => Err(unexpected(other)),
         }
@@ -304,7 +338,10 @@ impl Store for RedisStore {
                 .arg(&claim.actor);
             let reply = self.run(&invocation).await?;
             return match reply.status.as_str() {
-                "ok" => Ok(Some(reply.item()?)),
+                "ok" => {
+                    self.mark_due(tenant, claim.lease.expire_ms).await?;
+                    Ok(Some(reply.item()?))
+                }
                 "empty" => Ok(None),
                 "retry" => continue,
                 status => Err(refusal(status, &reply)),
@@ -456,15 +493,7 @@ impl Store for RedisStore {
 
     async fn due_tenants(&self, now_ms: i64, limit: usize) -> Result<Vec<Tenant>, StoreError> {
         let mut conn = self.conn.clone();
-        let names: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-            .arg(format!("{}:review:due", self.prefix))
-            .arg("-inf")
-            .arg(now_ms)
-            .arg("LIMIT")
-            .arg(0)
-            .arg(limit)
-            .query_async(&mut conn)
-            .await?;
+        let names = self.due.due(&mut conn, now_ms, limit).await?;
         Ok(names
             .iter()
             .filter_map(|name| Tenant::new(name).ok())
@@ -541,7 +570,11 @@ impl Store for RedisStore {
             .arg(action.new_sla_ms);
         let reply = self.run(&invocation).await?;
         match reply.status.as_str() {
-            "ok" => Ok(Some(reply.item()?)),
+            "ok" => {
+                // An escalated item has a new deadline (the others left every index).
+                self.mark_due(tenant, action.new_sla_ms).await?;
+                Ok(Some(reply.item()?))
+            }
             "skip" => Ok(None),
             other => Err(unexpected(other)),
         }
@@ -549,7 +582,15 @@ impl Store for RedisStore {
 
     async fn refresh_due(&self, tenant: &Tenant) -> Result<(), StoreError> {
         let invocation = self.invocation(&self.scripts.reindex, tenant, 0);
-        self.run(&invocation).await.map(|_| ())
+        let mut conn = self.conn.clone();
+        self.due
+            .settle(&mut conn, tenant.as_str(), || async {
+                let reply = self.run(&invocation).await?;
+                let next = reply.payload.as_ref().map(text).unwrap_or_default();
+                Ok::<_, StoreError>(next.parse::<i64>().ok())
+            })
+            .await
+            .map(|_| ())
     }
 
     async fn subscribe(&self) -> broadcast::Receiver<Change> {

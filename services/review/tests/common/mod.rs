@@ -44,32 +44,34 @@ pub fn unique_prefix() -> String {
     )
 }
 
-/// Deletes every key under `<prefix>:` (SCAN + UNLINK), synchronously so it also runs from Drop.
+/// Deletes every key under `<prefix>:` (a server or a cluster: `weir_mesh::store::keys_matching`),
+/// synchronously so it also runs from Drop: on a thread of its own with its own runtime, since a
+/// test's runtime may be the caller.
 pub fn delete_prefix(prefix: &str) -> usize {
-    let client = redis::Client::open(redis_url()).unwrap();
-    let Ok(mut conn) = client.get_connection() else {
-        return 0;
-    };
-    let mut cursor: u64 = 0;
-    let mut deleted = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}:*"))
-            .arg("COUNT")
-            .arg(10_000)
-            .query(&mut conn)
+    let pattern = format!("{prefix}:*");
+    let work = move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
             .unwrap();
-        if !keys.is_empty() {
-            let _: () = redis::cmd("UNLINK").arg(&keys).query(&mut conn).unwrap();
-            deleted += keys.len();
-        }
-        if next == 0 {
-            return deleted;
-        }
-        cursor = next;
-    }
+        runtime.block_on(async {
+            let Ok(mut conn) = weir_mesh::store::connect(&redis_url()).await else {
+                return 0;
+            };
+            let keys = weir_mesh::store::keys_matching(&mut conn, &pattern)
+                .await
+                .unwrap();
+            for key in &keys {
+                let _: () = redis::cmd("UNLINK")
+                    .arg(key)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+            }
+            keys.len()
+        })
+    };
+    std::thread::spawn(work).join().unwrap_or(0)
 }
 
 /// Deletes every key under its prefix when dropped (even when a test fails).

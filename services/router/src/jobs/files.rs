@@ -7,12 +7,13 @@
 //! `file_retention`, 30 days by default) or when deleted. Batch output and error files are not
 //! stored: the edge derives them from the batch's results when they are read.
 //!
-//! On Redis (prefix and tenant as for jobs, see `lua/prelude.lua`):
+//! On Redis, in the tenant's key space (`<prefix>:{<tenant>}:file`, so a file's keys are in the
+//! tenant's Redis Cluster hash slot; no script touches them with the jobs' keys):
 //!
 //! | Key | Type | Content |
 //! |---|---|---|
-//! | `<prefix>:<tenant>:file:<id>` | hash | `meta` (the [`FileMeta`] as JSON), `content` (the bytes); expires after the ttl |
-//! | `<prefix>:<tenant>:file:_index` | zset | the tenant's file ids by upload time (ms); an id whose hash has expired is dropped when listed |
+//! | `<prefix>:{<tenant>}:file:<id>` | hash | `meta` (the [`FileMeta`] as JSON), `content` (the bytes); expires after the ttl |
+//! | `<prefix>:{<tenant>}:file:_index` | zset | the tenant's file ids by upload time (ms); an id whose hash has expired is dropped when listed |
 
 use serde::{Deserialize, Serialize};
 

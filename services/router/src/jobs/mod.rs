@@ -95,7 +95,7 @@ pub enum Queue {
 }
 
 impl Queue {
-    /// The name in keys (`<prefix>:jobs:<name>`) and scripts.
+    /// The name in keys (`<prefix>:{router:jobs}:<name>`) and scripts.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Async => "async",

@@ -804,7 +804,7 @@ async fn redis_store() -> (JobStore, String) {
 
 async fn delete_prefix(prefix: &str) {
     let mut conn = weir_mesh::store::connect(&redis_url()).await.unwrap();
-    let keys = weir_mesh::store::scan_keys(&mut conn, &format!("{prefix}:*"))
+    let keys = weir_mesh::store::keys_matching(&mut conn, &format!("{prefix}:*"))
         .await
         .unwrap();
     for key in keys {

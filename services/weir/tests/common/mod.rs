@@ -22,7 +22,7 @@ pub fn redis_url() -> String {
 /// Deletes every key under `prefix`: the keys it deleted.
 pub async fn delete_prefix(prefix: &str) -> Vec<String> {
     let mut conn = weir_mesh::store::connect(&redis_url()).await.unwrap();
-    let keys = weir_mesh::store::scan_keys(&mut conn, &format!("{prefix}:*"))
+    let keys = weir_mesh::store::keys_matching(&mut conn, &format!("{prefix}:*"))
         .await
         .unwrap();
     for key in &keys {

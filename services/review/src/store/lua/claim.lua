@@ -37,5 +37,4 @@ redis.call('HSET', item_key(id), 'state', '2', 'lease', ARGV[6], 'reviewer', ARG
 redis.call('HINCRBY', item_key(id), 'ver', 1)
 audit(id, 2, ARGV[9], {reviewer = ARGV[7], lease_expire_ms = tonumber(ARGV[8])})
 publish(queue, id)
-reindex()
 return done(id)

@@ -24,5 +24,4 @@ if req ~= '' then
 end
 audit(id, 1, ARGV[10], {queue = queue, priority = prio})
 publish(queue, id)
-reindex()
 return done(id)

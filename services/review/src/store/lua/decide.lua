@@ -18,5 +18,4 @@ count_decision(h.queue, id, h.reviewer, verdict)
 audit(id, 5, who(h.reviewer, ARGV[9]), {verdict = verdict, comment = ARGV[8],
   edited = ARGV[7] ~= ''})
 publish(h.queue, id)
-reindex()
 return done(id)

@@ -4,11 +4,9 @@ local id = ARGV[4]
 local h = load(id)
 if not h or tonumber(h.state) ~= 2 then
   redis.call('ZREM', LEASES, id)
-  reindex()
   return {'skip'}
 end
 if tonumber(h.lease_exp) > NOW then
-  reindex()
   return {'skip'}
 end
 redis.call('ZREM', LEASES, id)
@@ -20,5 +18,4 @@ redis.call('HSET', item_key(id), 'state', '1')
 redis.call('HINCRBY', item_key(id), 'ver', 1)
 audit(id, 4, 'system', {reviewer = h.reviewer})
 publish(h.queue, id)
-reindex()
 return done(id)

@@ -1,8 +1,10 @@
--- Prepended to every script by store/redis.rs. Scripts take no KEYS: every key is derived from
--- the prefix and tenant (ARGV 1 and 2), which assumes one Redis primary (not Redis Cluster).
+-- Prepended to every script by store/redis.rs. KEYS: 1 BASE, the tenant's key space
+-- <prefix>:{<tenant>}:review. Every key a script touches is derived from BASE, so all are in the
+-- tenant's hash slot (the braces are the Redis Cluster hash tag) and BASE, declared, routes the
+-- call to that slot's node.
 -- ARGV: 1 prefix  2 tenant  3 now (Unix ms); each script's own arguments follow.
 --
--- Keys (BASE = <prefix>:<tenant>:review):
+-- Keys (BASE = <prefix>:{<tenant>}:review):
 --   BASE:i:<id>            hash: id queue state prio created sla ver urg body
 --                          [lease reviewer lease_exp] [verdict edited decider comment decided]
 --   BASE:i:<id>:audit      list: the item's audit events (JSON), oldest first
@@ -17,11 +19,11 @@
 --   BASE:q:<q>:counts      hash: decided, approved, n:<reviewer>, a:<reviewer>
 --   BASE:leases            zset: CLAIMED items by lease expiry (the sweeper's work)
 --   BASE:sla               zset: open items by SLA deadline (the sweeper's work)
---   <prefix>:review:due    zset: tenants by their earliest lease expiry or SLA deadline
 --   <prefix>:review:changes  pub/sub channel: "<tenant> <queue> <id>" after every transition
+-- No script touches the sweeper's index of tenants with something due (store/redis.rs keeps it
+-- next to the scripts: it is in a slot of its own on a cluster).
 local PREFIX, TENANT, NOW = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local BASE = PREFIX .. ':' .. TENANT .. ':review'
-local DUE = PREFIX .. ':review:due'
+local BASE = KEYS[1]
 local CHANNEL = PREFIX .. ':review:changes'
 local LEASES = BASE .. ':leases'
 local SLA = BASE .. ':sla'
@@ -83,8 +85,9 @@ local function publish(queue, id)
   redis.call('PUBLISH', CHANNEL, TENANT .. ' ' .. queue .. ' ' .. id)
 end
 
--- Records when the tenant is next due for the sweeper (or removes it).
-local function reindex()
+-- When the tenant is next due for the sweeper: its earliest lease expiry or SLA deadline (nil:
+-- nothing is).
+local function next_due()
   local nxt = nil
   local l = redis.call('ZRANGE', LEASES, 0, 0, 'WITHSCORES')
   if l[2] then
@@ -94,11 +97,7 @@ local function reindex()
   if s[2] and (nxt == nil or tonumber(s[2]) < nxt) then
     nxt = tonumber(s[2])
   end
-  if nxt then
-    redis.call('ZADD', DUE, fmt(nxt), TENANT)
-  else
-    redis.call('ZREM', DUE, TENANT)
-  end
+  return nxt
 end
 
 -- Removes an open item from every index of open items.

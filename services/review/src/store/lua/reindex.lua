@@ -1,3 +1,6 @@
--- Recomputes when the tenant is next due for the sweeper.
-reindex()
-return {'ok'}
+-- When the tenant is next due for the sweeper: {'ok', Unix ms} or {'ok', ''} when nothing is.
+local nxt = next_due()
+if nxt then
+  return {'ok', fmt(nxt)}
+end
+return {'ok', ''}

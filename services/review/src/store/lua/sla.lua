@@ -6,7 +6,6 @@ local id = ARGV[4]
 local h = load(id)
 if not h then
   redis.call('ZREM', SLA, id)
-  reindex()
   return {'skip'}
 end
 local st = tonumber(h.state)
@@ -14,7 +13,6 @@ if st >= 3 or h.queue ~= ARGV[6] or tonumber(h.sla) > NOW then
   if st >= 3 then
     redis.call('ZREM', SLA, id)
   end
-  reindex()
   return {'skip'}
 end
 leave_open(h)
@@ -43,5 +41,4 @@ else
 end
 redis.call('HINCRBY', key, 'ver', 1)
 publish(h.queue, id)
-reindex()
 return done(id)

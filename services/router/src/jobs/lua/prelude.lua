@@ -1,8 +1,12 @@
--- Prepended to every script by jobs/redis.rs. Scripts take no KEYS: every key is derived from the
--- prefix and tenant (ARGV 1 and 2), which assumes one Redis primary (not Redis Cluster).
+-- Prepended to every script by jobs/redis.rs. KEYS: 1 ROOT, <prefix>:{router:jobs}: every key of
+-- the job store starts with it, so all of them are in ONE Redis Cluster hash slot (the braces are
+-- the hash tag) and ROOT, declared, routes the call to that slot's node. Job records are a
+-- tenant's and the queues are shared by every tenant, and one script moves a job and its queue
+-- entry together; one slot keeps that atomic on a cluster. The price: the job store lives on one
+-- master of the cluster (its replicas take over on a failover), not spread over all of them.
 -- ARGV: 1 prefix  2 tenant  3 now (Unix ms); each script's own arguments follow.
 --
--- Keys (BASE = <prefix>:<tenant>:job, BATCH = <prefix>:<tenant>:batch):
+-- Keys (BASE = ROOT:<tenant>:job, BATCH = ROOT:<tenant>:batch):
 --   BASE:<id>               hash: id state attempts body created expire seq entry [cb] [lease started]
 --                           [result | err_code err_msg err_reason] [last_code last_msg last_reason]
 --                           [ended] [cb_attempts cb_status] [q batch] (a batch item: q = 'batch')
@@ -17,23 +21,26 @@
 --   BATCH:_req:<request_id> string: the batch created with that request_id
 --   BATCH:_index            zset: the tenant's batches by creation sequence (ListBatches)
 --   BATCH:_seq              the tenant's batch counter
---   <prefix>:jobs:<q>             stream (group `workers`) of queue q (async, batch): one entry
---                                 {tenant, id} per delivery
---   <prefix>:jobs:<q>:dead        stream: jobs given up after max_deliveries
---   <prefix>:jobs:<q>:delayed     zset: "<tenant> <id>" of jobs waiting out a retry backoff
---   <prefix>:jobs:<q>:open        counter: jobs (batch: items) not yet terminal (the capacity)
---   <prefix>:jobs:batch:due       zset: "<tenant> <bid>" of open batches by when the janitor must
---                                 next look at them (start, expiry, cancellation in progress)
---   <prefix>:jobs:callbacks       zset: "<tenant> <id>" of callbacks to deliver, by due time (the
---                                 outbox; a claimed entry's score is moved forward by its lease)
---   <prefix>:jobs:changes         pub/sub channel: "<tenant> <id>" after every transition
+--   ROOT:<q>                stream (group `workers`) of queue q (async, batch): one entry
+--                           {tenant, id} per delivery
+--   ROOT:<q>:dead           stream: jobs given up after max_deliveries
+--   ROOT:<q>:delayed        zset: "<tenant> <id>" of jobs waiting out a retry backoff
+--   ROOT:<q>:open           counter: jobs (batch: items) not yet terminal (the capacity)
+--   ROOT:batch:due          zset: "<tenant> <bid>" of open batches by when the janitor must
+--                           next look at them (start, expiry, cancellation in progress)
+--   ROOT:callbacks          zset: "<tenant> <id>" of callbacks to deliver, by due time (the
+--                           outbox; a claimed entry's score is moved forward by its lease)
+--   <prefix>:jobs:changes   pub/sub channel (not a key): "<tenant> <id>" after every transition
+-- A tenant's keys have `job` or `batch` after the tenant, a queue's keys never do, so no tenant
+-- name (tenant ids have no ':') can make one key name the other's.
 local PREFIX, TENANT, NOW = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local ROOT = KEYS[1]
 local BASE, BATCH
 -- Selects the tenant the key functions below use (the janitor's scripts serve every tenant).
 local function use_tenant(tenant)
   TENANT = tenant
-  BASE = PREFIX .. ':' .. tenant .. ':job'
-  BATCH = PREFIX .. ':' .. tenant .. ':batch'
+  BASE = ROOT .. ':' .. tenant .. ':job'
+  BATCH = ROOT .. ':' .. tenant .. ':batch'
 end
 use_tenant(TENANT)
 local STREAM, DEAD, DELAYED, OPEN
@@ -43,17 +50,17 @@ local function use_queue(q)
   if q ~= 'batch' then
     q = 'async'
   end
-  STREAM = PREFIX .. ':jobs:' .. q
+  STREAM = ROOT .. ':' .. q
   DEAD = STREAM .. ':dead'
   DELAYED = STREAM .. ':delayed'
   OPEN = STREAM .. ':open'
 end
 use_queue('async')
-local BATCH_STREAM = PREFIX .. ':jobs:batch'
+local BATCH_STREAM = ROOT .. ':batch'
 local BATCH_OPEN = BATCH_STREAM .. ':open'
 local DUE = BATCH_STREAM .. ':due'
 local CHANNEL = PREFIX .. ':jobs:changes'
-local OUTBOX = PREFIX .. ':jobs:callbacks'
+local OUTBOX = ROOT .. ':callbacks'
 local GROUP = 'workers'
 
 local function fmt(n)

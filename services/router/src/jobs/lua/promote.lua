@@ -7,7 +7,7 @@ for _, q in ipairs({'async', 'batch'}) do
     redis.call('ZREM', DELAYED, member)
     local tenant, id = string.match(member, '^(%S+) (%S+)$')
     if tenant then
-      local key = PREFIX .. ':' .. tenant .. ':job:' .. id
+      local key = ROOT .. ':' .. tenant .. ':job:' .. id
       if tonumber(redis.call('HGET', key, 'state') or '0') == 1 then
         local entry = redis.call('XADD', STREAM, '*', 'tenant', tenant, 'id', id)
         redis.call('HSET', key, 'entry', entry)

@@ -31,7 +31,7 @@ const TICK_BATCHES: u32 = 100;
 
 impl RedisJobs {
     fn batch_key(&self, tenant: &Tenant, id: &str) -> String {
-        format!("{}:{tenant}:batch:{id}", self.prefix)
+        format!("{}:{tenant}:batch:{id}", self.root)
     }
 
     pub(in crate::jobs) async fn create_batch(
@@ -171,7 +171,7 @@ impl RedisJobs {
         limit: usize,
         before: Option<u64>,
     ) -> Result<BatchPage, JobsError> {
-        let index = format!("{}:{tenant}:batch:_index", self.prefix);
+        let index = format!("{}:{tenant}:batch:_index", self.root);
         let mut conn = self.conn.clone();
         let mut page = BatchPage::default();
         let mut max = before.map_or("+inf".to_string(), |b| format!("({b}"));

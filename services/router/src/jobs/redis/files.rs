@@ -2,7 +2,7 @@
 //! its expiry, and the tenant's index of ids by upload time. A file is written once and never
 //! changed, so plain commands in a MULTI suffice (no script).
 
-use weir_mesh::tenant::Tenant;
+use weir_mesh::{store::KeySpace, tenant::Tenant};
 
 use super::RedisJobs;
 use crate::jobs::{
@@ -15,11 +15,11 @@ const LIST_LIMIT: isize = 10_000;
 
 impl RedisJobs {
     fn file_key(&self, tenant: &Tenant, id: &str) -> String {
-        format!("{}:{tenant}:file:{id}", self.prefix)
+        KeySpace::new(&self.prefix, tenant, "file").key(id)
     }
 
     fn file_index(&self, tenant: &Tenant) -> String {
-        format!("{}:{tenant}:file:_index", self.prefix)
+        KeySpace::new(&self.prefix, tenant, "file").key("_index")
     }
 
     pub(in crate::jobs) async fn put_file(

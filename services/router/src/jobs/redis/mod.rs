@@ -1,13 +1,21 @@
 //! The job store on Redis: job records in hashes, deliveries in a stream with a consumer group.
 //!
-//! The key layout is documented at the top of `lua/prelude.lua`. Every transition is one Lua
+//! The key layout is documented at the top of `lua/prelude.lua`. Every key of the job store
+//! (every tenant's jobs and batches, and the queues they share) starts with
+//! `<prefix>:{router:jobs}`, one Redis Cluster hash slot: a transition moves a tenant's job and
+//! a shared queue's entry together, atomically, so on a cluster they must be in one slot. The
+//! trade-off: the job store is served by one master of a cluster (and fails over to its
+//! replica), it does not spread over the masters; the other stores, per tenant, do.
+//! Uploaded files are per tenant (`<prefix>:{<tenant>}:file:...`), outside that slot. Every transition is one Lua
 //! script (`lua/*.lua`, each starting with the prelude) that checks the job's state and applies
 //! atomically: moving the job, counting the queue's open jobs, acknowledging (XACK, then XDEL)
 //! the delivery and publishing the change. Reads of the stream (XREADGROUP, XAUTOCLAIM) are plain
 //! commands: a delivery read twice is harmless, because `start` checks the job.
 //!
-//! A worker's blocking XREADGROUP runs on a connection of its own (one per consumer name), so
-//! it never holds up the scripts on the shared connection.
+//! A worker's blocking XREADGROUP runs on a connection of its own (one per consumer name, made
+//! like the store's: to the server, or a cluster connection of its own), so it never holds up
+//! the scripts on the shared connection: Redis answers one connection's commands in order, so a
+//! BLOCK on a shared connection would delay every command queued behind it on that node.
 
 use std::{
     collections::HashMap,
@@ -17,12 +25,13 @@ use std::{
 
 use prost::Message as _;
 use redis::{
-    Client, Script, Value,
-    aio::MultiplexedConnection,
+    Script, Value,
     streams::{StreamAutoClaimReply, StreamId, StreamReadReply},
 };
 use weir_mesh::{
-    store::{ConnectOptions, RedisConnection, connect_lazy, redact},
+    store::{
+        ConnectOptions, KeySpace, RedisConnection, check_url, connect_lazy, connect_with, redact,
+    },
     tenant::Tenant,
 };
 use weir_proto::router::{CompleteResponse, Job, JobError};
@@ -48,6 +57,9 @@ const PROMOTE_BATCH: u32 = 100;
 const LIST_SCAN_LIMIT: usize = 10_000;
 /// Most deliveries reclaimed at once.
 const RECLAIM_BATCH: u32 = 16;
+/// Longest one blocking read waits (a longer wait asked for returns early, empty): a reader's
+/// connection allows a command this long plus [`RESPONSE_TIMEOUT`].
+const MAX_BLOCK: Duration = Duration::from_secs(10);
 
 struct Scripts {
     submit: Script,
@@ -95,12 +107,15 @@ impl Scripts {
 /// The job store on Redis. Cheap to clone (clones share the connections).
 #[derive(Clone)]
 pub struct RedisJobs {
-    client: Client,
+    /// The store's URL, for the readers' connections.
+    url: Arc<str>,
     conn: RedisConnection,
     prefix: Arc<str>,
+    /// `<prefix>:{router:jobs}`, the start of every key of the job store (its one hash slot).
+    root: Arc<str>,
     scripts: Arc<Scripts>,
     /// Each consumer's connection for blocking reads.
-    readers: Arc<StdMutex<HashMap<String, MultiplexedConnection>>>,
+    readers: Arc<StdMutex<HashMap<String, RedisConnection>>>,
 }
 
 impl std::fmt::Debug for RedisJobs {
@@ -114,8 +129,7 @@ impl std::fmt::Debug for RedisJobs {
 impl RedisJobs {
     /// A store connecting on first use, so Redis may start after the router.
     pub fn lazy(url: &str, prefix: &str) -> Result<Self, String> {
-        let invalid = |error: redis::RedisError| format!("{}: {error}", redact(url));
-        let client = Client::open(url).map_err(invalid)?;
+        check_url(url).map_err(|error| format!("{}: {error}", redact(url)))?;
         let conn = connect_lazy(
             url,
             &ConnectOptions {
@@ -126,17 +140,18 @@ impl RedisJobs {
         )
         .map_err(|error| error.to_string())?;
         Ok(Self {
-            client,
+            url: url.into(),
             conn,
             prefix: prefix.into(),
+            root: KeySpace::shared(prefix, "router", "jobs").base().into(),
             scripts: Arc::new(Scripts::new()),
             readers: Arc::default(),
         })
     }
 
-    /// `<prefix>:jobs:<queue>`, a queue's stream.
+    /// `<prefix>:{router:jobs}:<queue>`, a queue's stream.
     pub fn stream_key(&self, queue: Queue) -> String {
-        format!("{}:jobs:{}", self.prefix, queue.as_str())
+        format!("{}:{}", self.root, queue.as_str())
     }
 
     fn invocation<'a>(
@@ -146,7 +161,11 @@ impl RedisJobs {
         now_ms: i64,
     ) -> redis::ScriptInvocation<'a> {
         let mut invocation = script.prepare_invoke();
-        invocation.arg(&*self.prefix).arg(tenant).arg(now_ms);
+        invocation
+            .key(&*self.root)
+            .arg(&*self.prefix)
+            .arg(tenant)
+            .arg(now_ms);
         invocation
     }
 
@@ -204,7 +223,7 @@ impl RedisJobs {
     }
 
     fn job_key(&self, tenant: &Tenant, id: &str) -> String {
-        format!("{}:{tenant}:job:{id}", self.prefix)
+        format!("{}:{tenant}:job:{id}", self.root)
     }
 
     pub(super) async fn list(
@@ -212,7 +231,7 @@ impl RedisJobs {
         tenant: &Tenant,
         query: ListQuery,
     ) -> Result<JobPage, JobsError> {
-        let index = format!("{}:{tenant}:job:_index", self.prefix);
+        let index = format!("{}:{tenant}:job:_index", self.root);
         let mut conn = self.conn.clone();
         let mut page = JobPage::default();
         let mut max = query.before.map_or("+inf".to_string(), |b| format!("({b}"));
@@ -280,11 +299,18 @@ impl RedisJobs {
     }
 
     /// The consumer's own connection for blocking reads.
-    async fn reader(&self, consumer: &str) -> Result<MultiplexedConnection, JobsError> {
+    async fn reader(&self, consumer: &str) -> Result<RedisConnection, JobsError> {
         if let Some(conn) = self.readers.lock().map_err(poisoned)?.get(consumer) {
             return Ok(conn.clone());
         }
-        let conn = self.client.get_multiplexed_async_connection().await?;
+        let options = ConnectOptions {
+            connect_timeout: CONNECT_TIMEOUT,
+            response_timeout: MAX_BLOCK + RESPONSE_TIMEOUT,
+            retries: Some(1),
+        };
+        let conn = connect_with(&self.url, &options)
+            .await
+            .map_err(|error| JobsError::from(error.source))?;
         self.readers
             .lock()
             .map_err(poisoned)?
@@ -316,7 +342,7 @@ impl RedisJobs {
     /// One blocking read of both streams for `consumer`: at most one new entry of each.
     async fn read(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut RedisConnection,
         consumer: &str,
         wait: Duration,
     ) -> redis::RedisResult<Option<StreamReadReply>> {
@@ -327,7 +353,7 @@ impl RedisJobs {
             .arg("COUNT")
             .arg(1)
             .arg("BLOCK")
-            .arg(millis(wait))
+            .arg(millis(wait.min(MAX_BLOCK)))
             .arg("STREAMS")
             .arg(self.stream_key(Queue::Async))
             .arg(self.stream_key(Queue::Batch))
@@ -353,9 +379,8 @@ impl RedisJobs {
         }
         let reply = match read {
             Err(error) => {
-                // A reader's connection is not a connection manager: once Redis has gone away
-                // (a restart, a failover) it stays broken. Forget it, so the next read connects
-                // afresh instead of failing forever.
+                // Forget a reader whose read failed, so the next read connects afresh (and, on a
+                // cluster, learns the slot map again) instead of failing on a broken connection.
                 self.readers.lock().map_err(poisoned)?.remove(consumer);
                 return Err(error.into());
             }
