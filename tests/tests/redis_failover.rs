@@ -46,6 +46,9 @@ use weir_tests::{Mesh, delete_prefix_at, eventually, reason, unique_prefix, user
 const WORKERS: usize = 8;
 /// Appends acknowledged before the kill, so that the load is running when the master dies.
 const ACKED_BEFORE_KILL: usize = 300;
+/// Appends, and commits, acknowledged longer than [`LOSS_WINDOW`] before the kill: writes the
+/// failover must not lose, so that the loss checks can fail.
+const ACKED_BEFORE_WINDOW: usize = 100;
 /// Reserve-then-Commit loops against the tenant's budget, one worker each.
 const BUDGET_WORKERS: usize = 4;
 /// Appends (and commits) each worker must have acknowledged after the promotion.
@@ -466,10 +469,14 @@ async fn a_killed_master_fails_over_and_loses_at_most_its_last_instants() {
         .collect();
     assert!(
         eventually(Duration::from_secs(30), || async {
-            load.lock().await.acks.len() >= ACKED_BEFORE_KILL
+            let load = load.lock().await;
+            let old = |at: Instant| at + LOSS_WINDOW < Instant::now();
+            load.acks.len() >= ACKED_BEFORE_KILL
+                && load.acks.iter().filter(|a| old(a.at)).count() >= ACKED_BEFORE_WINDOW
+                && load.charges.iter().filter(|c| old(c.at)).count() >= ACKED_BEFORE_WINDOW
         })
         .await,
-        "the load runs before the kill"
+        "the load runs before the kill, for longer than the loss window"
     );
 
     // SIGKILL: no shutdown, no final fsync; the replica learns of it from the missed pings.
@@ -537,9 +544,14 @@ async fn a_killed_master_fails_over_and_loses_at_most_its_last_instants() {
         .filter(|ack| stored[ack.worker].get(&ack.seq) != Some(&ack.content))
         .collect();
     let before_kill = load.acks.iter().filter(|a| a.at <= killed_at).count();
+    let before_window = load
+        .acks
+        .iter()
+        .filter(|a| a.at + LOSS_WINDOW < killed_at)
+        .count();
     println!(
         "failover: master on port {victim} (slot {slot}) killed after {before_kill} acknowledged \
-         appends; port {new_master} promoted after {} ms; {} appends acknowledged in all; {} \
+         appends ({before_window} of them more than {LOSS_WINDOW:?} before); port {new_master} promoted after {} ms; {} appends acknowledged in all; {} \
          acknowledged appends lost, acknowledged {:?} before the kill",
         (promoted_at - killed_at).as_millis(),
         load.acks.len(),
@@ -587,12 +599,17 @@ async fn a_killed_master_fails_over_and_loses_at_most_its_last_instants() {
         .map(|c| c.cost)
         .sum();
     println!(
-        "failover: {} commits acknowledged ({} before the kill), {acknowledged} micro-USD; \
+        "failover: {} commits acknowledged ({} before the kill, {} more than {LOSS_WINDOW:?} \
+         before), {acknowledged} micro-USD; \
          GetSpend records {recorded} micro-USD (missing {}); {in_window} micro-USD acknowledged \
          within {LOSS_WINDOW:?} of the kill; {} Commits found their Reserve lost, acknowledged \
          {:?} before the kill",
         load.charges.len(),
         load.charges.iter().filter(|c| c.at <= killed_at).count(),
+        load.charges
+            .iter()
+            .filter(|c| c.at + LOSS_WINDOW < killed_at)
+            .count(),
         acknowledged - recorded,
         load.lost_holds.len(),
         load.lost_holds
