@@ -9,7 +9,10 @@
 //!   minus the new messages. The prompt is then the context's `messages` as the session service
 //!   assembled them (the summary as one system message, then the recent turns) and the new
 //!   messages. A
-//!   fallback to a model of another size or tokenizer asks again, for that model.
+//!   fallback to a model of another size or tokenizer asks again, for that model. The request's
+//!   `request_id` goes with it: a retry whose first attempt stored its turns before its router
+//!   died gets the context that attempt saw, so it asks the same question of the same history
+//!   (and prices the same hold, see [`crate::spend`]).
 //! - **Append (step 6).** After a successful answer, `AppendTurns` adds the new messages and the
 //!   answer, with the request's `request_id` (or a generated one) as the session's idempotency key,
 //!   so a retried append adds nothing. A streamed answer is appended when the relay sees `done`.
@@ -228,6 +231,9 @@ impl History {
             session_id: session.id.clone(),
             model: model.to_string(),
             max_tokens: history_budget(spec, completion),
+            // A retry whose first attempt stored its turns (its router died before recording the
+            // answer) sees the context that attempt saw, not its own question and answer again.
+            request_id: completion.request_id.clone(),
         };
         let mut client = session.inner.client.clone();
         match client

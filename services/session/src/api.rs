@@ -15,7 +15,9 @@
 //!   until the budget is spent, so its cost depends on the budget and not on the length of the
 //!   history; then picks the newest whole units that fit ([`crate::context`]). Token counts in
 //!   the answer (each turn's, the summary's and the total) are in the tokenizer family of the
-//!   model asked for, so they add up to `token_count`.
+//!   model asked for, so they add up to `token_count`. With a `request_id` the session still
+//!   remembers (its turns were appended under it), the newest turn read is the one before that
+//!   request's first: a retried request gets the context its first attempt got.
 //! - `ListTurns`: raw turns oldest first; `page_size` 0 means [`DEFAULT_PAGE_SIZE`], larger
 //!   than [`MAX_PAGE_SIZE`] is treated as that; `page_token` is opaque (it encodes the last
 //!   sequence number returned, so turns summarized away between pages are simply skipped).
@@ -255,6 +257,7 @@ impl SessionApi {
                 format!("{:?} is not a model of the catalog", body.model),
             ));
         }
+        validate::request_id(&body.request_id)?;
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -280,12 +283,19 @@ impl SessionApi {
     ) -> Result<Option<GetContextResponse>, ApiError> {
         let store = &self.inner.store;
         let error = |e| api_error(e, &session.id);
+        // A request whose turns are stored already (a retry) gets the context from before them.
+        let before = match body.request_id.as_str() {
+            "" => None,
+            id => store.request_first_seq(session, id).await.map_err(error)?,
+        }
+        .unwrap_or(i64::MAX);
         let mut limit = FIRST_CHUNK;
         let first = store
-            .read_before(session, i64::MAX, limit)
+            .read_before(session, before, limit)
             .await
             .map_err(error)?;
         let snapshot = first.session;
+        let newest = snapshot.last_seq.min(before.saturating_sub(1));
         let model = if body.model.is_empty() {
             snapshot.model.as_str()
         } else {
@@ -324,7 +334,7 @@ impl SessionApi {
         );
         loop {
             let covers = summary.as_ref().map_or(0, |s| s.covers_through_seq);
-            let oldest = turns.first().map_or(snapshot.last_seq + 1, |t| t.seq);
+            let oldest = turns.first().map_or(newest + 1, |t| t.seq);
             let complete = oldest <= covers + 1;
             let read: u64 = costs.iter().sum();
             let inside_unit = unit_start(&turns, 0).is_none();
@@ -390,7 +400,7 @@ impl SessionApi {
         };
         let (start, used) = select_suffix(&turns, &costs, turn_budget, complete);
         let chosen: Vec<Turn> = turns.split_off(start);
-        let raw = snapshot.last_seq - covers;
+        let raw = (newest - covers).max(0);
         let omitted = raw - i64::try_from(chosen.len()).unwrap_or(0);
         let token_count =
             summary.as_ref().map_or(0, |s| s.token_count) + i64::try_from(used).unwrap_or(i64::MAX);

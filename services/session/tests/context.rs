@@ -133,6 +133,7 @@ async fn context_stays_within_budget_and_keeps_tool_pairs_together() {
                 session_id: "ctx".into(),
                 model: O200K.into(),
                 max_tokens: 120,
+                request_id: String::new(),
             },
         ))
         .await
@@ -144,4 +145,93 @@ async fn context_stays_within_budget_and_keeps_tool_pairs_together() {
         assert_eq!(turn.token_count, i64::from(expected));
     }
     check_pairs(&context);
+}
+
+/// The texts of a context's turns, oldest first.
+fn texts(context: &GetContextResponse) -> Vec<String> {
+    context
+        .turns
+        .iter()
+        .filter_map(|t| t.message.as_ref())
+        .map(|m| m.content.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_retried_request_gets_the_context_from_before_its_own_turns() {
+    let h = Harness::start().await;
+    h.create(
+        T,
+        CreateSessionRequest {
+            session_id: "retry".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut client = h.client.clone();
+    for (id, question, answer) in [("r1", "q1", "a1"), ("r2", "q2", "a2"), ("r3", "q3", "a3")] {
+        client
+            .append_turns(req(
+                T,
+                weir_proto::session::AppendTurnsRequest {
+                    session_id: "retry".into(),
+                    messages: vec![user(question), assistant(answer)],
+                    request_id: id.into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap();
+    }
+    let context = |request_id: &str| {
+        let mut client = h.client.clone();
+        let request_id = request_id.to_string();
+        async move {
+            client
+                .get_context(req(
+                    T,
+                    GetContextRequest {
+                        session_id: "retry".into(),
+                        request_id,
+                        ..Default::default()
+                    },
+                ))
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    assert_eq!(
+        texts(&context("").await),
+        ["q1", "a1", "q2", "a2", "q3", "a3"]
+    );
+    assert_eq!(
+        texts(&context("r2").await),
+        ["q1", "a1"],
+        "r2 retried sees what it saw the first time"
+    );
+    let first = context("r1").await;
+    assert!(
+        first.turns.is_empty() && first.messages.is_empty(),
+        "{first:?}"
+    );
+    assert_eq!(first.omitted_turns, 0);
+    assert_eq!(
+        texts(&context("never-appended").await),
+        ["q1", "a1", "q2", "a2", "q3", "a3"],
+        "a request the session does not know gets the whole context"
+    );
+    let refused = client
+        .get_context(req(
+            T,
+            GetContextRequest {
+                session_id: "retry".into(),
+                request_id: "x".repeat(300),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
 }

@@ -290,6 +290,16 @@ impl Store for MemoryStore {
         })
     }
 
+    async fn request_first_seq(
+        &self,
+        session: &SessionRef,
+        request_id: &str,
+    ) -> Result<Option<i64>, StoreError> {
+        self.lock().with(session, |s| {
+            Ok(s.requests.get(request_id).map(|(first, _, _)| *first))
+        })
+    }
+
     async fn read_after(
         &self,
         session: &SessionRef,

@@ -334,6 +334,14 @@ pub trait Store: Send + Sync + Clone + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<TurnPage, StoreError>> + Send;
 
+    /// The first seq of the turns appended with `request_id` (`AppendTurns.request_id`), while
+    /// the session remembers that id; `None` when it does not (never appended, or forgotten).
+    fn request_first_seq(
+        &self,
+        session: &SessionRef,
+        request_id: &str,
+    ) -> impl Future<Output = Result<Option<i64>, StoreError>> + Send;
+
     /// The oldest raw turns with `seq > after` (at most `limit`), oldest first.
     fn read_after(
         &self,
@@ -437,6 +445,14 @@ impl Store for AnyStore {
         limit: usize,
     ) -> Result<TurnPage, StoreError> {
         dispatch!(self, s => s.read_after(session, after, limit))
+    }
+
+    async fn request_first_seq(
+        &self,
+        session: &SessionRef,
+        request_id: &str,
+    ) -> Result<Option<i64>, StoreError> {
+        dispatch!(self, s => s.request_first_seq(session, request_id))
     }
 
     async fn commit_summary(

@@ -323,6 +323,29 @@ impl Store for RedisStore {
         self.read(session, "after", after, limit).await
     }
 
+    async fn request_first_seq(
+        &self,
+        session: &SessionRef,
+        request_id: &str,
+    ) -> Result<Option<i64>, StoreError> {
+        let mut conn = self.conn.clone();
+        let entry: Option<String> = redis::cmd("HGET")
+            .arg(&self.keys(session).reqs)
+            .arg(request_id)
+            .query_async(&mut conn)
+            .await?;
+        // "<first>:<last>:<fingerprint>" (module doc).
+        entry
+            .map(|entry| {
+                entry
+                    .split(':')
+                    .next()
+                    .and_then(|first| first.parse().ok())
+                    .ok_or_else(|| StoreError::Corrupt(format!("request entry {entry:?}")))
+            })
+            .transpose()
+    }
+
     async fn commit_summary(
         &self,
         session: &SessionRef,
