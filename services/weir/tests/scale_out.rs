@@ -151,6 +151,7 @@ enabled = false
 
 [router.idempotency]
 redis_url = "{redis}"
+key_prefix = "{prefix}"
 "#,
             inference = list(&inference),
             session = list(&session),
