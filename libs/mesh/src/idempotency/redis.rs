@@ -46,11 +46,6 @@ end
 return 0
 ";
 
-/// Time to connect to Redis.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Time one command may take.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
-
 pub(super) struct RedisStore {
     connection: RedisConnection,
     claim: Script,
@@ -61,10 +56,10 @@ pub(super) struct RedisStore {
 impl RedisStore {
     /// A store over a connection made on first use, so Redis may start after the service.
     pub(super) fn lazy(url: &str) -> Result<Self, String> {
+        // The store defaults' timeouts, and one reconnection attempt per command.
         let options = ConnectOptions {
-            connect_timeout: CONNECT_TIMEOUT,
-            response_timeout: RESPONSE_TIMEOUT,
             retries: Some(1),
+            ..ConnectOptions::default()
         };
         Ok(Self {
             connection: connect_lazy(url, &options).map_err(|error| error.to_string())?,

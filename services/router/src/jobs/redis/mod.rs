@@ -49,8 +49,12 @@ const QUEUES: [Queue; 2] = [Queue::Async, Queue::Batch];
 const PRELUDE: &str = include_str!("../lua/prelude.lua");
 /// The consumer group of the workers.
 pub const GROUP: &str = "workers";
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The job store's connections: the store defaults' timeouts, one reconnection per command.
+const OPTIONS: ConnectOptions = ConnectOptions {
+    connect_timeout: weir_mesh::store::DEFAULT_CONNECT_TIMEOUT,
+    response_timeout: weir_mesh::store::DEFAULT_RESPONSE_TIMEOUT,
+    retries: Some(1),
+};
 /// Most jobs moved from the delayed set to the stream per reclaim.
 const PROMOTE_BATCH: u32 = 100;
 /// Most index entries one `ListJobs` call reads.
@@ -58,7 +62,7 @@ const LIST_SCAN_LIMIT: usize = 10_000;
 /// Most deliveries reclaimed at once.
 const RECLAIM_BATCH: u32 = 16;
 /// Longest one blocking read waits (a longer wait asked for returns early, empty): a reader's
-/// connection allows a command this long plus [`RESPONSE_TIMEOUT`].
+/// connection allows a command this long plus [`OPTIONS`]' response timeout.
 const MAX_BLOCK: Duration = Duration::from_secs(10);
 
 struct Scripts {
@@ -130,15 +134,7 @@ impl RedisJobs {
     /// A store connecting on first use, so Redis may start after the router.
     pub fn lazy(url: &str, prefix: &str) -> Result<Self, String> {
         check_url(url).map_err(|error| format!("{}: {error}", redact(url)))?;
-        let conn = connect_lazy(
-            url,
-            &ConnectOptions {
-                connect_timeout: CONNECT_TIMEOUT,
-                response_timeout: RESPONSE_TIMEOUT,
-                retries: Some(1),
-            },
-        )
-        .map_err(|error| error.to_string())?;
+        let conn = connect_lazy(url, &OPTIONS).map_err(|error| error.to_string())?;
         Ok(Self {
             url: url.into(),
             conn,
@@ -304,9 +300,8 @@ impl RedisJobs {
             return Ok(conn.clone());
         }
         let options = ConnectOptions {
-            connect_timeout: CONNECT_TIMEOUT,
-            response_timeout: MAX_BLOCK + RESPONSE_TIMEOUT,
-            retries: Some(1),
+            response_timeout: MAX_BLOCK + OPTIONS.response_timeout,
+            ..OPTIONS
         };
         let conn = connect_with(&self.url, &options)
             .await
